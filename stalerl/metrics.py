@@ -1,0 +1,104 @@
+"""What the learner logs: update geometry (Grad CosSim, drift) and the run's metrics files."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# Within-cycle drift ||theta_t - theta_{t-S}|| needs the last S parameter vectors; keep them only
+# while they are small (the embedded model), never for a billion-parameter checkpoint.
+MAX_CYCLE_HISTORY_FLOATS = 64_000_000
+
+
+def flat_parameters(model: torch.nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1).float() for p in model.parameters()])
+
+
+class UpdateTracker:
+    """Measures each update d_t = theta_{t+1} - theta_t against the previous one and theta_0."""
+
+    def __init__(self, model: torch.nn.Module, staleness: int):
+        self.theta_0 = flat_parameters(model)
+        self.previous = self.theta_0.clone()
+        self.previous_update: torch.Tensor | None = None
+        keep_history = 0 < staleness and staleness * self.theta_0.numel() <= MAX_CYCLE_HISTORY_FLOATS
+        self.history: deque[torch.Tensor] | None = deque(maxlen=staleness) if keep_history else None
+        if self.history is not None:
+            self.history.append(self.theta_0)
+
+    def after_step(self, model: torch.nn.Module) -> dict[str, float | None]:
+        current = flat_parameters(model)
+        update = current - self.previous
+        update_norm = float(update.norm())
+        cos_sim = None
+        if self.previous_update is not None:
+            denominator = update_norm * float(self.previous_update.norm())
+            cos_sim = float(update @ self.previous_update) / denominator if denominator > 0 else 0.0
+            cos_sim = min(1.0, max(-1.0, cos_sim))  # rounding can step just outside [-1, 1]
+        cycle_drift = None
+        if self.history is not None:
+            cycle_drift = float((current - self.history[0]).norm())  # history[0] is theta_{t+1-S}
+            self.history.append(current)
+        self.previous, self.previous_update = current, update
+        return {
+            "grad_cos_sim": cos_sim,
+            "update_norm": update_norm,
+            "drift": float((current - self.theta_0).norm()),
+            "cycle_drift": cycle_drift,
+        }
+
+
+def _clean(value: Any) -> Any:
+    """JSON has no NaN or infinity: they are written as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+class MetricsWriter:
+    """One JSON line a step in metrics.jsonl (flushed, so a killed run keeps every finished step),
+    per-sample lags in samples.jsonl, and TensorBoard scalars when asked."""
+
+    def __init__(self, run_dir: Path, tensorboard: bool):
+        self.metrics_file = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
+        self.samples_file = open(run_dir / "samples.jsonl", "a", encoding="utf-8")
+        self.tensorboard = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tensorboard = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+
+    def write(self, metrics: dict[str, Any], samples: dict[str, Any]) -> None:
+        self.metrics_file.write(json.dumps({k: _clean(v) for k, v in metrics.items()}) + "\n")
+        self.metrics_file.flush()
+        self.samples_file.write(json.dumps(samples) + "\n")
+        self.samples_file.flush()
+        if self.tensorboard is not None:
+            for key, value in metrics.items():
+                if key != "step" and isinstance(value, (int, float)) and value is not None:
+                    self.tensorboard.add_scalar(key, value, metrics["step"])
+
+    def close(self) -> None:
+        self.metrics_file.close()
+        self.samples_file.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """Reads metrics.jsonl, tolerating a truncated last line from a killed run."""
+    rows = []
+    path = Path(run_dir) / "metrics.jsonl"
+    lines = path.read_text(encoding="utf-8").splitlines()
+    for number, line in enumerate(lines, start=1):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number != len(lines):
+                raise ValueError(f"{path}:{number}: malformed metrics line") from None
+    return rows

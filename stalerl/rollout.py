@@ -1,0 +1,210 @@
+"""The rollout engine: sampling groups of responses with their behavior log-probs and policy version.
+
+Generation is transformers' own ``generate`` with its KV cache. Sampling is done as greedy decoding
+of Gumbel-perturbed logits (argmax(logits / T + Gumbel) is an exact sample of softmax(logits / T)):
+the noise comes from an explicit ``torch.Generator`` seeded per batch, so a batch is reproducible
+from (seed, batch index) whatever else runs in the process, and two policies can be sampled with
+the same noise (common random numbers, used by the bias probe).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+import torch
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase
+
+from stalerl.tasks import Prompt, Task
+
+
+@dataclass
+class Generation:
+    """N sequences: a left-padded prompt block of width T_p followed by L response positions."""
+
+    tokens_N_T: torch.Tensor  # [N, T_p + L] prompt ids then response ids (pad after end-of-sequence)
+    attention_mask_N_T: torch.Tensor  # [N, T_p + L] 1 on real prompt and response tokens
+    response_mask_N_L: torch.Tensor  # [N, L] 1 on response tokens, end-of-sequence included
+    behavior_logprobs_N_L: torch.Tensor  # [N, L] log mu(y_t | x, y_<t) at sampling time, 0 on padding
+    finished_N: torch.Tensor  # [N] True where the response ended with end-of-sequence
+    completions: list[str]  # decoded responses, end-of-sequence and padding removed
+
+    @property
+    def prompt_width(self) -> int:
+        return self.tokens_N_T.shape[1] - self.response_mask_N_L.shape[1]
+
+
+@dataclass
+class RolloutBatch:
+    """One learner step's data: P prompts x G samples from one policy version."""
+
+    batch_index: int  # the learner step this batch was made for (exact mode) / its production order
+    version: int  # k of theta_k, the policy that sampled every sample of the batch
+    prompts: list[Prompt]  # [P]
+    group_size: int
+    generation: Generation  # N = P * G sequences, sample j belongs to prompt j // G
+    rewards_N: torch.Tensor  # [N]
+    sample_ids: list[int]  # [N] unique over the run
+    gen_s: float = 0.0
+    extras: dict = field(default_factory=dict)
+
+
+class RolloutEngine(Protocol):
+    """What the learner and the staleness pipeline need from a generator (transformers, vLLM)."""
+
+    version: int
+
+    def load_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> None: ...
+
+    def generate(self, prompts: list[str], noise_seed: int | None) -> Generation: ...
+
+
+class GumbelNoise(LogitsProcessor):
+    """Adds Gumbel noise from a private generator to logits / temperature (see module doc)."""
+
+    def __init__(self, generator: torch.Generator, temperature: float):
+        self.generator = generator
+        self.temperature = temperature
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        uniform = torch.rand(scores.shape, generator=self.generator, device=self.generator.device)
+        gumbel = -torch.log(-torch.log(uniform.clamp_(min=1e-20, max=1.0 - 1e-7)))
+        return scores / self.temperature + gumbel.to(scores.device, scores.dtype)
+
+
+class TransformersEngine:
+    """Generates with a private copy of the policy; the learner's weights reach it via load_weights."""
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+    ):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.temperature = temperature
+        self.version = 0
+        self.device = next(model.parameters()).device
+        self.generation_config = GenerationConfig(
+            do_sample=False,  # sampling happens in GumbelNoise; greedy when no noise is given
+            max_new_tokens=max_new_tokens,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            output_logits=True,
+            return_dict_in_generate=True,
+            use_cache=True,
+        )
+
+    def load_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> None:
+        self.model.load_state_dict(state_dict)
+        self.version = version
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], noise_seed: int | None) -> Generation:
+        """Samples one response per prompt string (repeat a prompt G times for a group).
+
+        With ``noise_seed=None`` decoding is greedy (used for validation).
+        """
+        encoded = self.tokenizer(prompts, return_tensors="pt", padding=True).to(self.device)
+        processors = LogitsProcessorList()
+        if noise_seed is not None:
+            generator = torch.Generator(device=self.device).manual_seed(noise_seed)
+            processors.append(GumbelNoise(generator, self.temperature))
+        output = self.model.generate(
+            **encoded, generation_config=self.generation_config, logits_processor=processors
+        )
+        prompt_width = encoded["input_ids"].shape[1]
+        tokens_N_T = output.sequences
+        response_N_L = tokens_N_T[:, prompt_width:]
+        # output.logits are the raw logits, before the processors: the behavior distribution
+        # is softmax(logits / T) whether or not noise was added.
+        logits_N_L_V = torch.stack(output.logits, dim=1).float() / self.temperature
+        logprobs_N_L = torch.log_softmax(logits_N_L_V, dim=-1).gather(-1, response_N_L[..., None]).squeeze(-1)
+
+        is_eos_N_L = response_N_L == self.tokenizer.eos_token_id
+        # A position is part of the response if no end-of-sequence came strictly before it.
+        eos_before_N_L = (is_eos_N_L.long().cumsum(dim=1) - is_eos_N_L.long()) > 0
+        response_mask_N_L = ~eos_before_N_L
+        finished_N = is_eos_N_L.any(dim=1)
+        attention_mask_N_T = torch.cat([encoded["attention_mask"], response_mask_N_L.long()], dim=1)
+        completions = [
+            self.tokenizer.decode(row[mask], skip_special_tokens=True)
+            for row, mask in zip(response_N_L.cpu(), response_mask_N_L.cpu())
+        ]
+        return Generation(
+            tokens_N_T=tokens_N_T,
+            attention_mask_N_T=attention_mask_N_T,
+            response_mask_N_L=response_mask_N_L,
+            behavior_logprobs_N_L=logprobs_N_L * response_mask_N_L,
+            finished_N=finished_N,
+            completions=completions,
+        )
+
+
+def policy_logprobs(
+    model: PreTrainedModel, generation: Generation, temperature: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The learner's log pi_theta of the sampled response tokens, and the policy's entropy there.
+
+    Positions follow the attention mask, as in generation, so that left padding does not shift them.
+    Returns ([N, L] log-probs with gradient, [N, L] entropy without).
+    """
+    attention_mask_N_T = generation.attention_mask_N_T
+    position_ids_N_T = (attention_mask_N_T.cumsum(dim=1) - 1).clamp(min=0)
+    logits_N_T_V = model(
+        input_ids=generation.tokens_N_T, attention_mask=attention_mask_N_T, position_ids=position_ids_N_T
+    ).logits
+    start = generation.prompt_width
+    # The token at position p is predicted by the logits at position p - 1.
+    logits_N_L_V = logits_N_T_V[:, start - 1 : -1].float() / temperature
+    log_softmax_N_L_V = torch.log_softmax(logits_N_L_V, dim=-1)
+    response_N_L = generation.tokens_N_T[:, start:]
+    logprobs_N_L = log_softmax_N_L_V.gather(-1, response_N_L[..., None]).squeeze(-1)
+    with torch.no_grad():
+        entropy_N_L = -(log_softmax_N_L_V.exp() * log_softmax_N_L_V).sum(dim=-1)
+    return logprobs_N_L, entropy_N_L
+
+
+
+
+class RolloutWorker:
+    """Makes batch i: P prompts from the train split, G samples each, scored by the task's reward.
+
+    Prompts and sampling noise are seeded by (seed, batch index), so a batch depends only on them
+    and on the weights that sampled it.
+    """
+
+    def __init__(self, engine: RolloutEngine, task: Task, prompts_per_step: int, group_size: int, seed: int):
+        self.engine = engine
+        self.task = task
+        self.prompts_per_step = prompts_per_step
+        self.group_size = group_size
+        self.seed = seed
+
+    def produce(self, batch_index: int) -> RolloutBatch:
+        rng = np.random.default_rng([self.seed, batch_index])
+        prompts = self.task.sample_prompts(rng, self.prompts_per_step)
+        texts = [prompt.text for prompt in prompts for _ in range(self.group_size)]
+        noise_seed = int(rng.integers(0, 2**62))
+        start = time.perf_counter()
+        generation = self.engine.generate(texts, noise_seed)
+        rewards = [
+            self.task.reward(prompts[j // self.group_size], completion, bool(finished))
+            for j, (completion, finished) in enumerate(zip(generation.completions, generation.finished_N))
+        ]
+        size = len(texts)
+        return RolloutBatch(
+            batch_index=batch_index,
+            version=self.engine.version,
+            prompts=prompts,
+            group_size=self.group_size,
+            generation=generation,
+            rewards_N=torch.tensor(rewards, dtype=torch.float32),
+            sample_ids=list(range(batch_index * size, (batch_index + 1) * size)),
+            gen_s=time.perf_counter() - start,
+        )

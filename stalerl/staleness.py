@@ -1,0 +1,172 @@
+"""Staleness control: which policy version a rollout may be sampled with, enforced at the producer.
+
+Batch i is consumed by learner step i, so its lag is ``i - v`` where v is the version that sampled
+it. Before producing batch i the rollout worker syncs its weights:
+
+* exact:   v = max(0, i - S) exactly. Every version is delivered in order; the learner's publish
+           waits while the previous version is still undelivered, so the pipeline is S deep and
+           holds one staged copy of the weights, never S of them.
+* bounded: v >= i - S, the newest version published so far. A worker that is S versions ahead
+           waits (paced, not discarded). Every consumed sample has lag in [0, S].
+
+Here the worker is a thread of the learner's process (the local runtime); the weights travel
+through a one-slot mailbox and the batches through a queue.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from typing import Callable, Literal, Protocol
+
+import torch
+
+from stalerl.rollout import RolloutBatch, RolloutEngine
+
+Mode = Literal["exact", "bounded"]
+
+
+def required_version(batch_index: int, staleness: int) -> int:
+    """The version batch i must be sampled with (exact) or at least with (bounded)."""
+    return max(0, batch_index - staleness)
+
+
+def check_lag(mode: Mode, staleness: int, step: int, version: int) -> int:
+    """The lag of a batch consumed at `step`; raises if the staleness contract was broken."""
+    lag = step - version
+    expected_ok = lag == min(step, staleness) if mode == "exact" else 0 <= lag <= staleness
+    if not expected_ok:
+        raise RuntimeError(f"staleness violated: step {step} got version {version} (mode {mode}, S={staleness})")
+    return lag
+
+
+class RolloutSource(Protocol):
+    """The learner's side of the transport between rollout workers and learner (threads, Ray)."""
+
+    def next_batch(self) -> RolloutBatch: ...
+
+    def publish(self, state_dict: dict[str, torch.Tensor], version: int) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class RolloutWorkerError(RuntimeError):
+    pass
+
+
+class _Closed(Exception):
+    pass
+
+
+class WeightMailbox:
+    """A one-slot handoff of weights from learner to rollout worker."""
+
+    def __init__(self, deliver_every_version: bool):
+        self.deliver_every_version = deliver_every_version
+        self._slot: tuple[dict[str, torch.Tensor], int] | None = None
+        self._closed = False
+        self._condition = threading.Condition()
+
+    def publish(self, state_dict: dict[str, torch.Tensor], version: int) -> None:
+        with self._condition:
+            if self.deliver_every_version:
+                self._condition.wait_for(lambda: self._slot is None or self._closed)
+            if self._closed:
+                return
+            self._slot = ({name: tensor.detach().clone() for name, tensor in state_dict.items()}, version)
+            self._condition.notify_all()
+
+    def take(self, min_version: int, block: bool) -> tuple[dict[str, torch.Tensor], int] | None:
+        """The staged weights if their version is >= min_version; waits for them if `block`."""
+        with self._condition:
+            ready = lambda: self._closed or (self._slot is not None and self._slot[1] >= min_version)  # noqa: E731
+            if block:
+                self._condition.wait_for(ready)
+            if self._closed:
+                raise _Closed
+            if not ready():
+                return None
+            item, self._slot = self._slot, None
+            self._condition.notify_all()
+            return item
+
+    def close(self) -> None:
+        with self._condition:
+            self._closed = True
+            self._condition.notify_all()
+
+
+class _Failure:
+    def __init__(self, error: BaseException):
+        self.error = error
+
+
+class ThreadedRollouts:
+    """Local runtime: one rollout worker thread, up to S steps ahead of the learner."""
+
+    def __init__(
+        self,
+        engine: RolloutEngine,
+        produce: Callable[[int], RolloutBatch],
+        mode: Mode,
+        staleness: int,
+        total_batches: int,
+    ):
+        self.engine = engine
+        self.produce = produce
+        self.mode = mode
+        self.staleness = staleness
+        self.total_batches = total_batches
+        self._mailbox = WeightMailbox(deliver_every_version=(mode == "exact"))
+        self._batches: queue.Queue = queue.Queue()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="stalerl-rollout-worker", daemon=True)
+        self._thread.start()
+
+    # ---------------------------------------------------------------- worker side
+
+    def _sync_weights(self, batch_index: int) -> None:
+        needed = required_version(batch_index, self.staleness)
+        if self.mode == "exact":
+            while self.engine.version < needed:  # versions arrive one by one, in order
+                state_dict, version = self._mailbox.take(self.engine.version + 1, block=True)
+                self.engine.load_weights(state_dict, version)
+        else:
+            # The newest version on offer; wait only when the worker would get more than S ahead.
+            behind = self.engine.version < needed
+            item = self._mailbox.take(max(needed, self.engine.version + 1), block=behind)
+            if item is not None:
+                self.engine.load_weights(*item)
+
+    def _run(self) -> None:
+        try:
+            for batch_index in range(self.total_batches):
+                if self._stop.is_set():
+                    return
+                self._sync_weights(batch_index)
+                self._batches.put(self.produce(batch_index))
+        except _Closed:
+            return
+        except BaseException as error:  # handed to the learner, which raises it
+            self._batches.put(_Failure(error))
+        finally:
+            self._mailbox.close()
+
+    # ---------------------------------------------------------------- learner side
+
+    def next_batch(self) -> RolloutBatch:
+        item = self._batches.get()
+        if isinstance(item, _Failure):
+            raise RolloutWorkerError(f"rollout worker failed: {item.error!r}") from item.error
+        return item
+
+    def publish(self, state_dict: dict[str, torch.Tensor], version: int) -> None:
+        """Hands theta_version to the worker, if any batch still to be produced may use it."""
+        last_useful = self.total_batches - 1 - (self.staleness if self.mode == "exact" else 0)
+        if version <= last_useful:
+            self._mailbox.publish(state_dict, version)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._mailbox.close()
+        self._thread.join(timeout=60)

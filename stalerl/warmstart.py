@@ -1,0 +1,119 @@
+"""The warm start: a short supervised phase on the train split, cached on disk by its inputs.
+
+GRPO needs some reward signal: a random model never produces a correct sum, so every group's
+advantages would be zero. A few hundred supervised steps bring it to low but non-zero accuracy.
+The result is an ordinary Hugging Face checkpoint in the cache, keyed by a hash of everything
+that determines it, so runs and tests build it once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers.utils import logging as hf_logging
+
+from stalerl.config import TrainConfig
+from stalerl.model import build_char_tokenizer, build_tiny_llama, count_parameters, load_checkpoint
+from stalerl.rollout import TransformersEngine
+from stalerl.tasks import AdditionTask, Prompt, Task
+
+CACHE_FORMAT = 1  # bump when the warm start's recipe changes, so old cache entries are not reused
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("STALERL_CACHE", Path.home() / ".cache" / "stalerl"))
+
+
+def warm_start_key(config: TrainConfig) -> str:
+    inputs = {"format": CACHE_FORMAT, "model": asdict(config.model), "task": asdict(config.task),
+              "warm_start": asdict(config.warm_start)}
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def supervised_batch(
+    tokenizer: PreTrainedTokenizerBase, prompts: list[Prompt]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded ``<bos>prompt answer<eos>`` rows; labels only on the answer and end-of-sequence."""
+    rows, label_rows = [], []
+    for prompt in prompts:
+        prompt_ids = tokenizer(prompt.text).input_ids
+        answer_ids = tokenizer(prompt.answer, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+        rows.append(prompt_ids + answer_ids)
+        label_rows.append([-100] * len(prompt_ids) + answer_ids)
+    width = max(len(row) for row in rows)
+    input_ids_B_T = torch.full((len(rows), width), tokenizer.pad_token_id)
+    labels_B_T = torch.full((len(rows), width), -100)
+    for i, (row, labels) in enumerate(zip(rows, label_rows)):
+        input_ids_B_T[i, : len(row)] = torch.tensor(row)
+        labels_B_T[i, : len(labels)] = torch.tensor(labels)
+    return input_ids_B_T, (input_ids_B_T != tokenizer.pad_token_id).long(), labels_B_T
+
+
+def supervised_train(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, task: Task,
+                     steps: int, lr: float, batch_size: int, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    model.train()
+    for _ in range(steps):
+        input_ids, attention_mask, labels = supervised_batch(tokenizer, task.sample_prompts(rng, batch_size))
+        loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    model.eval()
+
+
+def accuracy(engine: TransformersEngine, task: Task, prompts: list[Prompt], noise_seed: int | None) -> float:
+    """Mean reward over `prompts`: greedy with noise_seed=None, one sample each otherwise."""
+    generation = engine.generate([p.text for p in prompts], noise_seed)
+    rewards = [task.reward(p, c, bool(f)) for p, c, f in zip(prompts, generation.completions, generation.finished_N)]
+    return float(np.mean(rewards))
+
+
+def warm_started_policy(config: TrainConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, dict]:
+    """The warm-started model, tokenizer and a record of how good it is; built once, then cached."""
+    path = cache_root() / f"warmstart-{warm_start_key(config)}"
+    hf_logging.disable_progress_bar()  # per-shard bars are noise for a 1M-parameter model
+    try:
+        if not (path / "warm_start.json").is_file():
+            _build(config, path)
+        model, tokenizer = load_checkpoint(path)
+    finally:
+        hf_logging.enable_progress_bar()
+    return model, tokenizer, json.loads((path / "warm_start.json").read_text())
+
+
+def _build(config: TrainConfig, path: Path) -> None:
+    warm = config.warm_start
+    task = AdditionTask(config.task.max_operand, config.task.val_size)
+    tokenizer = build_char_tokenizer(AdditionTask.alphabet())
+    model = build_tiny_llama(config.model, len(tokenizer), seed=warm.seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(warm.seed)
+        supervised_train(model, tokenizer, task, warm.steps, warm.lr, warm.batch_size, warm.seed)
+    engine = TransformersEngine(model, tokenizer, config.rollout.max_new_tokens)
+    record = {
+        "parameters": count_parameters(model),
+        "steps": warm.steps,
+        "val_greedy_accuracy": accuracy(engine, task, task.validation_prompts(), None),
+        "val_sampled_accuracy": accuracy(engine, task, task.validation_prompts(), noise_seed=warm.seed),
+    }
+    # Written to a temporary directory and renamed, so a killed build never leaves a half entry.
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".warmstart-", dir=path.parent))
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    (staging / "warm_start.json").write_text(json.dumps(record, indent=2))
+    try:
+        os.rename(staging, path)
+    except OSError:  # another process finished the same entry first
+        shutil.rmtree(staging, ignore_errors=True)

@@ -1,0 +1,62 @@
+import subprocess
+import sys
+
+import pytest
+
+from stalerl.cli import main
+from stalerl.config import ConfigError, TrainConfig, load_config, override, save_config, validate
+
+
+def test_defaults_validate_and_round_trip(tmp_path):
+    config = validate(TrainConfig(out="x"))
+    save_config(config, tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml") == config
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("staleness.staleness", -1, "staleness.staleness: S must be >= 0"),
+    ("optim.lr", 0.0, "optim.lr: learning rate must be > 0"),
+    ("optim.lr", -1e-3, "optim.lr: learning rate must be > 0"),
+    ("rollout.group_size", 1, "rollout.group_size: GRPO needs at least 2"),
+    ("staleness.mode", "async", "staleness.mode: 'async' is not one of ['exact', 'bounded']"),
+    ("steps", "ten", "steps: expected an integer"),
+])
+def test_bad_values_name_the_key(key, value, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        validate(override(TrainConfig(), {key: value}))
+
+
+def test_unknown_key_in_file_names_key_and_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("optim:\n  lr: 1e-3\n  learning_rate: 2\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: unknown key 'optim.learning_rate'"):
+        load_config(path)
+
+
+def test_yaml_float_forms_are_accepted(tmp_path):
+    path = tmp_path / "ok.yaml"
+    path.write_text("optim:\n  lr: 0.001\nstaleness:\n  staleness: 4\n  mode: bounded\n")
+    config = load_config(path)
+    assert config.optim.lr == 0.001 and config.staleness.staleness == 4 and config.staleness.mode == "bounded"
+
+
+def _cli_error(capsys, argv):
+    assert main(argv) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1
+    return lines[0]
+
+
+def test_cli_errors_are_one_line_before_any_work(capsys, tmp_path):
+    assert "staleness.staleness" in _cli_error(capsys, ["train", "--staleness", "-1", "--out", str(tmp_path / "a")])
+    assert "optim.lr" in _cli_error(capsys, ["train", "--lr", "0", "--out", str(tmp_path / "b")])
+    assert "rollout.group_size" in _cli_error(capsys, ["train", "--set", "rollout.group_size=1"])
+    assert "unknown key 'loss.epsilon'" in _cli_error(capsys, ["train", "--set", "loss.epsilon=0.1"])
+    missing = tmp_path / "nope.yaml"
+    assert f"config file not found: {missing}" in _cli_error(capsys, ["train", "--config", str(missing)])
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_console_script_help():
+    result = subprocess.run([sys.executable, "-m", "stalerl.cli", "train", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "--staleness" in result.stdout

@@ -1,0 +1,85 @@
+import copy
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from stalerl.config import TrainConfig
+from stalerl.model import EOS_ID
+from stalerl.rollout import GumbelNoise, RolloutWorker, TransformersEngine, policy_logprobs
+from stalerl.tasks import AdditionTask, Prompt
+from stalerl.warmstart import warm_start_key, warm_started_policy
+
+
+@pytest.fixture(scope="module")
+def policy():
+    model, tokenizer, record = warm_started_policy(TrainConfig())
+    return model, tokenizer, record
+
+
+def test_gumbel_argmax_samples_the_softmax():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
+    probs = torch.softmax(logits / 0.7, -1)[0]
+    noise = GumbelNoise(torch.Generator().manual_seed(0), temperature=0.7)
+    draws = 40_000
+    counts = torch.bincount(noise(None, logits.expand(draws, -1)).argmax(-1), minlength=4).float()
+    chi_square = float((((counts - draws * probs) ** 2) / (draws * probs)).sum())
+    assert chi_square < 16.3  # 99.9% quantile of chi-square with 3 degrees of freedom
+
+
+def test_warm_start_is_cached_and_a_real_checkpoint(policy, warm_start_cache):
+    model, tokenizer, record = policy
+    assert 0.0 < record["val_greedy_accuracy"] < 0.5  # low but non-zero: RL has signal and room
+    assert 500_000 < record["parameters"] < 1_500_000
+    path = f"{warm_start_cache}/warmstart-{warm_start_key(TrainConfig())}"
+    reloaded = AutoModelForCausalLM.from_pretrained(path)
+    assert all(torch.equal(a, b) for a, b in zip(reloaded.state_dict().values(), model.state_dict().values()))
+    assert tokenizer.decode(tokenizer("37+5=").input_ids, skip_special_tokens=True) == "37+5="
+
+
+def test_generation_masks_and_behavior_logprobs(policy):
+    model, tokenizer, _ = policy
+    engine = TransformersEngine(copy.deepcopy(model), tokenizer, max_new_tokens=6)
+    prompts = ["3+4=", "37+45=", "9+10="] * 4
+    generation = engine.generate(prompts, noise_seed=7)
+    response = generation.tokens_N_T[:, generation.prompt_width:]
+    for row, mask, finished, text in zip(response, generation.response_mask_N_L, generation.finished_N,
+                                         generation.completions):
+        length = int(mask.sum())
+        assert mask[:length].all() and not mask[length:].any()  # a prefix
+        assert finished == (row[length - 1] == EOS_ID)
+        assert tokenizer.decode(row[: length - int(finished)]) == text
+    # The learner recomputes the sampler's log-probs (same weights): equal up to float noise.
+    learner_logprobs, entropy = policy_logprobs(model, generation)
+    mask = generation.response_mask_N_L
+    assert torch.allclose(learner_logprobs[mask], generation.behavior_logprobs_N_L[mask], atol=1e-4)
+    assert (entropy[mask] >= 0).all()
+    # Same seed, same samples; another seed, other samples.
+    again = engine.generate(prompts, noise_seed=7)
+    assert torch.equal(again.tokens_N_T, generation.tokens_N_T)
+    assert not torch.equal(engine.generate(prompts, noise_seed=8).tokens_N_T, generation.tokens_N_T)
+
+
+def test_worker_batches_depend_only_on_seed_index_and_weights(policy):
+    model, tokenizer, _ = policy
+    task = AdditionTask(49, 256)
+    make = lambda: RolloutWorker(TransformersEngine(copy.deepcopy(model), tokenizer, 6), task, 4, 3, seed=5)  # noqa: E731
+    first, second = make(), make()
+    second.produce(0)  # a different history must not change batch 1
+    a, b = first.produce(1), second.produce(1)
+    assert torch.equal(a.generation.tokens_N_T, b.generation.tokens_N_T)
+    assert torch.equal(a.rewards_N, b.rewards_N)
+    assert a.sample_ids == list(range(12, 24)) and a.version == 0
+    assert [p.text for p in a.prompts] == [p.text for p in b.prompts]
+
+
+def test_addition_task_reward_and_split():
+    task = AdditionTask(49, 256)
+    assert not {p.text for p in task.validation_prompts()} & {p.text for p in task.train}
+    prompt = Prompt("37+5=", "42")
+    assert task.reward(prompt, "42", finished=True) == 1.0
+    assert task.reward(prompt, "42", finished=False) == 0.0  # no end-of-sequence
+    assert task.reward(prompt, "421", finished=True) == 0.0
+    rng = np.random.default_rng(0)
+    assert all(p in task.train for p in task.sample_prompts(rng, 10))

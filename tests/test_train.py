@@ -1,0 +1,97 @@
+"""End to end on the embedded default model, shortened."""
+
+import dataclasses
+import json
+
+import pytest
+
+from stalerl.cli import main
+from stalerl.config import load_config
+from stalerl.metrics import read_metrics
+from stalerl.train import train
+
+TIMING_KEYS = {"gen_s", "train_s", "wait_s"}
+REQUIRED_KEYS = {"step", "train_reward", "val_reward", "grad_cos_sim", "update_norm", "drift", "lag_mean", "lag_max",
+                 "clip_frac", "kl", "entropy", "response_len", "gen_s", "train_s"}
+
+
+def with_staleness(config, mode, staleness, **changes):
+    return dataclasses.replace(config, staleness=dataclasses.replace(config.staleness, mode=mode, staleness=staleness),
+                               **changes)
+
+
+def read_samples(run_dir):
+    return [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
+
+
+def test_run_directory_contents(small_config, tmp_path):
+    config = with_staleness(small_config, "exact", 2)
+    summary = train(config)
+    run_dir = tmp_path / "run"
+    assert load_config(run_dir / "config.yaml") == config
+    rows = read_metrics(run_dir)
+    assert [row["step"] for row in rows] == list(range(8))
+    assert REQUIRED_KEYS <= set(rows[0])
+    assert [row["val_reward"] is not None for row in rows] == [False, False, False, True] * 2
+    assert rows[0]["grad_cos_sim"] is None and all(-1 <= row["grad_cos_sim"] <= 1 for row in rows[1:])
+    assert all(row["update_norm"] > 0 for row in rows)
+    assert [row["lag_max"] for row in rows] == [0, 1, 2, 2, 2, 2, 2, 2]
+    saved = json.loads((run_dir / "summary.json").read_text())
+    assert saved == summary
+    for key in ("collapse_step", "final_val_reward", "best_val_reward", "steps", "wall_s"):
+        assert key in summary
+    assert summary["steps"] == 8 and summary["final_val_reward"] == rows[-1]["val_reward"]
+
+
+def test_exact_mode_same_seed_same_metrics(small_config, tmp_path):
+    runs = []
+    for name in ("a", "b"):
+        config = with_staleness(small_config, "exact", 2, out=str(tmp_path / name), seed=3)
+        train(config)
+        rows = read_metrics(tmp_path / name)
+        runs.append([{k: v for k, v in row.items() if k not in TIMING_KEYS} for row in rows])
+    assert runs[0] == runs[1]
+    other = with_staleness(small_config, "exact", 2, out=str(tmp_path / "c"), seed=4)
+    train(other)
+    assert [r["train_reward"] for r in read_metrics(tmp_path / "c")] != [r["train_reward"] for r in runs[0]]
+
+
+def test_exact_mode_s4_every_sample_after_warmup_has_lag_4(small_config, tmp_path):
+    config = with_staleness(small_config, "exact", 4, steps=14, val_every=100)
+    train(config)
+    rows = read_samples(tmp_path / "run")
+    for row in rows:
+        lags = {row["step"] - version for version in row["versions"]}
+        assert lags == {min(row["step"], 4)}
+    ids = [i for row in rows for i in row["sample_ids"]]
+    assert len(ids) == len(set(ids))
+
+
+def test_bounded_mode_end_to_end(small_config, tmp_path):
+    config = with_staleness(small_config, "bounded", 2, steps=12, val_every=100)
+    train(config)
+    lags = [row["step"] - v for row in read_samples(tmp_path / "run") for v in row["versions"]]
+    assert len(lags) == 12 * 32 and 0 <= min(lags) and max(lags) <= 2
+
+
+def test_cli_runs_and_refuses_to_overwrite(tmp_path, capsys):
+    out = tmp_path / "cli"
+    argv = ["train", "--steps", "3", "--staleness", "1", "--out", str(out), "--no-progress", "--val-every", "3",
+            "--set", "rollout.prompts_per_step=4", "--set", "tensorboard=true"]
+    assert main(argv) == 0
+    assert "3 steps" in capsys.readouterr().out
+    assert any((out / "tensorboard").iterdir())
+    before = (out / "metrics.jsonl").read_text()
+    assert main(argv) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert (out / "metrics.jsonl").read_text() == before
+
+
+@pytest.mark.parametrize("lr", [0.03])
+def test_large_learning_rate_collapses_and_says_when(small_config, tmp_path, lr):
+    config = dataclasses.replace(small_config, steps=40, val_every=20,
+                                 optim=dataclasses.replace(small_config.optim, lr=lr),
+                                 collapse=dataclasses.replace(small_config.collapse, window=5, min_tail=5))
+    summary = train(config)
+    assert summary["collapse_step"] is not None and summary["collapse_step"] < 35
+    assert summary["drift_at_collapse"] > 0
