@@ -106,7 +106,7 @@ class TrainConfig:
     seed: int = 0
     out: str = ""  # run directory; empty: runs/train-<date>-<time>
     val_every: int = 10  # validation on the held-out split every N steps (and at the first and last)
-    threads: int = 0  # torch intra-op threads for this process; 0 keeps torch's default
+X
     tensorboard: bool = True
     progress: bool = True
     model: ModelConfig = field(default_factory=ModelConfig)
