@@ -106,7 +106,9 @@ class TrainConfig:
     seed: int = 0
     out: str = ""  # run directory; empty: runs/train-<date>-<time>
     val_every: int = 10  # validation on the held-out split every N steps (and at the first and last)
-X
+    # torch intra-op threads for this process; 0 keeps torch's default. 1 suits the tiny model: the
+    # rollout thread and the learner thread then each get a core (benchmarks/async_speed.py).
+    threads: int = 1
     tensorboard: bool = True
     progress: bool = True
     model: ModelConfig = field(default_factory=ModelConfig)
