@@ -33,6 +33,13 @@ def build_train_config(args: argparse.Namespace) -> TrainConfig:
         "out": args.out,
         "val_every": args.val_every,
         "threads": args.threads,
+        "model.name_or_path": args.model,
+        "task.name": args.task,
+        "task.data": args.data,
+        "task.reward": args.reward,
+        "runtime.runtime": args.runtime,
+        "runtime.num_workers": args.num_workers,
+        "runtime.ray_address": args.ray_address,
     }
     overrides.update({key: value for key, value in flags.items() if value is not None})
     if args.no_progress:
@@ -55,6 +62,16 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", help="run directory (must not hold a run already)")
     parser.add_argument("--val-every", type=int, help="validate on the held-out split every N steps")
     parser.add_argument("--threads", type=int, help="torch threads for this process (0: torch's default)")
+    parser.add_argument("--model", help="Hugging Face checkpoint directory (or hub name); default: the embedded "
+                        "tiny model")
+    parser.add_argument("--task", choices=["addition", "math"], help="addition (default) or math: GSM8K/MATH-style "
+                        "records checked by math-verify")
+    parser.add_argument("--data", help="math: JSONL or Parquet records (question, answer)")
+    parser.add_argument("--reward", help="MODULE:FUNCTION or FILE.py:FUNCTION, (prompt, completion, **record) -> float")
+    parser.add_argument("--runtime", choices=["local", "ray"], help="local: a rollout thread; ray: rollout actors "
+                        "and a learner actor (README, 'Ray runtime')")
+    parser.add_argument("--num-workers", type=int, help="ray: rollout-worker actors")
+    parser.add_argument("--ray-address", help="ray: join this cluster; default: a private Ray on 127.0.0.1")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="any config field by dotted name, e.g. --set loss.eps_high=0.28 (repeatable)")
     parser.add_argument("--no-progress", action="store_true", help="no live progress bar")
@@ -64,7 +81,12 @@ def run_train(args: argparse.Namespace) -> int:
     from stalerl.train import train  # torch and transformers load only once the config is good
 
     config = build_train_config(args)
-    summary = train(config)
+    if config.runtime.runtime == "ray":
+        from stalerl.ray_runtime import train_on_ray
+
+        summary = train_on_ray(config)
+    else:
+        summary = train(config)
     collapse = summary["collapse_step"]
     print(
         f"run {config.out}: {summary['steps']} steps in {summary['wall_s']:.0f} s; "
@@ -75,17 +97,154 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _list(kind):
+    def parse(text: str) -> list:
+        try:
+            return [kind(part) for part in text.split(",") if part.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {kind.__name__}, got {text!r}")
+    return parse
+
+
+def add_sweep_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("sweep", help="grid over staleness x learning rate (x seeds x stabilizers)")
+    parser.add_argument("--staleness", "-S", type=_list(int), required=True, help="e.g. 0,4,16")
+    parser.add_argument("--lr", type=_list(float), required=True, help="e.g. 1e-4,3e-4,1e-3")
+    parser.add_argument("--seeds", type=_list(int), default=[0], help="e.g. 0,1,2")
+    parser.add_argument("--stabilizers", type=_list(str), default=["none"],
+                        help="none,staleness,ess,gac (each a column of cells)")
+    parser.add_argument("--steps", type=int)
+    parser.add_argument("--mode", choices=["exact", "bounded"])
+    parser.add_argument("--out", required=True, help="sweep directory (rerun the command to resume)")
+    parser.add_argument("--workers", type=int, default=2, help="runs in parallel (processes, 1 torch thread each)")
+    parser.add_argument("--config", help="base config YAML")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--no-figures", action="store_true", help="skip the PNG figures at the end")
+
+
+def run_sweep_command(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from stalerl.lab.sweep import cell_configs, run_sweep
+
+    base = load_config(args.config) if args.config else TrainConfig()
+    overrides = dict(_parse_assignment(text) for text in args.set)
+    overrides.update({k: v for k, v in {"steps": args.steps, "staleness.mode": args.mode}.items() if v is not None})
+    overrides.update({"threads": 1, "tensorboard": False})
+    base = override(base, overrides)
+    if args.workers < 1:
+        raise ConfigError("--workers must be >= 1")
+    out = Path(args.out)
+    cells = cell_configs(base, out, args.staleness, args.lr, args.seeds, args.stabilizers)
+    table = run_sweep(cells, out, args.workers, progress=not args.no_progress)
+    collapsed = sum(row["collapse_step"] is not None for row in table)
+    print(f"sweep {out}: {len(table)} runs, {collapsed} collapsed; table in {out / 'sweep.json'}")
+    if not args.no_figures:
+        from stalerl.lab.plots import sweep_figures
+
+        for path in sweep_figures(out):
+            print(f"figure: {path}")
+    return 0
+
+
+def add_lab_parsers(subparsers: argparse._SubParsersAction) -> None:
+    advise = subparsers.add_parser("advise", help="learning-rate advice from a run, sweep or probe directory")
+    advise.add_argument("directory", help="a run directory, or a directory of runs (a sweep or a probe)")
+    advise.add_argument("--staleness", "-S", type=_list(int), help="S values to advise for (default: those seen)")
+    advise.add_argument("--steps", type=int, help="horizon T (default: the runs' length)")
+    advise.add_argument("--clip-threshold", type=float, default=0.05,
+                        help="clip fraction that marks the end of the small-drift regime (R_batch)")
+    advise.add_argument("--json", help="also write the report here")
+
+    plot = subparsers.add_parser("plot", help="figures in the paper's layout for a sweep directory")
+    plot.add_argument("directory")
+
+    bias = subparsers.add_parser("bias", help="surrogate-gradient bias probe ||b_t(S)|| vs S and eta")
+    bias.add_argument("--lr", type=_list(float), default=[1e-4, 3e-4, 1e-3])
+    bias.add_argument("--anchors", type=_list(int), default=[32], help="anchor steps t")
+    bias.add_argument("--lags", type=_list(int), default=[0, 1, 2, 4, 8, 16])
+    bias.add_argument("--batches", type=int, default=24, help="paired batches per estimate (M)")
+    bias.add_argument("--config", help="base config YAML")
+    bias.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    bias.add_argument("--out", required=True)
+
+
+def run_advise(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from stalerl.lab.advice import advise_directory, print_report, write_report
+
+    try:
+        report = advise_directory(Path(args.directory), args.staleness, args.steps, args.clip_threshold)
+    except FileNotFoundError as error:
+        raise ConfigError(str(error)) from None
+    print_report(report)
+    if args.json:
+        write_report(report, Path(args.json))
+    return 0
+
+
+def run_plot(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from stalerl.lab.plots import sweep_figures
+
+    try:
+        paths = sweep_figures(Path(args.directory))
+    except FileNotFoundError as error:
+        raise ConfigError(str(error)) from None
+    for path in paths:
+        print(f"figure: {path}")
+    return 0
+
+
+def run_bias(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from stalerl.lab.bias import run_probe
+
+    base = load_config(args.config) if args.config else TrainConfig()
+    base = validate(override(base, dict(_parse_assignment(text) for text in args.set)))
+    if args.anchors and args.lags and min(args.anchors) < max(args.lags):
+        raise ConfigError(f"--anchors: every anchor must be >= the largest lag ({max(args.lags)})")
+    if args.batches < 3:
+        raise ConfigError("--batches must be >= 3 (the jackknife needs them)")
+    if any(lr <= 0 for lr in args.lr):
+        raise ConfigError("--lr: learning rates must be > 0")
+    report = run_probe(base, args.lr, args.anchors, args.lags, args.batches, Path(args.out))
+    for lr, fit in report["fits"]["by_lr"].items():
+        exponent = fit["s_exponent"]
+        text = "not enough points above the noise floor" if exponent is None else (
+            f"{exponent['slope']:.2f} [{exponent['slope_low']:.2f}, {exponent['slope_high']:.2f}]")
+        print(f"lr={lr}: S exponent {text}; linear regime up to S={fit['linear_regime_end']}")
+    print(f"report: {Path(args.out) / 'bias.json'}, figure: {Path(args.out) / 'bias.png'}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="stalerl", description=__doc__)
     subparsers = parser.add_subparsers(dest="command", required=True)
     add_train_parser(subparsers)
+    add_sweep_parser(subparsers)
+    add_lab_parsers(subparsers)
     args = parser.parse_args(argv)
     logging.getLogger("transformers").setLevel(logging.ERROR)
     try:
-        return {"train": run_train}[args.command](args)
+        commands = {"train": run_train, "sweep": run_sweep_command, "advise": run_advise, "plot": run_plot,
+                    "bias": run_bias}
+        return commands[args.command](args)
     except ConfigError as error:
         print(f"stalerl: error: {error}", file=sys.stderr)
         return 2
+    except RuntimeError as error:  # a reward that failed under task.on_reward_error=stop: one line
+        from stalerl.rewards import RewardError
+
+        reward_error = error if isinstance(error, RewardError) else error.__cause__
+        if not isinstance(reward_error, RewardError):
+            raise
+        print(f"stalerl: error: {reward_error} (finished steps are kept in the run directory)", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ directory's ``config.yaml`` is enough to reproduce it.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import types
 import typing
 from dataclasses import dataclass, field
@@ -22,8 +23,22 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """The embedded default: a tiny Llama-architecture LM built from transformers' own classes."""
+    """The policy: the embedded tiny Llama (default), or any Hugging Face causal LM (policy.py)."""
 
+    # Empty: the embedded tiny Llama below, warm-started and cached. Else a local checkpoint directory
+    # (or a hub name, passed to from_pretrained for users who have a hub) with its tokenizer.
+    name_or_path: str = ""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    device: str = "auto"  # auto: cuda if there is one (checkpoints only; the tiny model stays on cpu); cpu; cuda:N
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more time
+    trust_remote_code: bool = False  # never run code shipped with a checkpoint unless asked
+    # LoRA through peft (extra `stalerl[lora]`): rank 0 trains every weight. The update direction d_t,
+    # Grad CosSim and drift are then measured on the merged weights' full parameter vector.
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_target_modules: str = "all-linear"  # comma-separated module names, or peft's "all-linear"
+    # The embedded tiny model's sizes (ignored when name_or_path is set).
     hidden_size: int = 128
     intermediate_size: int = 384
     num_layers: int = 4
@@ -33,11 +48,30 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class TaskConfig:
-    """The built-in verifiable task: small-number addition, prompt ``37+5=``, answer ``42<eos>``."""
+    """Prompts plus a verifiable reward.
 
-    name: Literal["addition"] = "addition"
-    max_operand: int = 49  # operands are drawn from 0..max_operand
+    addition: the built-in synthetic task, prompt ``37+5=``, answer ``42<eos>`` (the tiny default).
+    math: GSM8K/MATH-style records from a JSONL or Parquet file, answers checked by math-verify
+    (data.py, rewards.py); needs model.name_or_path.
+    """
+
+    name: Literal["addition", "math"] = "addition"
+    max_operand: int = 49  # addition: operands are drawn from 0..max_operand
     val_size: int = 256  # held-out prompts, disjoint from the train split
+    data: str = ""  # math: JSONL (one record a line) or Parquet file of records
+    val_data: str = ""  # math: held-out file; empty: val_size records of `data` are held out
+    question_field: str = "question"
+    answer_field: str = "answer"  # GSM8K's "reasoning #### 42", a bare answer, or a \boxed{} solution
+    prompt_template: str = "{question}"  # filled with the record's fields, e.g. "{question} Answer after ####."
+    system_prompt: str = ""  # used only with a chat template
+    chat_template: bool = True  # apply the tokenizer's chat template to prompts when it has one
+    # A user reward MODULE:FUNCTION or FILE.py:FUNCTION, (prompt, completion, **record) -> float;
+    # empty: the task's own (exact sum for addition, math-verify for math).
+    reward: str = ""
+    reward_timeout_s: float = 10.0  # a reward call still running after this counts as failed
+    # A reward that raises, returns NaN or times out is counted (reward_errors); then it scores 0,
+    # its sample is dropped from the loss (and its group's statistics), or the run stops.
+    on_reward_error: Literal["zero", "drop", "stop"] = "zero"
 
 
 @dataclass(frozen=True)
@@ -59,6 +93,14 @@ class RolloutConfig:
     group_size: int = 8  # G samples per prompt; GRPO advantages are normalised within a group
     max_new_tokens: int = 6
     temperature: float = 1.0
+    # transformers: generate() on CPU or GPU. vllm: vLLM on a GPU (extra `stalerl[vllm]`), weights
+    # synced in process each version (vllm_engine.py).
+    engine: Literal["transformers", "vllm"] = "transformers"
+    # Recompute mu's log-probs with the learner's forward pass on the rollout's own weights (the
+    # policy that sampled, not the learner's current one), so the ratio pi/mu carries no sampler
+    # numerics; the sampler/learner gap is then logged per batch as sampler_mismatch.
+    recompute_behavior_logprobs: bool = False
+    vllm_gpu_memory_utilization: float = 0.5  # share of GPU memory vLLM may take; the learner needs the rest
 
 
 @dataclass(frozen=True)
@@ -80,6 +122,9 @@ class OptimConfig:
     beta2: float = 0.999
     weight_decay: float = 0.0
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+    # Sequences per forward/backward pass; gradients accumulate over micro-batches and the loss is
+    # normalised by the whole batch's token count, so the step equals the whole-batch one. 0: whole batch.
+    micro_batch_size: int = 0
 
 
 @dataclass(frozen=True)
@@ -92,12 +137,41 @@ class StalenessConfig:
 
 
 @dataclass(frozen=True)
+class StabilizerConfig:
+    """Optional step-size control against staleness (stabilizers.py says what each one assumes)."""
+
+    # none: fixed eta. staleness: eta_t = min(eta, k * R_batch / (max(lag, 1) * G_upd_hat)).
+    # ess: eta_t = eta * sqrt(ESS/N) of the importance weights (VCPO's idea).
+    lr_control: Literal["none", "staleness", "ess"] = "none"
+    k: float = 0.5  # safety factor of the staleness cap (the law says eta << the bound, not equal)
+    r_batch: float = 0.5  # R_batch, within-cycle drift radius; `stalerl advise` estimates it
+    g_upd_decay: float = 0.9  # EMA decay of the running G_upd = ||d_t|| / eta_t estimate
+    gac_cos_threshold: float = 0.0  # > 0: cap cos(d_t, d_{t-1}) at this value by projection (GAC's idea)
+
+
+@dataclass(frozen=True)
 class CollapseConfig:
     """Collapse: the moving average of train reward stays below `threshold` for the rest of the run."""
 
     window: int = 10  # trailing moving-average window, in steps
-    threshold: float = 0.02
+    # "Near zero": on the default task the warm start samples ~0.15 reward; after a crash the reward
+    # lingers at 0.01-0.04 (a few lucky samples of 128) while validation reward is ~0.02.
+    threshold: float = 0.05
     min_tail: int = 10  # a below-threshold stretch must last this many steps (or reach the end) to count
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """Where the rollout workers and the learner run; the loop and the staleness contract are the same."""
+
+    # local: one rollout thread in the learner's process. ray: a learner actor and num_workers
+    # rollout actors (ray_runtime.py, ray_rollouts.py; extra `stalerl[ray]`).
+    runtime: Literal["local", "ray"] = "local"
+    num_workers: int = 2  # ray: rollout-worker actors; they help only while S >= 1 leaves them work ahead
+    ray_address: str = ""  # ray: join this cluster ("auto", "host:port"); empty: a private Ray on 127.0.0.1
+    worker_cpus: float = 1.0  # ray: CPUs each rollout actor asks for
+    learner_cpus: float = 1.0  # ray: CPUs the learner actor asks for
+    worker_timeout_s: float = 300.0  # ray: a batch not back in this time marks its actor hung: killed, replaced
 
 
 @dataclass(frozen=True)
@@ -118,7 +192,9 @@ class TrainConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     staleness: StalenessConfig = field(default_factory=StalenessConfig)
+    stabilizer: StabilizerConfig = field(default_factory=StabilizerConfig)
     collapse: CollapseConfig = field(default_factory=CollapseConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -228,13 +304,35 @@ def validate(config: TrainConfig) -> TrainConfig:
         (config.model.hidden_size % config.model.num_heads == 0, "model.hidden_size",
          "must be divisible by model.num_heads"),
         (config.collapse.window >= 1, "collapse.window", "must be >= 1"),
+        (config.optim.micro_batch_size >= 0, "optim.micro_batch_size", "must be >= 0 (0: whole batch)"),
+        (config.model.lora_rank >= 0, "model.lora_rank", "must be >= 0"),
+        (config.task.reward_timeout_s > 0, "task.reward_timeout_s", "must be > 0"),
+        (0 < config.rollout.vllm_gpu_memory_utilization < 1, "rollout.vllm_gpu_memory_utilization",
+         "must be in (0, 1)"),
+        (config.task.name != "math" or bool(config.task.data), "task.data", "the math task needs a data file"),
+        (config.task.name != "math" or bool(config.model.name_or_path), "model.name_or_path",
+         "the math task needs a checkpoint (the embedded tiny model only knows addition)"),
+        (config.rollout.engine != "vllm" or bool(config.model.name_or_path), "rollout.engine",
+         "vllm needs a checkpoint directory in model.name_or_path"),
+        (not (config.rollout.engine == "vllm" and config.model.lora_rank > 0), "model.lora_rank",
+         "LoRA with rollout.engine=vllm is not supported; use the transformers engine"),
+        (config.stabilizer.k > 0, "stabilizer.k", "must be > 0"),
+        (config.stabilizer.r_batch > 0, "stabilizer.r_batch", "must be > 0"),
+        (0 <= config.stabilizer.g_upd_decay < 1, "stabilizer.g_upd_decay", "must be in [0, 1)"),
+        (0 <= config.stabilizer.gac_cos_threshold < 1, "stabilizer.gac_cos_threshold", "must be in [0, 1)"),
         (config.collapse.min_tail >= 1, "collapse.min_tail", "must be >= 1"),
+        (config.runtime.num_workers >= 1, "runtime.num_workers", "must be >= 1"),
+        (config.runtime.worker_cpus > 0, "runtime.worker_cpus", "must be > 0"),
+        (config.runtime.learner_cpus > 0, "runtime.learner_cpus", "must be > 0"),
+        (config.runtime.worker_timeout_s > 0, "runtime.worker_timeout_s", "must be > 0"),
+        (config.runtime.runtime == "local" or importlib.util.find_spec("ray") is not None, "runtime.runtime",
+         "ray is not installed (pip install 'stalerl[ray]')"),
     ]
     for ok, key, why in checks:
         if not ok:
             raise ConfigError(f"{key}: {why}")
     pairs = (config.task.max_operand + 1) ** 2
-    if config.task.val_size >= pairs // 2:
+    if config.task.name == "addition" and config.task.val_size >= pairs // 2:
         raise ConfigError(f"task.val_size: {config.task.val_size} leaves too few of the {pairs} prompts for training")
     return config
 

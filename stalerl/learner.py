@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Callable
+
 import torch
 from transformers import PreTrainedModel
 
 from stalerl.config import LossConfig, OptimConfig
 from stalerl.loss import group_advantages, grpo_loss
-from stalerl.rollout import RolloutBatch, policy_logprobs
+from stalerl.rollout import Generation, RolloutBatch, policy_logprobs
 
 
 def make_optimizer(model: PreTrainedModel, optim: OptimConfig) -> torch.optim.Optimizer:
@@ -24,51 +27,137 @@ def learner_step(
     optim: OptimConfig,
     temperature: float,
     reference: PreTrainedModel | None = None,
+    choose_lr: Callable[[dict[str, float]], float] | None = None,
 ) -> dict[str, float | None]:
-    """Applies g_sur(theta_t; D_mu) for a batch sampled by mu = pi(theta_version); returns statistics."""
-    generation = batch.generation
-    rewards_P_G = batch.rewards_N.view(-1, batch.group_size)
-    advantages_N = group_advantages(rewards_P_G, loss_config.scale_by_std).reshape(-1)
-    mask_N_L = generation.response_mask_N_L
+    """Applies g_sur(theta_t; D_mu) for a batch sampled by mu = pi(theta_version); returns statistics.
 
-    logprobs_N_L, entropy_N_L = policy_logprobs(model, generation, temperature)
-    ref_logprobs_N_L = None
-    if reference is not None:
-        with torch.no_grad():
-            ref_logprobs_N_L, _ = policy_logprobs(reference, generation, temperature)
-    normalizer = loss_config.constant_normalizer or float(mask_N_L.shape[0] * mask_N_L.shape[1])
-    loss, stats = grpo_loss(
-        logprobs_N_L,
-        generation.behavior_logprobs_N_L,
-        advantages_N,
-        mask_N_L,
-        eps_low=loss_config.eps_low,
-        eps_high=loss_config.eps_high,
-        aggregation=loss_config.aggregation,
-        constant_normalizer=normalizer,
-        ref_logprobs_N_L=ref_logprobs_N_L,
-        kl_beta=loss_config.kl_beta,
-    )
+    `choose_lr`, if given, sees the batch statistics (lag-independent ones such as `ess_frac`) after
+    the backward pass and returns this step's learning rate (the stabilizers in stabilizers.py).
+    """
+    generation = batch.generation
+    device = next(model.parameters()).device
+    rewards_P_G = batch.rewards_N.view(-1, batch.group_size)
+    mask_N_L = generation.response_mask_N_L.to(device)
+    if batch.valid_N is None:
+        advantages_N = group_advantages(rewards_P_G, loss_config.scale_by_std).reshape(-1)
+    else:  # samples whose reward failed (task.on_reward_error=drop) leave the loss and the group statistics
+        valid_P_G = batch.valid_N.view_as(rewards_P_G)
+        advantages_N = valid_group_advantages(rewards_P_G, valid_P_G, loss_config.scale_by_std).reshape(-1)
+        mask_N_L = mask_N_L & batch.valid_N.to(device)[:, None]
+    advantages_N = advantages_N.to(device)
+    count, width = mask_N_L.shape
+    micro = optim.micro_batch_size or count
+    tokens = float(mask_N_L.sum().clamp(min=1))
+    normalizer = loss_config.constant_normalizer or float(count * width)
+
+    # Gradient accumulation over micro-batches of rows. Each part's loss is re-weighted so that the
+    # parts sum to the whole-batch loss exactly: token_mean by the part's share of the batch's tokens,
+    # sequence_mean by its share of the sequences; 'constant' already divides by a batch constant.
+    # Activation checkpointing runs only in training mode; otherwise stay in eval mode (no dropout),
+    # as the sampler is, so that the learner's log-probs match the sampler's.
+    model.train(any(getattr(module, "gradient_checkpointing", False) for module in model.modules()))
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    loss_value, clip_frac, kl, kl_ref, ratio_max = 0.0, 0.0, 0.0, 0.0, 0.0
+    logprob_parts, entropy_parts = [], []
+    for start in range(0, count, micro):
+        rows = slice(start, start + micro)
+        part = rows_of(generation, rows, device)
+        part_mask_n_L = mask_N_L[rows]
+        logprobs_n_L, entropy_n_L = policy_logprobs(model, part, temperature)
+        ref_logprobs_n_L = None
+        if reference is not None:
+            with torch.no_grad():
+                ref_logprobs_n_L, _ = policy_logprobs(reference, part, temperature)
+        part_loss, stats = grpo_loss(
+            logprobs_n_L,
+            part.behavior_logprobs_N_L,
+            advantages_N[rows],
+            part_mask_n_L,
+            eps_low=loss_config.eps_low,
+            eps_high=loss_config.eps_high,
+            aggregation=loss_config.aggregation,
+            constant_normalizer=normalizer,
+            ref_logprobs_N_L=ref_logprobs_n_L,
+            kl_beta=loss_config.kl_beta,
+        )
+        token_share = float(part_mask_n_L.sum()) / tokens
+        weight = {"token_mean": token_share, "sequence_mean": part_mask_n_L.shape[0] / count}.get(
+            loss_config.aggregation, 1.0)
+        (part_loss * weight).backward()
+        loss_value += float(part_loss.detach()) * weight
+        clip_frac += stats.clip_frac * token_share
+        kl += stats.kl_behavior * token_share
+        kl_ref += stats.kl_ref * token_share
+        ratio_max = max(ratio_max, stats.ratio_max)
+        logprob_parts.append(logprobs_n_L.detach())
+        entropy_parts.append(entropy_n_L)
+    model.eval()
+    logprobs_N_L, entropy_N_L = torch.cat(logprob_parts), torch.cat(entropy_parts)
+    behavior_logprobs_N_L = generation.behavior_logprobs_N_L.to(device)
+
     max_norm = optim.grad_clip if optim.grad_clip > 0 else float("inf")
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    ess_frac = effective_sample_fraction(logprobs_N_L, behavior_logprobs_N_L, mask_N_L)
+    lr = choose_lr({"ess_frac": ess_frac}) if choose_lr is not None else optim.lr
+    for group in optimizer.param_groups:
+        group["lr"] = lr
     optimizer.step()
 
     mask_f_N_L = mask_N_L.float()
-    tokens = mask_f_N_L.sum().clamp(min=1)
     with torch.no_grad():
-        mismatch = (logprobs_N_L.detach() - generation.behavior_logprobs_N_L).abs()
+        mismatch = (logprobs_N_L - behavior_logprobs_N_L).abs()
     return {
-        "loss": float(loss.detach()),
-        "clip_frac": stats.clip_frac,
-        "kl": stats.kl_behavior,
-        "kl_ref": stats.kl_ref if reference is not None else None,
-        "ratio_max": stats.ratio_max,
+        "loss": loss_value,
+        "clip_frac": clip_frac,
+        "kl": kl,
+        "kl_ref": kl_ref if reference is not None else None,
+        "ratio_max": ratio_max,
         "entropy": float((entropy_N_L * mask_f_N_L).sum() / tokens),
         "grad_norm": float(grad_norm),
         "response_len": float(mask_f_N_L.sum(dim=1).mean()),
-        # |log pi_theta - log mu| per token; sampler/learner numerics when the lag is 0.
-        "logprob_diff": float((mismatch * mask_f_N_L).sum() / tokens),
+        # |log pi_theta - log mu| per token. At lag 0 it is the sampler/learner numeric mismatch
+        # (kernels, dtype); at lag s it also holds the policy change over s steps.
+        "logprob_mismatch": float((mismatch * mask_f_N_L).sum() / tokens),
         "zero_adv_frac": float((advantages_N == 0).float().mean()),
+        "ess_frac": ess_frac,
+        "lr": lr,
     }
+
+
+def rows_of(generation: Generation, rows: slice, device: torch.device) -> Generation:
+    """A micro-batch: the sequences `rows` of a generation, on the learner's device."""
+    return dataclasses.replace(
+        generation,
+        tokens_N_T=generation.tokens_N_T[rows].to(device),
+        attention_mask_N_T=generation.attention_mask_N_T[rows].to(device),
+        response_mask_N_L=generation.response_mask_N_L[rows].to(device),
+        behavior_logprobs_N_L=generation.behavior_logprobs_N_L[rows].to(device),
+        finished_N=generation.finished_N[rows],
+        completions=generation.completions[rows],
+    )
+
+
+def valid_group_advantages(rewards_P_G: torch.Tensor, valid_P_G: torch.Tensor, scale_by_std: bool,
+                           eps: float = 1e-6) -> torch.Tensor:
+    """group_advantages over each group's valid samples only; 0 for invalid ones and for groups
+    with fewer than 2 valid samples (no baseline, no signal)."""
+    valid_f_P_G = valid_P_G.float()
+    count_P_1 = valid_f_P_G.sum(dim=1, keepdim=True)
+    mean_P_1 = (rewards_P_G * valid_f_P_G).sum(dim=1, keepdim=True) / count_P_1.clamp(min=1)
+    centered_P_G = (rewards_P_G - mean_P_1) * valid_f_P_G
+    if scale_by_std:
+        std_P_1 = ((centered_P_G**2).sum(dim=1, keepdim=True) / (count_P_1 - 1).clamp(min=1)).sqrt()
+        centered_P_G = centered_P_G / (std_P_1 + eps)
+    return centered_P_G * (count_P_1 >= 2)
+
+
+def effective_sample_fraction(
+    logprobs_N_L: torch.Tensor, behavior_logprobs_N_L: torch.Tensor, mask_N_L: torch.Tensor
+) -> float:
+    """ESS / N of the sequence-level importance weights w = pi_theta(y) / mu(y), in (0, 1].
+
+    1 when the data is on-policy; it falls as the behavior policy drifts away from the learner.
+    """
+    log_weights_N = ((logprobs_N_L - behavior_logprobs_N_L) * mask_N_L).sum(dim=1)
+    weights_N = torch.exp(log_weights_N - log_weights_N.max())  # the scale cancels in the ratio
+    return float(weights_N.sum() ** 2 / (weights_N.pow(2).sum() * weights_N.numel()))

@@ -26,6 +26,7 @@ class UpdateTracker:
         self.theta_0 = flat_parameters(model)
         self.previous = self.theta_0.clone()
         self.previous_update: torch.Tensor | None = None
+        self.path_length = 0.0  # sum of ||d_k||: the cumulative learner drift T * eta * G_upd
         keep_history = 0 < staleness and staleness * self.theta_0.numel() <= MAX_CYCLE_HISTORY_FLOATS
         self.history: deque[torch.Tensor] | None = deque(maxlen=staleness) if keep_history else None
         if self.history is not None:
@@ -45,10 +46,12 @@ class UpdateTracker:
             cycle_drift = float((current - self.history[0]).norm())  # history[0] is theta_{t+1-S}
             self.history.append(current)
         self.previous, self.previous_update = current, update
+        self.path_length += update_norm
         return {
             "grad_cos_sim": cos_sim,
             "update_norm": update_norm,
             "drift": float((current - self.theta_0).norm()),
+            "path_length": self.path_length,
             "cycle_drift": cycle_drift,
         }
 

@@ -49,16 +49,22 @@ class RolloutBatch:
     sample_ids: list[int]  # [N] unique over the run
     gen_s: float = 0.0
     extras: dict = field(default_factory=dict)
+    # [N] False where the reward failed and task.on_reward_error=drop: out of the loss and its
+    # group's statistics (rewards_N holds 0 there). None: every sample counts.
+    valid_N: torch.Tensor | None = None
 
 
 class RolloutEngine(Protocol):
     """What the learner and the staleness pipeline need from a generator (transformers, vLLM)."""
 
     version: int
+    sync_s: float  # seconds spent in load_weights since the rollout worker last read it
 
     def load_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> None: ...
 
     def generate(self, prompts: list[str], noise_seed: int | None) -> Generation: ...
+
+    def score(self, generation: Generation) -> torch.Tensor: ...  # [N, L] log mu by the learner's forward
 
 
 class GumbelNoise(LogitsProcessor):
@@ -88,6 +94,7 @@ class TransformersEngine:
         self.tokenizer = tokenizer
         self.temperature = temperature
         self.version = 0
+        self.sync_s = 0.0  # weight-sync time since the last batch (the worker reads and resets it)
         self.device = next(model.parameters()).device
         self.generation_config = GenerationConfig(
             do_sample=False,  # sampling happens in GumbelNoise; greedy when no noise is given
@@ -101,8 +108,16 @@ class TransformersEngine:
         )
 
     def load_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> None:
+        start = time.perf_counter()
         self.model.load_state_dict(state_dict)
+        self.sync_s += time.perf_counter() - start
         self.version = version
+
+    @torch.no_grad()
+    def score(self, generation: Generation) -> torch.Tensor:
+        """log mu by the learner's forward pass on this engine's (behavior) weights, 0 on padding."""
+        logprobs_N_L, _ = policy_logprobs(self.model, generation, self.temperature)
+        return logprobs_N_L * generation.response_mask_N_L
 
     @torch.no_grad()
     def generate(self, prompts: list[str], noise_seed: int | None) -> Generation:
@@ -176,15 +191,21 @@ class RolloutWorker:
     """Makes batch i: P prompts from the train split, G samples each, scored by the task's reward.
 
     Prompts and sampling noise are seeded by (seed, batch index), so a batch depends only on them
-    and on the weights that sampled it.
+    and on the weights that sampled it. A NaN reward is a failed one (rewards.py): counted in
+    ``reward_errors``, then scored 0 or, with `drop_failed_rewards`, masked out of the loss.
+    With `recompute_behavior`, the engine re-scores its own samples with the learner's forward pass
+    on the weights that sampled them (``engine.score``), which is honest at any lag.
     """
 
-    def __init__(self, engine: RolloutEngine, task: Task, prompts_per_step: int, group_size: int, seed: int):
+    def __init__(self, engine: RolloutEngine, task: Task, prompts_per_step: int, group_size: int, seed: int,
+                 recompute_behavior: bool = False, drop_failed_rewards: bool = False):
         self.engine = engine
         self.task = task
         self.prompts_per_step = prompts_per_step
         self.group_size = group_size
         self.seed = seed
+        self.recompute_behavior = recompute_behavior
+        self.drop_failed_rewards = drop_failed_rewards
 
     def produce(self, batch_index: int) -> RolloutBatch:
         rng = np.random.default_rng([self.seed, batch_index])
@@ -193,10 +214,23 @@ class RolloutWorker:
         noise_seed = int(rng.integers(0, 2**62))
         start = time.perf_counter()
         generation = self.engine.generate(texts, noise_seed)
-        rewards = [
+        extras = {}
+        if self.recompute_behavior:
+            sampler_logprobs_N_L = generation.behavior_logprobs_N_L
+            generation.behavior_logprobs_N_L = self.engine.score(generation)
+            mask_N_L = generation.response_mask_N_L.float()
+            gap = ((sampler_logprobs_N_L - generation.behavior_logprobs_N_L).abs() * mask_N_L).sum()
+            extras["sampler_mismatch"] = float(gap / mask_N_L.sum().clamp(min=1))
+        gen_s = time.perf_counter() - start
+        reward_start = time.perf_counter()
+        rewards_N = torch.tensor([
             self.task.reward(prompts[j // self.group_size], completion, bool(finished))
             for j, (completion, finished) in enumerate(zip(generation.completions, generation.finished_N))
-        ]
+        ], dtype=torch.float32)
+        extras["reward_s"] = time.perf_counter() - reward_start
+        failed_N = ~torch.isfinite(rewards_N)
+        extras["reward_errors"] = int(failed_N.sum())
+        extras["weight_sync_s"], self.engine.sync_s = self.engine.sync_s, 0.0
         size = len(texts)
         return RolloutBatch(
             batch_index=batch_index,
@@ -204,7 +238,9 @@ class RolloutWorker:
             prompts=prompts,
             group_size=self.group_size,
             generation=generation,
-            rewards_N=torch.tensor(rewards, dtype=torch.float32),
+            rewards_N=rewards_N.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0),
             sample_ids=list(range(batch_index * size, (batch_index + 1) * size)),
-            gen_s=time.perf_counter() - start,
+            gen_s=gen_s,
+            extras=extras,
+            valid_N=~failed_N if self.drop_failed_rewards and failed_N.any() else None,
         )

@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import queue
 import threading
-from typing import Callable, Literal, Protocol
+from typing import TYPE_CHECKING, Callable, Literal, Protocol
 
 import torch
 
-from stalerl.rollout import RolloutBatch, RolloutEngine
+if TYPE_CHECKING:  # annotations only: Ray's stub actors import this module without transformers
+    from stalerl.rollout import RolloutBatch, RolloutEngine
 
 Mode = Literal["exact", "bounded"]
 
@@ -48,6 +49,8 @@ class RolloutSource(Protocol):
     def publish(self, state_dict: dict[str, torch.Tensor], version: int) -> None: ...
 
     def close(self) -> None: ...
+
+    def report(self) -> dict: ...  # per-worker throughput and lost work, for summary.json
 
 
 class RolloutWorkerError(RuntimeError):
@@ -170,3 +173,6 @@ class ThreadedRollouts:
         self._stop.set()
         self._mailbox.close()
         self._thread.join(timeout=60)
+
+    def report(self) -> dict:
+        return {"runtime": "local", "num_workers": 1, "lost_batches": 0}  # a thread is not restarted

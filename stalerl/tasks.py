@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Protocol
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Protocol
 
 import numpy as np
 
@@ -12,6 +12,8 @@ import numpy as np
 class Prompt:
     text: str  # what the model is conditioned on, e.g. "37+5="
     answer: str  # the reference the reward checks against, e.g. "42"
+    # The dataset record it came from (question, answer, any other field); user rewards get it.
+    record: Mapping[str, Any] | None = field(default=None, compare=False)
 
 
 class Task(Protocol):

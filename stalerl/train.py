@@ -19,15 +19,19 @@ from typing import Any
 import numpy as np
 import torch
 from tqdm import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from stalerl.collapse import collapse_step
 from stalerl.config import ConfigError, TrainConfig, save_config, validate
 from stalerl.learner import learner_step, make_optimizer
 from stalerl.metrics import MetricsWriter, UpdateTracker
+from stalerl.data import build_task
+from stalerl.policy import build_policy, build_rollout_engine, check_hardware, save_final
 from stalerl.rollout import RolloutWorker, TransformersEngine
-from stalerl.staleness import ThreadedRollouts, check_lag
-from stalerl.tasks import AdditionTask
-from stalerl.warmstart import accuracy, warm_started_policy
+from stalerl.stabilizers import LearningRateControl, align_update
+from stalerl.staleness import RolloutSource, ThreadedRollouts, check_lag
+from stalerl.tasks import Task
+from stalerl.warmstart import accuracy
 
 
 def prepare_run_dir(config: TrainConfig) -> Path:
@@ -41,9 +45,39 @@ def prepare_run_dir(config: TrainConfig) -> Path:
     return run_dir
 
 
+def build_rollout_worker(config: TrainConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+                         task: Task) -> RolloutWorker:
+    """The rollout side of a run: its own copy of the policy (the learner's weights reach it through
+    the staleness pipeline, one version at a time), the task, and the run's seed."""
+    rollout = config.rollout
+    engine = build_rollout_engine(config, model, tokenizer)  # transformers or vLLM (rollout.engine)
+    return RolloutWorker(engine, task, rollout.prompts_per_step, rollout.group_size, config.seed,
+                         recompute_behavior=rollout.recompute_behavior_logprobs,
+                         drop_failed_rewards=config.task.on_reward_error == "drop")
+
+
+def build_rollout_worker_from_config(config: TrainConfig) -> RolloutWorker:
+    """A rollout worker where no learner is (a Ray actor): policy and task built as train() builds them."""
+    model, tokenizer, _ = build_policy(config)
+    return build_rollout_worker(config, model, tokenizer, build_task(config, tokenizer))
+
+
+def make_rollout_source(config: TrainConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+                        task: Task) -> RolloutSource:
+    """The transport between rollout workers and learner: a thread (local) or actors (ray)."""
+    if config.runtime.runtime == "ray":
+        from stalerl.ray_rollouts import rollouts_for_config  # Ray loads only when asked for
+
+        return rollouts_for_config(config, model.state_dict())
+    worker = build_rollout_worker(config, model, tokenizer, task)
+    return ThreadedRollouts(worker.engine, worker.produce, config.staleness.mode, config.staleness.staleness,
+                            total_batches=config.steps)
+
+
 def train(config: TrainConfig) -> dict[str, Any]:
     """Runs one async GRPO run to completion and returns its summary (also in summary.json)."""
     config = validate(config)
+    check_hardware(config)  # e.g. vLLM without a GPU: one line, before the run directory exists
     run_dir = prepare_run_dir(config)
     save_config(config, run_dir / "config.yaml")
     started = time.perf_counter()
@@ -52,22 +86,19 @@ def train(config: TrainConfig) -> dict[str, Any]:
     torch.manual_seed(config.seed)
 
     # ------------------------------------------------------------ components
-    model, tokenizer, warm_record = warm_started_policy(config)
-    task = AdditionTask(config.task.max_operand, config.task.val_size)
+    model, tokenizer, warm_record = build_policy(config)  # the embedded tiny model, or model.name_or_path
+    task = build_task(config, tokenizer)
     rollout = config.rollout
-    # The rollout worker samples with its own copy of the policy; the learner's weights reach it
-    # through the staleness pipeline, one version at a time.
-    engine = TransformersEngine(copy.deepcopy(model), tokenizer, rollout.max_new_tokens, rollout.temperature)
-    worker = RolloutWorker(engine, task, rollout.prompts_per_step, rollout.group_size, config.seed)
     validator = TransformersEngine(model, tokenizer, rollout.max_new_tokens, rollout.temperature)
     reference = copy.deepcopy(model).requires_grad_(False) if config.loss.kl_beta > 0 else None
     optimizer = make_optimizer(model, config.optim)
     tracker = UpdateTracker(model, config.staleness.staleness)
+    lr_control = LearningRateControl(config.stabilizer, config.optim.lr)
     validation_prompts = task.validation_prompts()
     initial_val = accuracy(validator, task, validation_prompts, noise_seed=None)
 
     mode, staleness = config.staleness.mode, config.staleness.staleness
-    source = ThreadedRollouts(engine, worker.produce, mode, staleness, total_batches=config.steps)
+    source = make_rollout_source(config, model, tokenizer, task)
     writer = MetricsWriter(run_dir, config.tensorboard)
     progress = tqdm(total=config.steps, desc=f"train S={staleness} {mode}", disable=not config.progress,
                     dynamic_ncols=True)
@@ -82,9 +113,14 @@ def train(config: TrainConfig) -> dict[str, Any]:
 
             # -------------------------------------------------- learn
             train_start = time.perf_counter()
-            stats = learner_step(model, optimizer, batch, config.loss, config.optim, rollout.temperature, reference)
+            stats = learner_step(model, optimizer, batch, config.loss, config.optim, rollout.temperature, reference,
+                                 choose_lr=lambda batch_stats: lr_control.choose(lag, batch_stats))
+            decisions = lr_control.log()
+            if config.stabilizer.gac_cos_threshold > 0:
+                decisions |= align_update(model, tracker, config.stabilizer.gac_cos_threshold)
             source.publish(model.state_dict(), version=step + 1)
             geometry = tracker.after_step(model)
+            lr_control.observe(geometry["update_norm"], stats["lr"])
             train_s = time.perf_counter() - train_start
 
             val_reward = None
@@ -97,14 +133,16 @@ def train(config: TrainConfig) -> dict[str, Any]:
                 "train_reward": float(batch.rewards_N.mean()),
                 "val_reward": val_reward,
                 **geometry,
-                "g_upd": geometry["update_norm"] / config.optim.lr,
+                "g_upd": geometry["update_norm"] / stats["lr"],
                 "lag_mean": float(lag),
                 "lag_max": lag,
                 "version": batch.version,
                 **stats,
+                **decisions,
                 "gen_s": batch.gen_s,
                 "train_s": train_s,
                 "wait_s": wait_s,
+                **batch.extras,  # the Ray runtime's worker id, attempts, lost_batches
             }
             history.append(metrics)
             writer.write(metrics, {
@@ -123,6 +161,10 @@ def train(config: TrainConfig) -> dict[str, Any]:
         writer.close()
 
     summary = summarize(config, history, initial_val, warm_record, wall_s=time.perf_counter() - started)
+    summary["rollouts"] = source.report()
+    summary["reward_errors"] = sum(row.get("reward_errors", 0) for row in history)
+    save_final(model, tokenizer, run_dir / "final", lora=config.model.lora_rank > 0)  # a plain HF checkpoint
+    summary["final_checkpoint"] = str(run_dir / "final")
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
@@ -133,7 +175,7 @@ def summarize(config: TrainConfig, history: list[dict[str, Any]], initial_val: f
     rewards = [row["train_reward"] for row in history]
     collapsed_at = collapse_step(rewards, collapse.window, collapse.threshold, collapse.min_tail)
     val_rewards = [row["val_reward"] for row in history if row["val_reward"] is not None]
-    update_norms = np.array([row["update_norm"] for row in history])
+    g_upds = np.array([row["g_upd"] for row in history])
     return {
         "steps": len(history),
         "collapse_step": collapsed_at,
@@ -141,11 +183,16 @@ def summarize(config: TrainConfig, history: list[dict[str, Any]], initial_val: f
         "final_val_reward": val_rewards[-1] if val_rewards else None,
         "best_val_reward": max([initial_val, *val_rewards]),
         "final_train_reward": float(np.mean(rewards[-collapse.window:])) if rewards else None,
+        # The batch consumed at the collapse step was sampled by theta_version: the policy that had
+        # collapsed. Its cumulative drift (path length after `version` updates) is R_crit's reading.
+        "collapse_version": history[collapsed_at]["version"] if collapsed_at is not None else None,
         "drift_at_collapse": history[collapsed_at]["drift"] if collapsed_at is not None else None,
+        "path_length_at_collapse": _path_length_after(history, history[collapsed_at]["version"])
+        if collapsed_at is not None else None,
         "final_drift": history[-1]["drift"] if history else None,
+        "final_path_length": history[-1]["path_length"] if history else None,
         # G_upd: update size per unit learning rate, median over the steps before any collapse.
-        "g_upd_median": float(np.median(update_norms[: collapsed_at or None]) / config.optim.lr)
-        if len(update_norms) else None,
+        "g_upd_median": float(np.median(g_upds[: collapsed_at or None])) if len(g_upds) else None,
         "lag_max": max((row["lag_max"] for row in history), default=None),
         "staleness": config.staleness.staleness,
         "mode": config.staleness.mode,
@@ -154,3 +201,7 @@ def summarize(config: TrainConfig, history: list[dict[str, Any]], initial_val: f
         "wall_s": wall_s,
         "warm_start": warm_record,
     }
+
+
+def _path_length_after(history: list[dict[str, Any]], updates: int) -> float:
+    return history[updates - 1]["path_length"] if updates > 0 else 0.0

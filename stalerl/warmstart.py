@@ -33,9 +33,15 @@ def cache_root() -> Path:
     return Path(os.environ.get("STALERL_CACHE", Path.home() / ".cache" / "stalerl"))
 
 
+# The config fields that determine the warm start; others (a checkpoint path, reward options) do not.
+MODEL_KEY_FIELDS = ("hidden_size", "intermediate_size", "num_layers", "num_heads", "max_positions")
+TASK_KEY_FIELDS = ("name", "max_operand", "val_size")
+
+
 def warm_start_key(config: TrainConfig) -> str:
-    inputs = {"format": CACHE_FORMAT, "model": asdict(config.model), "task": asdict(config.task),
-              "warm_start": asdict(config.warm_start)}
+    model, task = asdict(config.model), asdict(config.task)
+    inputs = {"format": CACHE_FORMAT, "model": {k: model[k] for k in MODEL_KEY_FIELDS},
+              "task": {k: task[k] for k in TASK_KEY_FIELDS}, "warm_start": asdict(config.warm_start)}
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -76,7 +82,7 @@ def accuracy(engine: TransformersEngine, task: Task, prompts: list[Prompt], nois
     """Mean reward over `prompts`: greedy with noise_seed=None, one sample each otherwise."""
     generation = engine.generate([p.text for p in prompts], noise_seed)
     rewards = [task.reward(p, c, bool(f)) for p, c, f in zip(prompts, generation.completions, generation.finished_N)]
-    return float(np.mean(rewards))
+    return float(np.mean(np.nan_to_num(rewards, nan=0.0)))  # a failed reward (NaN, rewards.py) scores 0 here
 
 
 def warm_started_policy(config: TrainConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, dict]:

@@ -10,7 +10,7 @@ from stalerl.config import load_config
 from stalerl.metrics import read_metrics
 from stalerl.train import train
 
-TIMING_KEYS = {"gen_s", "train_s", "wait_s"}
+TIMING_KEYS = {"gen_s", "train_s", "wait_s", "reward_s", "weight_sync_s"}
 REQUIRED_KEYS = {"step", "train_reward", "val_reward", "grad_cos_sim", "update_norm", "drift", "lag_mean", "lag_max",
                  "clip_frac", "kl", "entropy", "response_len", "gen_s", "train_s"}
 

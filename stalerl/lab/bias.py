@@ -1,0 +1,222 @@
+"""``stalerl bias``: the surrogate-gradient bias probe (science.md, 'The surrogate').
+
+    stalerl bias --lr 1e-4,3e-4,1e-3 --anchors 32 --lags 0,1,2,4,8,16 --batches 24 --out DIR
+
+Along an on-policy trajectory at learning rate eta, at anchor step t and lag S it estimates
+
+    ||b_t(S)|| = || E g_sur(theta_t; D_{theta_{t-S}}) - E g_sur(theta_t; D_{theta_t}) ||
+
+Estimator. Batch m (m = 1..M) is sampled twice, from theta_{t-S} and from theta_t, with common
+random numbers: the same prompts and the same Gumbel noise at every position (rollout.py), so the
+paired difference d_m = g_stale_m - g_fresh_m carries little sampling noise. ||b||^2 is estimated
+by the U-statistic over distinct pairs, (||sum d||^2 - sum ||d_m||^2) / (M (M - 1)) -- the average of
+the cross-fitted <mean d^A, mean d^B> over all splits -- which is unbiased: independent pairs have
+E<d_i, d_j> = ||b||^2, while the naive ||mean d||^2 adds trace(Cov d) / M. Its standard error is
+the jackknife over batches; the noise floor reported next to each estimate is 2 standard errors,
+and an estimate below it is flagged.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from stalerl.config import TrainConfig
+from stalerl.lab.law import fit_loglog
+from stalerl.learner import learner_step, make_optimizer
+from stalerl.loss import group_advantages, grpo_loss
+from stalerl.metrics import flat_parameters
+from stalerl.rollout import RolloutBatch, RolloutWorker, TransformersEngine, policy_logprobs
+from stalerl.tasks import AdditionTask
+from stalerl.warmstart import warm_started_policy
+
+
+@dataclass(frozen=True)
+class BiasPoint:
+    lr: float
+    anchor: int
+    lag: int
+    bias_sq: float  # unbiased estimate of ||b||^2 (may be negative when the bias is below the noise)
+    bias_sq_se: float  # jackknife standard error of bias_sq
+    bias_norm: float  # sqrt(max(bias_sq, 0))
+    bias_low: float  # sqrt of the 95% interval's ends, clipped at 0
+    bias_high: float
+    noise_floor: float  # sqrt(2 * SE): norms below this are not distinguishable from zero
+    below_floor: bool
+    naive_norm: float  # ||mean d||: what the noise-dominated estimator would have said
+    drift: float  # within-cycle drift ||theta_t - theta_{t-S}||
+    batches: int
+
+
+def pairwise_bias(diffs_M_P: torch.Tensor) -> tuple[float, float, float]:
+    """(U-statistic of ||E d||^2, its jackknife SE, naive ||mean d||^2) from M paired differences."""
+    m = diffs_M_P.shape[0]
+    gram_M_M = (diffs_M_P @ diffs_M_P.T).double()
+    total, trace = float(gram_M_M.sum()), float(gram_M_M.trace())
+    estimate = (total - trace) / (m * (m - 1))
+    row_sums_M = gram_M_M.sum(dim=1)
+    diagonal_M = gram_M_M.diagonal()
+    # Leaving batch i out removes its row and column from both sums.
+    leave_out_M = ((total - 2 * row_sums_M + diagonal_M) - (trace - diagonal_M)) / ((m - 1) * (m - 2))
+    se = math.sqrt((m - 1) / m * float(((leave_out_M - leave_out_M.mean()) ** 2).sum()))
+    return estimate, se, total / m**2
+
+
+def surrogate_gradient(model: torch.nn.Module, batch: RolloutBatch, config: TrainConfig) -> torch.Tensor:
+    """g_sur(theta; D): the gradient the learner would apply (before clipping), flattened."""
+    generation = batch.generation
+    advantages_N = group_advantages(batch.rewards_N.view(-1, batch.group_size), config.loss.scale_by_std).reshape(-1)
+    logprobs_N_L, _ = policy_logprobs(model, generation, config.rollout.temperature)
+    mask_N_L = generation.response_mask_N_L
+    normalizer = config.loss.constant_normalizer or float(mask_N_L.numel())
+    loss, _ = grpo_loss(logprobs_N_L, generation.behavior_logprobs_N_L, advantages_N, mask_N_L,
+                        config.loss.eps_low, config.loss.eps_high, config.loss.aggregation, normalizer)
+    gradients = torch.autograd.grad(loss, list(model.parameters()), allow_unused=True)
+    return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1)
+                      for g, p in zip(gradients, model.parameters())])
+
+
+def trajectory(config: TrainConfig, lr: float, keep_steps: set[int]) -> dict[int, dict[str, torch.Tensor]]:
+    """On-policy (S = 0) training at `lr`; the parameters after each step in `keep_steps`."""
+    model, tokenizer, _ = warm_started_policy(config)
+    task = AdditionTask(config.task.max_operand, config.task.val_size)
+    optim = dataclasses.replace(config.optim, lr=lr)
+    optimizer = make_optimizer(model, optim)
+    engine = TransformersEngine(model, tokenizer, config.rollout.max_new_tokens, config.rollout.temperature)
+    worker = RolloutWorker(engine, task, config.rollout.prompts_per_step, config.rollout.group_size, config.seed)
+    snapshots = {}
+    for step in range(max(keep_steps) + 1):
+        if step in keep_steps:
+            snapshots[step] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        if step < max(keep_steps):
+            learner_step(model, optimizer, worker.produce(step), config.loss, optim, config.rollout.temperature)
+            engine.version = step + 1
+    return snapshots
+
+
+def probe_anchor(config: TrainConfig, lr: float, anchor: int, lags: list[int], batches: int,
+                 snapshots: dict[int, dict[str, torch.Tensor]], probe_seed: int) -> list[BiasPoint]:
+    model, tokenizer, _ = warm_started_policy(config)
+    task = AdditionTask(config.task.max_operand, config.task.val_size)
+    model.load_state_dict(snapshots[anchor])
+    sampler = TransformersEngine(copy.deepcopy(model), tokenizer, config.rollout.max_new_tokens,
+                                 config.rollout.temperature)
+    # Batch m's prompts and noise depend only on (probe_seed, m): common random numbers across lags.
+    worker = RolloutWorker(sampler, task, config.rollout.prompts_per_step, config.rollout.group_size, probe_seed)
+    fresh = [surrogate_gradient(model, worker.produce(m), config) for m in range(batches)]
+    anchor_flat = flat_parameters(model)
+    points = []
+    for lag in lags:
+        sampler.load_weights(snapshots[anchor - lag], version=anchor - lag)
+        diffs_M_P = torch.stack([surrogate_gradient(model, worker.produce(m), config) - fresh[m]
+                                 for m in range(batches)])
+        estimate, se, naive = pairwise_bias(diffs_M_P)
+        floor = math.sqrt(2 * se)
+        points.append(BiasPoint(
+            lr=lr, anchor=anchor, lag=lag, bias_sq=estimate, bias_sq_se=se,
+            bias_norm=math.sqrt(max(estimate, 0.0)),
+            bias_low=math.sqrt(max(estimate - 1.96 * se, 0.0)), bias_high=math.sqrt(max(estimate + 1.96 * se, 0.0)),
+            noise_floor=floor, below_floor=estimate < 2 * se, naive_norm=math.sqrt(naive),
+            drift=float((anchor_flat - flat_parameters(sampler.model)).norm()), batches=batches,
+        ))
+    return points
+
+
+def linear_regime_end(points: list[BiasPoint]) -> int | None:
+    """The largest lag up to which bias / S stays within a factor 2 of its value at the smallest lag."""
+    usable = sorted((p for p in points if p.lag > 0 and not p.below_floor), key=lambda p: p.lag)
+    if not usable:
+        return None
+    slope_0 = usable[0].bias_norm / usable[0].lag
+    end = usable[0].lag
+    for point in usable[1:]:
+        if point.bias_norm / point.lag < slope_0 / 2:
+            break
+        end = point.lag
+    return end
+
+
+def fit_exponents(points: list[BiasPoint]) -> dict[str, Any]:
+    """log ||b|| against log S per eta (within the linear regime), and against log eta per S."""
+    lrs, lags = sorted({p.lr for p in points}), sorted({p.lag for p in points if p.lag > 0})
+    by_lr = {}
+    for lr in lrs:
+        at_lr = [p for p in points if p.lr == lr]
+        end = linear_regime_end(at_lr)
+        usable = [p for p in at_lr if p.lag > 0 and not p.below_floor and end is not None and p.lag <= end]
+        fit = fit_loglog([p.lag for p in usable], [p.bias_norm for p in usable])
+        by_lr[f"{lr:g}"] = {"linear_regime_end": end, "s_exponent": fit.to_dict() if fit else None}
+    by_lag = {}
+    for lag in lags:
+        usable = [p for p in points if p.lag == lag and not p.below_floor]
+        fit = fit_loglog([p.lr for p in usable], [p.bias_norm for p in usable])
+        by_lag[str(lag)] = fit.to_dict() if fit else None
+    usable = [p for p in points if p.lag > 0 and not p.below_floor]
+    pooled = fit_loglog([p.lag * p.lr for p in usable], [p.bias_norm for p in usable])
+    return {"by_lr": by_lr, "eta_exponent_by_lag": by_lag, "s_eta_exponent_pooled": pooled.to_dict() if pooled else None}
+
+
+def bias_figure(points: list[BiasPoint], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lrs = sorted({p.lr for p in points})
+    cmap = plt.get_cmap("viridis")
+    figure, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    for i, lr in enumerate(lrs):
+        color = cmap(i / max(len(lrs) - 1, 1))
+        at_lr = sorted((p for p in points if p.lr == lr and p.lag > 0), key=lambda p: p.lag)
+        for ax, x in zip(axes, ([p.lag for p in at_lr], [p.lag * p.lr for p in at_lr], [p.drift for p in at_lr])):
+            y = np.array([p.bias_norm for p in at_lr])
+            err = np.array([[p.bias_norm - p.bias_low for p in at_lr], [p.bias_high - p.bias_norm for p in at_lr]])
+            ax.errorbar(x, np.maximum(y, 1e-12), yerr=err, marker="o", color=color, capsize=2, label=f"lr={lr:g}")
+            ax.plot(x, [p.noise_floor for p in at_lr], linestyle=":", color=color, linewidth=1)
+    for ax, label in zip(axes, ("lag S", "S * eta", "within-cycle drift ||theta_t - theta_{t-S}||")):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel(label)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].set_ylabel("||b_t(S)|| (95% CI; dotted: noise floor)")
+    axes[0].legend(fontsize=8)
+    figure.suptitle("Surrogate-gradient bias from stale rollouts")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def run_probe(config: TrainConfig, lrs: list[float], anchors: list[int], lags: list[int], batches: int,
+              out: Path, probe_seed: int = 10_000, progress: bool = True) -> dict[str, Any]:
+    if min(anchors) < max(lags):
+        raise ValueError(f"every anchor must be >= the largest lag ({max(lags)}): got anchors {anchors}")
+    if batches < 3:
+        raise ValueError("--batches must be >= 3 for the jackknife")
+    out.mkdir(parents=True, exist_ok=True)
+    points: list[BiasPoint] = []
+    for lr in lrs:
+        keep = {anchor - lag for anchor in anchors for lag in lags} | set(anchors)
+        snapshots = trajectory(config, lr, keep)
+        for anchor in anchors:
+            new = probe_anchor(config, lr, anchor, lags, batches, snapshots, probe_seed)
+            points.extend(new)
+            if progress:
+                for p in new:
+                    flag = " (below noise floor)" if p.below_floor else ""
+                    print(f"lr={lr:g} t={anchor} S={p.lag:>2}: ||b|| = {p.bias_norm:.4f} "
+                          f"[{p.bias_low:.4f}, {p.bias_high:.4f}] floor {p.noise_floor:.4f} "
+                          f"naive {p.naive_norm:.4f} drift {p.drift:.3f}{flag}", flush=True)
+    report = {"points": [asdict(p) for p in points], "fits": fit_exponents(points),
+              "settings": {"lrs": lrs, "anchors": anchors, "lags": lags, "batches": batches}}
+    (out / "bias.json").write_text(json.dumps(report, indent=2))
+    bias_figure(points, out / "bias.png")
+    return report

@@ -1,0 +1,83 @@
+"""Reading run directories into records the lab's fits and figures use."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from stalerl.metrics import read_metrics
+
+
+@dataclass
+class RunRecord:
+    path: Path
+    config: dict[str, Any]
+    summary: dict[str, Any]
+    metrics: list[dict[str, Any]]
+
+    @property
+    def staleness(self) -> int:
+        return self.config["staleness"]["staleness"]
+
+    @property
+    def lr(self) -> float:
+        return self.config["optim"]["lr"]
+
+    @property
+    def seed(self) -> int:
+        return self.config["seed"]
+
+    @property
+    def stabilizer(self) -> str:
+        return stabilizer_name(self.config)
+
+    @property
+    def collapse_step(self) -> int | None:
+        return self.summary["collapse_step"]
+
+    @property
+    def collapse_version(self) -> int | None:
+        """The policy version that collapsed (the collapse step minus the lag of its batch)."""
+        return self.summary.get("collapse_version", self.collapse_step)
+
+    def series(self, key: str) -> list[Any]:
+        return [row.get(key) for row in self.metrics]
+
+
+def stabilizer_name(config: dict[str, Any]) -> str:
+    stabilizer = config.get("stabilizer", {})
+    names = [stabilizer["lr_control"]] if stabilizer.get("lr_control", "none") != "none" else []
+    if stabilizer.get("gac_cos_threshold", 0) > 0:
+        names.append("gac")
+    return "+".join(names) or "none"
+
+
+def is_finished(run_dir: Path) -> bool:
+    return (run_dir / "summary.json").is_file()
+
+
+def load_run(run_dir: Path) -> RunRecord:
+    run_dir = Path(run_dir)
+    return RunRecord(
+        path=run_dir,
+        config=yaml.safe_load((run_dir / "config.yaml").read_text()),
+        summary=json.loads((run_dir / "summary.json").read_text()),
+        metrics=read_metrics(run_dir),
+    )
+
+
+def load_runs(directory: Path) -> list[RunRecord]:
+    """A run directory itself, or every finished run directory below it (a sweep)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"no such directory: {directory}")
+    if is_finished(directory):
+        return [load_run(directory)]
+    runs = [load_run(path.parent) for path in sorted(directory.glob("**/summary.json"))]
+    if not runs:
+        raise FileNotFoundError(f"{directory} holds no finished run (no summary.json below it)")
+    return runs

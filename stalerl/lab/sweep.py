@@ -1,0 +1,117 @@
+"""``stalerl sweep``: a grid over staleness x learning rate (x seeds x stabilizers), run in parallel.
+
+    stalerl sweep --staleness 0,4,16 --lr 1e-4,3e-4,1e-3 --steps 200 --out DIR [--workers 2]
+
+One run directory per cell under DIR; a finished cell (its summary.json exists) is not rerun, so
+an interrupted sweep resumes by running the command again. DIR/sweep.json is the table of cells.
+Each run is a separate process with one torch thread, so cells do not fight over the cores.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import multiprocessing
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from stalerl.config import ConfigError, TrainConfig, override, validate
+from stalerl.lab.runs import is_finished, load_run
+
+# Stabilizer name -> config overrides. 'gac' caps the cosine between consecutive updates.
+STABILIZERS: dict[str, dict[str, Any]] = {
+    "none": {},
+    "staleness": {"stabilizer.lr_control": "staleness"},
+    "ess": {"stabilizer.lr_control": "ess"},
+    "gac": {"stabilizer.gac_cos_threshold": 0.95},
+}
+
+
+@dataclass(frozen=True)
+class Cell:
+    staleness: int
+    lr: float
+    seed: int
+    stabilizer: str
+
+    @property
+    def name(self) -> str:
+        suffix = "" if self.stabilizer == "none" else f"-{self.stabilizer}"
+        return f"S{self.staleness}-lr{self.lr:g}-seed{self.seed}{suffix}"
+
+
+def cell_configs(base: TrainConfig, out: Path, staleness: list[int], lrs: list[float], seeds: list[int],
+                 stabilizers: list[str]) -> list[tuple[Cell, TrainConfig]]:
+    unknown = [name for name in stabilizers if name not in STABILIZERS]
+    if unknown:
+        raise ConfigError(f"--stabilizers: unknown {unknown[0]!r} (known: {', '.join(STABILIZERS)})")
+    cells = []
+    for stabilizer in stabilizers:
+        for s in staleness:
+            for lr in lrs:
+                for seed in seeds:
+                    cell = Cell(s, lr, seed, stabilizer)
+                    changes = {"staleness.staleness": s, "optim.lr": lr, "seed": seed,
+                               "out": str(out / cell.name), "progress": False, **STABILIZERS[stabilizer]}
+                    cells.append((cell, validate(override(base, changes))))
+    return cells
+
+
+def run_cell(config_data: dict[str, Any]) -> dict[str, Any]:
+    """Runs in a worker process: one training run, returns its summary."""
+    from stalerl.config import TrainConfig, from_dict
+    from stalerl.train import train
+
+    return train(from_dict(TrainConfig, config_data))
+
+
+def sweep_row(cell: Cell, summary: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+    return {
+        "S": cell.staleness, "lr": cell.lr, "seed": cell.seed, "stabilizer": cell.stabilizer,
+        "collapse_step": summary["collapse_step"], "collapse_version": summary.get("collapse_version"),
+        "steps": summary["steps"],
+        "best_val_reward": summary["best_val_reward"], "final_val_reward": summary["final_val_reward"],
+        "initial_val_reward": summary["initial_val_reward"], "g_upd": summary["g_upd_median"],
+        "drift_at_collapse": summary["drift_at_collapse"],
+        "path_length_at_collapse": summary.get("path_length_at_collapse"),
+        "wall_s": summary["wall_s"], "run_dir": run_dir.name,
+    }
+
+
+def run_sweep(cells: list[tuple[Cell, TrainConfig]], out: Path, workers: int, progress: bool = True) -> list[dict]:
+    out.mkdir(parents=True, exist_ok=True)
+    rows: dict[str, dict] = {}
+    todo = []
+    for cell, config in cells:
+        run_dir = Path(config.out)
+        if is_finished(run_dir):
+            rows[cell.name] = sweep_row(cell, load_run(run_dir).summary, run_dir)
+        else:
+            if run_dir.exists():  # an interrupted cell: its partial output is redone from the start
+                shutil.rmtree(run_dir)
+            todo.append((cell, config))
+    bar = tqdm(total=len(cells), initial=len(rows), desc="sweep", disable=not progress, dynamic_ncols=True)
+    context = multiprocessing.get_context("spawn")  # fresh interpreters: no inherited torch threads
+    with concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        futures = {pool.submit(run_cell, config.to_dict()): (cell, config) for cell, config in todo}
+        for future in concurrent.futures.as_completed(futures):
+            cell, config = futures[future]
+            rows[cell.name] = sweep_row(cell, future.result(), Path(config.out))
+            collapsed = sum(row["collapse_step"] is not None for row in rows.values())
+            bar.set_postfix(collapsed=collapsed, refresh=False)
+            bar.update()
+            write_table(out, [rows[c.name] for c, _ in cells if c.name in rows])
+    bar.close()
+    table = [rows[cell.name] for cell, _ in cells]
+    write_table(out, table)
+    return table
+
+
+def write_table(out: Path, rows: list[dict]) -> None:
+    temporary = out / "sweep.json.tmp"
+    temporary.write_text(json.dumps(rows, indent=2))
+    temporary.replace(out / "sweep.json")

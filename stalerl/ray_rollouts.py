@@ -1,0 +1,328 @@
+"""The Ray transport: N rollout-worker actors feeding one learner, with the local runtime's guarantees.
+
+The learner's loop (train.py) is the same as in the local runtime; only the ``RolloutSource`` differs.
+``RayRollouts`` lives in the learner's process and hands out batch indices to idle actors:
+
+* admission: batch i is dispatched only once theta_{max(0, i-S)} has been published, so a worker
+  that would get more than S versions ahead waits for weights (paced, never discarded);
+* exact:   batch i is sampled with theta_{max(0, i-S)} exactly, whichever actor makes it, and is
+           seeded by (seed, i) (``RolloutWorker.produce``): the batches equal the local runtime's;
+* bounded: batch i is sampled with the newest version at dispatch, >= i - S and <= i.
+
+Weights go through the object store: one ``ray.put`` per version, refs to the actors, which fetch a
+version only when they need it. Exact mode keeps only the versions that a batch not yet made still
+needs (at most N + 1: ``publish`` waits otherwise), so memory does not grow with S.
+
+Faults: a batch whose actor died (killed process, raised exception) or did not answer within
+``worker_timeout_s`` (the actor is then killed: ``ray.get(timeout=...)`` alone would not stop it) is
+regenerated under the same index on a fresh actor, so exact mode stays exact and no batch is
+consumed twice. Lost batches are counted in each batch's ``extras`` and in ``report()``.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable
+
+import ray
+import torch
+
+from stalerl.staleness import Mode, RolloutWorkerError, required_version
+
+if TYPE_CHECKING:
+    from stalerl.rollout import RolloutBatch
+
+MAX_ATTEMPTS_PER_BATCH = 3  # a batch that fails this often is a bug, not a fault: the run stops
+POLL_S = 0.01  # how often the collector re-lists in-flight batches (new dispatches join its wait)
+
+
+class RolloutActor:
+    """One rollout worker in its own process: an engine, a task copy, and the run's seed."""
+
+    def __init__(self, build_worker: Callable[[], Any], worker_id: int, threads: int):
+        if threads:
+            torch.set_num_threads(threads)  # actors share cores; one torch thread each by default
+        self.worker = build_worker()
+        self.worker_id = worker_id
+        self.loaded: int | None = None  # the version in the engine; None until the first weights arrive
+
+    def ready(self) -> int:
+        return self.worker_id
+
+    def produce(self, batch_index: int, version: int, weights: list[ray.ObjectRef]) -> RolloutBatch:
+        # `weights` is a one-element list so that Ray passes the ref, not the tensors: the actor
+        # fetches a version only when it is not already loaded.
+        if self.loaded != version:
+            self.worker.engine.load_weights(ray.get(weights[0]), version)
+            self.loaded = version
+        batch = self.worker.produce(batch_index)
+        batch.extras["worker"] = self.worker_id
+        return batch
+
+
+@dataclass
+class _Slot:
+    """A worker position: the actor in it is replaced after a fault; the statistics stay."""
+
+    worker_id: int
+    actor: Any = None
+    restarts: int = 0
+    failed_starts: int = 0
+    batches: int = 0
+    samples: int = 0
+    gen_s: float = 0.0
+    lags: list[int] = field(default_factory=list)
+
+
+@dataclass
+class _Task:
+    batch_index: int
+    slot: _Slot
+    started: float
+
+
+class RayRollouts:
+    """Ray runtime: N rollout-worker actors, paced so that every batch meets the staleness contract."""
+
+    def __init__(
+        self,
+        build_worker: Callable[[], Any],
+        initial_weights: dict[str, torch.Tensor],
+        mode: Mode,
+        staleness: int,
+        total_batches: int,
+        num_workers: int,
+        worker_cpus: float = 1.0,
+        worker_timeout_s: float = 300.0,
+        threads: int = 1,
+    ):
+        if not ray.is_initialized():
+            raise RuntimeError("RayRollouts needs a running Ray (stalerl.ray_runtime.ray_session)")
+        self.mode, self.staleness, self.total_batches = mode, staleness, total_batches
+        self.worker_timeout_s = worker_timeout_s
+        self._actor_class = ray.remote(RolloutActor)
+        self._worker_cpus = worker_cpus
+        self._build_worker, self._threads = build_worker, threads
+        self._tag = uuid.uuid4().hex[:8]  # actor names are unique per run, so tests can find them
+        self._generation = itertools.count()
+        self._lock = threading.Condition()
+        self._weights: dict[int, ray.ObjectRef] = {}
+        self._latest = 0
+        self._next_index = 0  # the lowest batch index never dispatched
+        self._redo: list[int] = []  # lost batches, regenerated before any new one
+        self._inflight: dict[ray.ObjectRef, _Task] = {}
+        self._starting: dict[ray.ObjectRef, _Slot] = {}  # actors still in their constructor
+        self._done: dict[int, RolloutBatch] = {}
+        self._attempts: dict[int, int] = {}
+        self._consumed = 0
+        self._lost = 0
+        self._failure: BaseException | None = None
+        self._closed = False
+        self._started = time.perf_counter()
+        self._slots = [_Slot(worker_id) for worker_id in range(num_workers)]
+        self._idle: list[_Slot] = []
+        for slot in self._slots:
+            self._start_actor(slot)
+        self._weights[0] = ray.put(_detached(initial_weights))  # work starts as each actor is ready
+        self._collector = threading.Thread(target=self._collect_forever, name="stalerl-ray-collector", daemon=True)
+        self._collector.start()
+
+    # ---------------------------------------------------------------- dispatch (lock held)
+
+    def _start_actor(self, slot: _Slot) -> None:
+        name = f"stalerl-rollout-{self._tag}-w{slot.worker_id}-{next(self._generation)}"
+        # max_restarts=0: a dead actor is replaced here, where its lost batch is accounted for.
+        slot.actor = self._actor_class.options(name=name, num_cpus=self._worker_cpus, max_restarts=0).remote(
+            self._build_worker, slot.worker_id, self._threads)
+        # The slot takes work once the constructor is done, so start-up never counts as a hang.
+        self._starting[slot.actor.ready.remote()] = slot
+
+    def _dispatch(self) -> None:
+        """Gives idle actors the lowest admissible batches: lost ones first, then new ones in order."""
+        while self._idle and self._failure is None and not self._closed:
+            if self._redo:
+                batch_index = min(self._redo)
+            elif self._next_index < self.total_batches and self._latest >= required_version(
+                    self._next_index, self.staleness):
+                batch_index = self._next_index
+            else:
+                return
+            version = required_version(batch_index, self.staleness) if self.mode == "exact" else self._latest
+            slot = self._idle.pop(0)
+            ref = slot.actor.produce.remote(batch_index, version, [self._weights[version]])
+            self._inflight[ref] = _Task(batch_index, slot, time.perf_counter())
+            if batch_index in self._redo:
+                self._redo.remove(batch_index)
+            else:
+                self._next_index += 1
+
+    def _oldest_needed(self) -> int:
+        """The oldest version a batch not yet made will be sampled with (exact mode)."""
+        pending = [*self._redo, *(task.batch_index for task in self._inflight.values()), self._next_index]
+        return required_version(min(pending), self.staleness)
+
+    def _prune_weights(self) -> None:
+        keep_from = self._oldest_needed() if self.mode == "exact" else self._latest
+        for version in [v for v in self._weights if v < keep_from and v != self._latest]:
+            del self._weights[version]  # in-flight tasks hold their own ref until they finish
+
+    def _lose(self, task: _Task, error: BaseException | None) -> None:
+        """Replaces the actor of a failed or hung batch and queues the batch for regeneration."""
+        slot = task.slot
+        ray.kill(slot.actor, no_restart=True)  # a hung actor keeps running unless killed
+        self._start_actor(slot)
+        slot.restarts += 1
+        self._lost += 1
+        attempts = self._attempts[task.batch_index] = self._attempts.get(task.batch_index, 1) + 1
+        if attempts > MAX_ATTEMPTS_PER_BATCH:
+            why = "timed out" if error is None else repr(error)
+            self._failure = RolloutWorkerError(
+                f"batch {task.batch_index} failed {attempts - 1} times; last: {why}")
+        else:
+            self._redo.append(task.batch_index)
+
+    # ---------------------------------------------------------------- collector thread
+
+    def _collect_forever(self) -> None:
+        try:
+            while True:
+                with self._lock:
+                    if self._closed or self._failure is not None:
+                        return
+                    refs = [*self._inflight, *self._starting]
+                if not refs:
+                    with self._lock:
+                        self._lock.wait(timeout=POLL_S)
+                    continue
+                ready, _ = ray.wait(refs, num_returns=1, timeout=POLL_S)
+                with self._lock:
+                    for ref in ready:
+                        self._collect(ref)
+                    self._reap_hung()
+                    self._dispatch()
+                    self._lock.notify_all()
+        except BaseException as error:  # a bug here must reach the learner, not die silently
+            with self._lock:
+                self._failure = error
+                self._lock.notify_all()
+
+    def _collect(self, ref: ray.ObjectRef) -> None:
+        if ref in self._starting:
+            slot = self._starting.pop(ref)
+            try:
+                ray.get(ref)
+            except ray.exceptions.RayError as error:  # killed while starting, or a constructor that fails
+                slot.failed_starts += 1
+                if slot.failed_starts >= MAX_ATTEMPTS_PER_BATCH:
+                    self._failure = RolloutWorkerError(f"rollout actor {slot.worker_id} failed to start: {error}")
+                else:
+                    slot.restarts += 1
+                    self._start_actor(slot)
+                return
+            slot.failed_starts = 0
+            self._idle.append(slot)
+            return
+        task = self._inflight.pop(ref, None)
+        if task is None:  # already written off as hung
+            return
+        try:
+            batch = ray.get(ref)
+        except ray.exceptions.RayError as error:  # actor died, or produce raised
+            self._lose(task, error)
+            return
+        slot = task.slot
+        slot.batches += 1
+        slot.samples += len(batch.sample_ids)
+        slot.gen_s += batch.gen_s
+        batch.extras["attempts"] = self._attempts.pop(task.batch_index, 1)
+        self._done[task.batch_index] = batch
+        self._idle.append(slot)
+
+    def _reap_hung(self) -> None:
+        now = time.perf_counter()
+        for ref, task in list(self._inflight.items()):
+            if now - task.started > self.worker_timeout_s:
+                del self._inflight[ref]
+                self._lose(task, None)
+
+    # ---------------------------------------------------------------- learner side
+
+    def next_batch(self) -> RolloutBatch:
+        with self._lock:
+            step = self._consumed
+            self._lock.wait_for(lambda: step in self._done or self._failure is not None)
+            if step not in self._done:
+                raise RolloutWorkerError(f"rollout workers failed: {self._failure}") from self._failure
+            batch = self._done.pop(step)
+            self._consumed += 1
+            self._slots[batch.extras["worker"]].lags.append(step - batch.version)
+            batch.extras["lost_batches"] = self._lost
+            return batch
+
+    def publish(self, state_dict: dict[str, torch.Tensor], version: int) -> None:
+        """Puts theta_version in the object store once, if any batch still to be made may use it."""
+        last_useful = self.total_batches - 1 - (self.staleness if self.mode == "exact" else 0)
+        if version > last_useful:
+            return
+        if self.mode == "exact":  # hold at most N + 1 versions: wait while the workers catch up
+            with self._lock:
+                self._lock.wait_for(lambda: self._failure is not None or self._closed
+                                    or version - self._oldest_needed() <= len(self._slots))
+        ref = ray.put(_detached(state_dict))
+        with self._lock:
+            self._weights[version] = ref
+            self._latest = version
+            self._prune_weights()
+            self._dispatch()
+            self._lock.notify_all()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            self._lock.notify_all()
+        self._collector.join(timeout=60)
+        for slot in self._slots:
+            ray.kill(slot.actor, no_restart=True)
+        self._weights.clear()
+        self._inflight.clear()
+
+    def report(self) -> dict[str, Any]:
+        """Per-worker lag and throughput and the lost work, for summary.json."""
+        wall_s = time.perf_counter() - self._started
+        return {
+            "runtime": "ray",
+            "num_workers": len(self._slots),
+            "lost_batches": self._lost,
+            "workers": [{
+                "worker": slot.worker_id,
+                "batches": slot.batches,
+                "samples": slot.samples,
+                "samples_per_s": slot.samples / wall_s,  # its share of the run's throughput
+                "samples_per_gen_s": slot.samples / slot.gen_s if slot.gen_s else None,
+                "lag_mean": sum(slot.lags) / len(slot.lags) if slot.lags else None,
+                "lag_max": max(slot.lags, default=None),
+                "restarts": slot.restarts,
+            } for slot in self._slots],
+        }
+
+
+def _detached(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {name: tensor.detach().cpu() for name, tensor in state_dict.items()}
+
+
+def rollouts_for_config(config, initial_weights: dict[str, torch.Tensor]) -> RayRollouts:
+    """The Ray source for a TrainConfig: actors build their worker from the config as train.py does."""
+    from stalerl.train import build_rollout_worker_from_config
+
+    runtime = config.runtime
+    return RayRollouts(
+        functools.partial(build_rollout_worker_from_config, config), initial_weights,
+        config.staleness.mode, config.staleness.staleness, total_batches=config.steps,
+        num_workers=runtime.num_workers, worker_cpus=runtime.worker_cpus,
+        worker_timeout_s=runtime.worker_timeout_s, threads=config.threads,
+    )

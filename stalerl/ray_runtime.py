@@ -1,0 +1,134 @@
+"""Running on Ray: the session (local on 127.0.0.1, or joined), the learner actor, sweeps as Ray tasks.
+
+    stalerl train --runtime ray --num-workers 2                 # a local Ray, bound to localhost
+    stalerl train --runtime ray --ray-address auto              # join a running cluster
+
+The learner is an actor: ``train(config)``, unchanged, runs inside it; with ``runtime.runtime: ray``
+it takes its rollouts from ``RayRollouts`` (ray_rollouts.py) instead of the local thread. An actor,
+not the driver, so that on a cluster the learner gets the resources it asks for (a GPU node) and
+the driver can stay on a head node; the learner writes the run directory on the node it runs on
+(use a shared filesystem for ``--out`` on a multi-node cluster). A learner failure ends the run:
+its actor's error is raised here, and the rollout actors it owns die with it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import uuid
+from typing import Any, Iterator
+
+from stalerl.config import ConfigError, TrainConfig, validate
+
+
+def local_init_kwargs(num_cpus: float) -> dict[str, Any]:
+    """ray.init arguments for a private, single-machine Ray: no dashboard, sized to the actors asked for."""
+    return {"include_dashboard": False, "num_cpus": max(os.cpu_count() or 1, int(num_cpus + 0.999)),
+            "log_to_driver": True}
+
+
+@contextlib.contextmanager
+def ray_session(address: str = "", num_cpus: float = 1.0) -> Iterator[None]:
+    """Joins `address`, or starts a local Ray bound to 127.0.0.1 and shuts it down on exit.
+
+    A Ray already initialised in this process (a test's fixture, an enclosing session) is used
+    as it is and left running.
+    """
+    import ray
+    import ray._private.ray_constants as ray_constants
+
+    if ray.is_initialized():
+        yield
+        return
+    if address:
+        ray.init(address=address)
+    else:
+        # Ray binds its servers to the node IP (all interfaces, in 2.60); with "clusters" disabled it
+        # takes the loopback address as the node IP and binds there, so nothing is reachable from
+        # outside. The raylet and workers inherit the setting through the environment.
+        previous = os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+        enabled, ray_constants.ENABLE_RAY_CLUSTER = ray_constants.ENABLE_RAY_CLUSTER, False
+        try:
+            ray.init(**local_init_kwargs(num_cpus))
+        finally:
+            ray_constants.ENABLE_RAY_CLUSTER = enabled
+            if previous is None:
+                os.environ.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)
+            else:
+                os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = previous
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def _check_resources(config: TrainConfig) -> None:
+    """Fails fast instead of leaving actors pending forever on a cluster too small for them."""
+    import ray
+
+    runtime = config.runtime
+    needed = runtime.learner_cpus + runtime.num_workers * runtime.worker_cpus
+    available = ray.cluster_resources().get("CPU", 0.0)
+    if needed > available:
+        raise ConfigError(f"runtime.num_workers: {runtime.num_workers} workers x {runtime.worker_cpus} CPU + "
+                          f"learner {runtime.learner_cpus} CPU need {needed:g} CPUs; the cluster has {available:g}")
+
+
+class LearnerActor:
+    """The learner: the local runtime's loop, `train(config)`, in its own process."""
+
+    def train(self, config: TrainConfig) -> dict[str, Any]:
+        from stalerl.train import train
+
+        return train(config)
+
+
+def train_on_ray(config: TrainConfig) -> dict[str, Any]:
+    """Runs `config` (runtime.runtime == "ray") with a learner actor and N rollout actors."""
+    import ray
+
+    config = validate(config)
+    runtime = config.runtime
+    with ray_session(runtime.ray_address, runtime.learner_cpus + runtime.num_workers * runtime.worker_cpus):
+        _check_resources(config)
+        name = f"stalerl-learner-{uuid.uuid4().hex[:8]}"
+        learner = ray.remote(LearnerActor).options(name=name, num_cpus=runtime.learner_cpus, max_restarts=0).remote()
+        try:
+            return ray.get(learner.train.remote(config))
+        except ray.exceptions.RayTaskError as error:  # train raised
+            if isinstance(error.cause, ConfigError):  # bad input stays a one-line error
+                raise ConfigError(str(error.cause)) from None
+            raise RuntimeError(f"learner failed: {error.cause!r}") from error
+        except ray.exceptions.RayActorError as error:  # the learner's process died
+            raise RuntimeError(f"learner died: {error}") from error
+        finally:
+            ray.kill(learner)
+
+
+def _train_task(config: TrainConfig) -> dict[str, Any]:
+    from stalerl.train import train
+
+    try:
+        return train(config)
+    except Exception as error:  # one failed cell must not sink the sweep
+        return {"out": config.out, "error": f"{type(error).__name__}: {error}"}
+
+
+def run_configs_on_ray(configs: list[TrainConfig], cpus_per_run: float, address: str | None = None
+                       ) -> list[dict[str, Any]]:
+    """Runs `train(config)` for each config as a Ray task asking for `cpus_per_run` CPUs.
+
+    Returns the summaries in the order of `configs`; a run that raised gives ``{"out", "error"}``.
+    Without `address`, a local Ray on 127.0.0.1 sized for the runs is started and shut down.
+    A config with ``runtime.runtime: ray`` starts its own rollout actors from inside its task; their
+    CPUs come on top of `cpus_per_run`, so a cluster must have room for both.
+    """
+    import ray
+
+    if cpus_per_run <= 0:
+        raise ConfigError("cpus_per_run: must be > 0")
+    configs = [validate(config) for config in configs]
+    with ray_session(address or "", num_cpus=cpus_per_run):
+        task = ray.remote(_train_task).options(num_cpus=cpus_per_run, max_retries=0)
+        return ray.get([task.remote(config) for config in configs])

@@ -1,0 +1,177 @@
+"""Rewards as plain functions: math answers checked by math-verify, user functions, and a guard.
+
+A user reward is ``module:function`` (or ``path/to/file.py:function``), a plain function
+``(prompt, completion, **record) -> float`` where ``record`` is the dataset record (``question``,
+``answer`` and any other fields). The guard runs it with a timeout and turns a call that raises,
+returns NaN (or a non-number) or hangs into a *failed* reward: NaN, which the rollout worker counts
+(``reward_errors``) and then scores 0 or drops from the loss (``task.on_reward_error``); under
+``stop`` the guard raises RewardError instead, and the run ends with every finished step kept.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import logging
+import math
+import os
+import queue
+import sys
+import threading
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import numpy as np
+
+from stalerl.config import ConfigError
+from stalerl.tasks import Prompt, Task
+
+RewardFunction = Callable[..., float]
+OnError = Literal["zero", "drop", "stop"]
+
+
+class RewardError(RuntimeError):
+    """A reward function failed under ``task.on_reward_error=stop``; the message is one line."""
+
+
+# ---------------------------------------------------------------- math answers
+
+
+def gold_text(answer: str) -> str:
+    """The reference answer in a GSM8K record is the text after its last ``####``; else all of it."""
+    return answer.rsplit("####", 1)[1].strip() if "####" in answer else answer.strip()
+
+
+def math_reward(completion: str, answer: str) -> float:
+    """1.0 if math-verify finds the completion's final answer equal to the reference, else 0.0.
+
+    Equivalent forms count: ``\\boxed{\\frac{1}{2}}`` = 0.5, ``#### 1,000`` = 1000, ``$5.00`` = 5.
+    math-verify's own timeouts use signal.alarm, which only works on the main thread; rewards run in
+    the rollout thread, so they are off here and the guard's timeout bounds the call instead.
+    """
+    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
+
+    extraction = [LatexExtractionConfig(), ExprExtractionConfig()]
+    reference = gold_text(answer)
+    gold = parse(reference, extraction_config=extraction, parsing_timeout=None) or parse(
+        f"${reference}$", extraction_config=extraction, parsing_timeout=None)
+    if not gold:
+        raise ValueError(f"math-verify cannot parse the reference answer {reference!r}")
+    predicted = parse(completion, extraction_config=extraction, parsing_timeout=None)
+    return float(bool(predicted) and verify(gold, predicted, timeout_seconds=None))
+
+
+# math-verify warns once that its timeouts are off; the guard owns the timeout (see math_reward).
+logging.getLogger("math_verify").setLevel(logging.ERROR)
+
+
+# ---------------------------------------------------------------- user functions
+
+
+def load_reward_function(spec: str) -> RewardFunction:
+    """Imports ``module:function`` (the working directory is importable) or ``file.py:function``."""
+    module_name, sep, function_name = spec.rpartition(":")
+    if not sep or not module_name or not function_name:
+        raise ConfigError(f"task.reward: expected MODULE:FUNCTION or FILE.py:FUNCTION, got {spec!r}")
+    try:
+        if module_name.endswith(".py"):
+            path = Path(module_name)
+            if not path.is_file():
+                raise ConfigError(f"task.reward: file not found: {path}")
+            module_spec = importlib.util.spec_from_file_location(f"stalerl_user_reward_{path.stem}", path)
+            module = importlib.util.module_from_spec(module_spec)
+            module_spec.loader.exec_module(module)
+        else:
+            if os.getcwd() not in sys.path:
+                sys.path.insert(0, os.getcwd())
+            module = importlib.import_module(module_name)
+    except ConfigError:
+        raise
+    except Exception as error:  # an import error in the user's module, reported in one line
+        raise ConfigError(f"task.reward: cannot import {module_name!r}: {type(error).__name__}: {error}") from None
+    function = getattr(module, function_name, None)
+    if not callable(function):
+        raise ConfigError(f"task.reward: {module_name!r} has no function {function_name!r}")
+    return function
+
+
+# ---------------------------------------------------------------- the guard
+
+
+class _CallThread:
+    """A daemon thread that runs calls one at a time; a hung call is abandoned with its thread.
+
+    Python cannot kill a thread: a reward that never returns keeps running in the background (a
+    daemon thread, so it does not block exit) and a fresh thread serves the next calls.
+    """
+
+    def __init__(self):
+        self.inbox: queue.Queue = queue.Queue()
+        threading.Thread(target=self._serve, name="stalerl-reward", daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            function, args, kwargs, outbox = self.inbox.get()
+            try:
+                outbox.put((True, function(*args, **kwargs)))
+            except BaseException as error:  # handed back to the caller
+                outbox.put((False, error))
+
+    def call(self, timeout_s: float, function: Callable, *args: Any, **kwargs: Any) -> tuple[bool, Any]:
+        outbox: queue.Queue = queue.Queue(maxsize=1)
+        self.inbox.put((function, args, kwargs, outbox))
+        return outbox.get(timeout=timeout_s)  # raises queue.Empty on timeout
+
+
+class GuardedTask:
+    """A task whose reward calls are bounded in time and whose failures are counted, never fatal
+    unless asked (``on_error='stop'``). A failed reward is NaN; see the module doc."""
+
+    def __init__(self, task: Task, reward: Callable[[Prompt, str, bool], float], timeout_s: float,
+                 on_error: OnError, name: str):
+        self.task = task
+        self._reward = reward
+        self.timeout_s = timeout_s
+        self.on_error = on_error
+        self.name = name
+        self.failures = 0  # over the run, train and validation calls together
+        self._lock = threading.Lock()
+        self._caller = _CallThread()
+
+    def sample_prompts(self, rng: np.random.Generator, count: int) -> list[Prompt]:
+        return self.task.sample_prompts(rng, count)
+
+    def validation_prompts(self) -> list[Prompt]:
+        return self.task.validation_prompts()
+
+    def reward(self, prompt: Prompt, completion: str, finished: bool) -> float:
+        with self._lock:  # one call at a time: a hung call's timeout then never overlaps another's
+            try:
+                ok, value = self._caller.call(self.timeout_s, self._reward, prompt, completion, finished)
+            except queue.Empty:
+                self._caller = _CallThread()
+                return self._failed(f"timed out after {self.timeout_s:g} s")
+        if not ok:
+            return self._failed(f"raised {type(value).__name__}: {value}")
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
+            return self._failed(f"returned {type(value).__name__}, not a number")
+        if not math.isfinite(float(value)):
+            return self._failed(f"returned {value}")
+        return float(value)
+
+    def _failed(self, why: str) -> float:
+        self.failures += 1
+        if self.on_error == "stop":
+            first_line = why.splitlines()[0] if why else why
+            raise RewardError(f"reward function {self.name} {first_line} (task.on_reward_error=stop)")
+        return float("nan")
+
+
+def user_reward(function: RewardFunction) -> Callable[[Prompt, str, bool], float]:
+    """Adapts ``function(prompt, completion, **record)`` to the Task reward signature."""
+
+    def reward(prompt: Prompt, completion: str, finished: bool) -> float:
+        record = dict(prompt.record) if prompt.record is not None else {"question": prompt.text, "answer": prompt.answer}
+        return function(prompt.text, completion, **record)
+
+    return reward

@@ -1,0 +1,74 @@
+"""Stabilizers that act on the learner's step, each a config option with its decisions logged.
+
+* ``lr_control: staleness`` (stalerl's own): keep each update inside the paper's stale-rollout
+  constraint eta * S * G_upd << R_batch by capping eta_t = min(eta, k * R_batch / (max(s_t, 1) * G_hat)),
+  where s_t is the lag of the batch and G_hat a running estimate of ||d_t|| / eta_t.
+* ``lr_control: ess`` (the idea of VCPO, arXiv 2602.17616, implemented from its description):
+  eta_t = eta * sqrt(ESS / N) of the sequence-level importance weights pi_theta / mu, so the step
+  shrinks as the behavior data stops representing the current policy.
+* ``gac_cos_threshold`` (the gradient-alignment idea of GAC, arXiv 2603.01501, from its description):
+  after the optimizer step, if cos(d_t, d_{t-1}) exceeds the threshold, the component of d_t along
+  d_{t-1} is shrunk until the cosine equals the threshold (the orthogonal part is kept). Assumption:
+  it acts on the parameter update, not on Adam's moments, which are left as they are.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from stalerl.config import StabilizerConfig
+from stalerl.metrics import UpdateTracker, flat_parameters
+
+
+class LearningRateControl:
+    """Chooses eta_t for each step; `observe` feeds it the size of the update it produced."""
+
+    def __init__(self, config: StabilizerConfig, base_lr: float):
+        self.config = config
+        self.base_lr = base_lr
+        self.g_upd_hat: float | None = None
+        self.last_cap: float | None = None
+
+    def choose(self, lag: int, batch_stats: dict[str, float]) -> float:
+        mode = self.config.lr_control
+        self.last_cap = None
+        if mode == "ess":
+            return self.base_lr * math.sqrt(batch_stats["ess_frac"])
+        if mode == "staleness" and self.g_upd_hat is not None:
+            self.last_cap = self.config.k * self.config.r_batch / (max(lag, 1) * self.g_upd_hat)
+            return min(self.base_lr, self.last_cap)
+        return self.base_lr
+
+    def observe(self, update_norm: float, lr: float) -> None:
+        g_upd = update_norm / lr
+        decay = self.config.g_upd_decay
+        self.g_upd_hat = g_upd if self.g_upd_hat is None else decay * self.g_upd_hat + (1 - decay) * g_upd
+
+    def log(self) -> dict[str, float | None]:
+        return {"lr_cap": self.last_cap, "g_upd_hat": self.g_upd_hat}
+
+
+@torch.no_grad()
+def align_update(model: torch.nn.Module, tracker: UpdateTracker, threshold: float) -> dict[str, float | None]:
+    """GAC-style projection of the update just made; returns the cosine before and after."""
+    previous_update = tracker.previous_update
+    if previous_update is None:
+        return {"gac_cos_before": None, "gac_projected": 0.0}
+    update = flat_parameters(model) - tracker.previous
+    direction = previous_update / previous_update.norm().clamp(min=1e-30)
+    along = float(update @ direction)
+    orthogonal = update - along * direction
+    cos_before = along / max(float(update.norm()), 1e-30)
+    if cos_before <= threshold:
+        return {"gac_cos_before": cos_before, "gac_projected": 0.0}
+    # Keep the orthogonal part; shrink the aligned part to a' with a' / sqrt(a'^2 + |r|^2) = threshold.
+    along_new = threshold * float(orthogonal.norm()) / math.sqrt(1.0 - threshold**2)
+    new_parameters = tracker.previous + orthogonal + along_new * direction
+    offset = 0
+    for parameter in model.parameters():
+        count = parameter.numel()
+        parameter.copy_(new_parameters[offset : offset + count].view_as(parameter))
+        offset += count
+    return {"gac_cos_before": cos_before, "gac_projected": 1.0}

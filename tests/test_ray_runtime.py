@@ -1,0 +1,288 @@
+"""The Ray runtime: the local runtime's staleness contract across N rollout actors, and faults survived.
+
+One private Ray (127.0.0.1, no dashboard) for the module; actors ask for a fraction of a CPU so
+that 2 workers and a learner fit CI's 2 cores.
+"""
+
+import dataclasses
+import functools
+import json
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import torch
+
+ray = pytest.importorskip("ray")
+
+from stalerl.config import ConfigError, RuntimeConfig, StalenessConfig, TrainConfig, validate  # noqa: E402
+from stalerl.ray_rollouts import RayRollouts  # noqa: E402
+from stalerl.ray_runtime import local_init_kwargs, ray_session, run_configs_on_ray, train_on_ray  # noqa: E402
+from stalerl.staleness import RolloutWorkerError, check_lag  # noqa: E402
+from stalerl.train import train  # noqa: E402
+
+# The stub workers below run inside actors; ship them by value (tests/ is not importable there).
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+SAMPLES_PER_BATCH = 8  # 2 prompts x 4 samples
+
+
+@pytest.fixture(scope="module")
+def local_ray(warm_start_cache):
+    with ray_session(num_cpus=2):  # after the cache fixture: actors inherit STALERL_CACHE
+        yield
+    assert not ray.is_initialized()
+
+
+def ray_config(tmp_path: Path, name: str, mode: str, staleness: int, steps: int, **runtime) -> TrainConfig:
+    config = TrainConfig(steps=steps, val_every=10**6, progress=False, tensorboard=False, threads=1,
+                         out=str(tmp_path / name), staleness=StalenessConfig(mode=mode, staleness=staleness),
+                         runtime=RuntimeConfig(runtime="ray", num_workers=2, worker_cpus=0.5, learner_cpus=0.5,
+                                               **runtime))
+    return dataclasses.replace(
+        config, rollout=dataclasses.replace(config.rollout, prompts_per_step=2, group_size=4),
+        task=dataclasses.replace(config.task, val_size=32),
+    )
+
+
+def read_lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def consumed(run_dir: Path) -> tuple[list[int], list[int]]:
+    """(lag of every consumed sample, every consumed sample id) from samples.jsonl."""
+    lags, ids = [], []
+    for row in read_lines(run_dir / "samples.jsonl"):
+        lags.extend(row["step"] - version for version in row["versions"])
+        ids.extend(row["sample_ids"])
+    return lags, ids
+
+
+# ---------------------------------------------------------------- the session
+
+
+def test_local_ray_is_bound_to_localhost_without_dashboard(local_ray):
+    kwargs = local_init_kwargs(num_cpus=1)
+    assert kwargs["include_dashboard"] is False
+    assert "dashboard_host" not in kwargs and "address" not in kwargs
+    assert {node["NodeManagerAddress"] for node in ray.nodes()} == {"127.0.0.1"}
+    assert ray.get_runtime_context().gcs_address.startswith("127.0.0.1:")
+    psutil = pytest.importorskip("psutil")
+    ours = {process.pid for process in psutil.Process().children(recursive=True)} | {psutil.Process().pid}
+    listening = [conn.laddr.ip for conn in psutil.net_connections("tcp")
+                 if conn.status == psutil.CONN_LISTEN and conn.pid in ours]
+    assert listening  # the check below saw Ray's servers
+    assert all(ip in ("127.0.0.1", "::ffff:127.0.0.1", "::1") for ip in listening), listening
+
+
+def test_runtime_config_errors_name_the_key():
+    with pytest.raises(ConfigError, match="runtime.num_workers"):
+        validate(TrainConfig(runtime=RuntimeConfig(runtime="ray", num_workers=0)))
+    with pytest.raises(ConfigError, match="runtime.worker_timeout_s"):
+        validate(TrainConfig(runtime=RuntimeConfig(runtime="ray", worker_timeout_s=0)))
+
+
+def test_missing_ray_is_a_config_error(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ray" else real(name, *a))
+    with pytest.raises(ConfigError, match="runtime.runtime: ray is not installed"):
+        validate(TrainConfig(runtime=RuntimeConfig(runtime="ray")))
+
+
+# ---------------------------------------------------------------- training on Ray
+
+
+@pytest.mark.parametrize("mode", ["exact", "bounded"])
+def test_training_on_ray_keeps_the_staleness_contract_over_1000_samples(local_ray, tmp_path, mode):
+    staleness, steps = 2, 128  # 128 x 8 = 1024 consumed samples
+    summary = train(ray_config(tmp_path, mode, mode, staleness, steps))
+    lags, ids = consumed(tmp_path / mode)
+    assert len(lags) >= 1000
+    assert len(ids) == len(set(ids)) == steps * SAMPLES_PER_BATCH  # paced, none discarded or repeated
+    assert 0 <= min(lags) and max(lags) <= staleness
+    rows = read_lines(tmp_path / mode / "metrics.jsonl")
+    if mode == "exact":
+        assert [row["lag_max"] for row in rows] == [min(step, staleness) for step in range(steps)]
+    assert {row["worker"] for row in rows} == {0, 1}  # both actors made batches
+    report = summary["rollouts"]
+    assert report["runtime"] == "ray" and report["lost_batches"] == 0
+    assert sum(worker["batches"] for worker in report["workers"]) == steps
+    assert all(worker["lag_max"] <= staleness and worker["samples_per_s"] > 0 for worker in report["workers"])
+
+
+def test_exact_mode_on_ray_makes_the_local_runtimes_batches(local_ray, tmp_path):
+    ray_run = ray_config(tmp_path, "ray", "exact", 1, steps=12)
+    local_run = dataclasses.replace(ray_run, out=str(tmp_path / "local"),
+                                    runtime=dataclasses.replace(ray_run.runtime, runtime="local"))
+    train(ray_run)
+    train(local_run)
+    on_ray, local = read_lines(tmp_path / "ray" / "samples.jsonl"), read_lines(tmp_path / "local" / "samples.jsonl")
+    assert on_ray == local  # same prompts, same sampling noise, same weights: same rewards, bit for bit
+    losses = [[row["loss"] for row in read_lines(tmp_path / name / "metrics.jsonl")] for name in ("ray", "local")]
+    assert losses[0] == losses[1]
+
+
+def test_a_killed_rollout_worker_is_replaced_and_its_batch_regenerated(local_ray, tmp_path):
+    staleness, steps = 2, 80
+    config = ray_config(tmp_path, "fault", "exact", staleness, steps)
+    metrics_path = tmp_path / "fault" / "metrics.jsonl"
+    killed_after: list[int] = []  # steps logged when the kill landed
+
+    def kill_one_worker_mid_run():
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            if metrics_path.exists() and len(metrics_path.read_text().splitlines()) >= 5:
+                name = next(n for n in ray.util.list_named_actors() if n.startswith("stalerl-rollout-"))
+                ray.kill(ray.get_actor(name), no_restart=True)
+                killed_after.append(len(metrics_path.read_text().splitlines()))
+                return
+            time.sleep(0.01)
+
+    killer = threading.Thread(target=kill_one_worker_mid_run)
+    killer.start()
+    summary = train(config)
+    killer.join()
+    assert summary["steps"] == steps  # the run finished
+    assert killed_after and killed_after[0] < steps - 10, killed_after  # the kill landed mid-run
+    lags, ids = consumed(tmp_path / "fault")
+    assert len(ids) == len(set(ids)) == steps * SAMPLES_PER_BATCH  # none consumed twice, none missing
+    assert max(lags) <= staleness
+    rows = read_lines(metrics_path)
+    assert [row["lag_max"] for row in rows] == [min(step, staleness) for step in range(steps)]  # still exact
+    assert summary["rollouts"]["lost_batches"] >= 1 and rows[-1]["lost_batches"] >= 1  # lost work reported
+    assert sum(worker["restarts"] for worker in summary["rollouts"]["workers"]) >= 1
+
+
+def test_bad_input_in_the_learner_actor_stays_a_config_error(local_ray, tmp_path):
+    config = ray_config(tmp_path, "taken", "exact", 1, steps=2)
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "metrics.jsonl").write_text("")
+    with pytest.raises(ConfigError, match="already holds a run"):  # raised in the learner actor
+        train_on_ray(config)
+
+
+def test_a_dead_learner_ends_the_run_with_a_clear_error(local_ray, tmp_path):
+    config = ray_config(tmp_path, "learner", "bounded", 1, steps=400)
+    metrics_path = tmp_path / "learner" / "metrics.jsonl"
+
+    def kill_the_learner_mid_run():
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            if metrics_path.exists() and len(metrics_path.read_text().splitlines()) >= 5:
+                name = next(n for n in ray.util.list_named_actors() if n.startswith("stalerl-learner-"))
+                ray.kill(ray.get_actor(name), no_restart=True)
+                return
+            time.sleep(0.02)
+
+    killer = threading.Thread(target=kill_the_learner_mid_run)
+    killer.start()
+    with pytest.raises(RuntimeError, match="learner died"):
+        train_on_ray(config)
+    killer.join()
+    deadline = time.time() + 30  # its rollout actors die with it (Ray's ownership)
+    while any(n.startswith("stalerl-rollout-") for n in ray.util.list_named_actors()) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not any(n.startswith("stalerl-rollout-") for n in ray.util.list_named_actors())
+
+
+def test_run_configs_on_ray_returns_each_runs_summary(local_ray, tmp_path):
+    base = ray_config(tmp_path, "unused", "exact", 0, steps=3)
+    configs = [dataclasses.replace(base, out=str(tmp_path / f"cell{i}"), seed=i,
+                                   runtime=RuntimeConfig()) for i in range(2)]
+    (tmp_path / "cell1").mkdir()
+    (tmp_path / "cell1" / "metrics.jsonl").write_text("")  # a cell that fails: reported, not fatal
+    summaries = run_configs_on_ray(configs, cpus_per_run=0.5, address=None)
+    assert summaries[0]["steps"] == 3 and summaries[0]["seed"] == 0
+    assert (tmp_path / "cell0" / "summary.json").is_file()
+    assert summaries[1]["out"] == str(tmp_path / "cell1") and "already holds a run" in summaries[1]["error"]
+
+
+# ---------------------------------------------------------------- stub workers: faults at stub speed
+
+
+class StubEngine:
+    def __init__(self):
+        self.version = 0
+
+    def load_weights(self, state_dict, version):
+        assert int(state_dict["w"]) == version  # the weights that arrive are the version announced
+        self.version = version
+
+
+@dataclass
+class StubBatch:
+    batch_index: int
+    version: int
+    sample_ids: list[int]
+    gen_s: float = 0.0
+    extras: dict = field(default_factory=dict)
+
+
+class StubWorker:
+    """Makes batch i in a few ms; the first attempt at batch `fault_at` raises or hangs (once per run)."""
+
+    def __init__(self, marker_dir: str, fault: str, fault_at: int = 5, always: bool = False):
+        self.engine = StubEngine()
+        self.marker = Path(marker_dir) / f"{fault}-{fault_at}"
+        self.fault, self.fault_at, self.always = fault, fault_at, always
+
+    def produce(self, batch_index):
+        time.sleep(0.003)
+        if batch_index == self.fault_at and (self.always or not self.marker.exists()):
+            self.marker.touch()
+            if self.fault == "raise":
+                raise ValueError("reward exploded")
+            if self.fault == "hang":
+                time.sleep(3600)
+        ids = list(range(batch_index * SAMPLES_PER_BATCH, (batch_index + 1) * SAMPLES_PER_BATCH))
+        return StubBatch(batch_index, self.engine.version, ids, gen_s=0.003)
+
+
+def run_stub_learner(source, mode, staleness, steps):
+    lags, ids = [], []
+    try:
+        for step in range(steps):
+            batch = source.next_batch()
+            lags.append(check_lag(mode, staleness, step, batch.version))
+            ids.extend(batch.sample_ids)
+            source.publish({"w": torch.tensor(step + 1)}, version=step + 1)
+    finally:
+        source.close()
+    return lags, ids
+
+
+def stub_source(tmp_path, fault, mode, staleness, steps, timeout_s=60.0, **worker):
+    build = functools.partial(StubWorker, str(tmp_path), fault, **worker)
+    return RayRollouts(build, {"w": torch.tensor(0)}, mode, staleness, steps, num_workers=2, worker_cpus=0.25,
+                       worker_timeout_s=timeout_s)
+
+
+@pytest.mark.parametrize("mode", ["exact", "bounded"])
+def test_a_raising_worker_is_replaced_and_the_batch_regenerated(local_ray, tmp_path, mode):
+    steps = 20
+    source = stub_source(tmp_path, "raise", mode, 3, steps)
+    lags, ids = run_stub_learner(source, mode, 3, steps)
+    assert ids == list(range(steps * SAMPLES_PER_BATCH))  # batch 5 came once, after its regeneration
+    assert source.report()["lost_batches"] == 1
+
+
+def test_a_hung_worker_is_killed_by_the_timeout_and_replaced(local_ray, tmp_path):
+    steps = 12
+    source = stub_source(tmp_path, "hang", "exact", 2, steps, timeout_s=2.0)
+    started = time.perf_counter()
+    lags, ids = run_stub_learner(source, "exact", 2, steps)
+    assert time.perf_counter() - started < 60  # not the hour the hung call would take
+    assert lags == [min(step, 2) for step in range(steps)]
+    assert ids == list(range(steps * SAMPLES_PER_BATCH))
+    assert source.report()["lost_batches"] == 1
+
+
+def test_a_batch_that_always_fails_stops_the_run(local_ray, tmp_path):
+    source = stub_source(tmp_path, "raise", "bounded", 1, 10, always=True)
+    with pytest.raises(RolloutWorkerError, match="batch 5 failed 3 times.*reward exploded"):
+        run_stub_learner(source, "bounded", 1, 10)

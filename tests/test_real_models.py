@@ -1,0 +1,154 @@
+"""Real models and tasks on CPU: a Hugging Face checkpoint built here, the GSM8K-format sample,
+math-verify rewards, the final checkpoint loaded back with transformers; micro-batch exactness."""
+
+import copy
+import dataclasses
+import json
+
+import pytest
+import torch
+from hf_checkpoint import SAMPLE, save_tiny_checkpoint
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from stalerl.cli import main
+from stalerl.config import ConfigError, TrainConfig, override
+from stalerl.data import MathTask, build_task, split_records
+from stalerl.learner import learner_step, valid_group_advantages
+from stalerl.metrics import read_metrics
+from stalerl.policy import build_policy
+from stalerl.rollout import RolloutWorker, TransformersEngine
+from stalerl.tasks import AdditionTask
+from stalerl.warmstart import warm_started_policy
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny-hf"))
+
+
+def math_argv(checkpoint, out, *extra):
+    return ["train", "--model", str(checkpoint), "--task", "math", "--data", str(SAMPLE), "--out", str(out),
+            "--steps", "3", "--staleness", "1", "--val-every", "3", "--no-progress",
+            "--set", "task.val_size=4", "--set", "rollout.prompts_per_step=2", "--set", "rollout.group_size=2",
+            "--set", "rollout.max_new_tokens=8", "--set", "tensorboard=false", *extra]
+
+
+def test_checkpoint_trains_on_gsm8k_sample_and_saves_a_loadable_final(checkpoint, tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = math_argv(checkpoint, out, "--set", "optim.micro_batch_size=3", "--set", "model.gradient_checkpointing=true",
+                     "--set", "rollout.recompute_behavior_logprobs=true")
+    assert main(argv) == 0, capsys.readouterr().err
+    rows = read_metrics(out)
+    assert [row["step"] for row in rows] == [0, 1, 2] and [row["lag_max"] for row in rows] == [0, 1, 1]
+    for row in rows:
+        assert row["reward_errors"] == 0 and row["weight_sync_s"] >= 0
+        assert row["sampler_mismatch"] < 1e-4  # learner forward on the sampler's own weights: same numbers
+    assert rows[0]["logprob_mismatch"] < 1e-4  # lag 0: only numerics separate sampler and learner
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["reward_errors"] == 0 and summary["final_checkpoint"] == str(out / "final")
+
+    final = AutoModelForCausalLM.from_pretrained(out / "final")
+    tokenizer = AutoTokenizer.from_pretrained(out / "final")
+    assert (out / "final" / "model.safetensors").is_file()
+    assert tokenizer.chat_template is not None and tokenizer.padding_side == "left"
+    prompt = tokenizer("Ava buys 3 apples.", return_tensors="pt")
+    assert final.generate(**prompt, max_new_tokens=3, do_sample=False).shape[1] == prompt.input_ids.shape[1] + 3
+    initial = AutoModelForCausalLM.from_pretrained(checkpoint)
+    assert final.config.vocab_size == initial.config.vocab_size
+
+
+def test_math_task_renders_chat_template_without_a_second_bos(checkpoint):
+    config = override(TrainConfig(), {"model.name_or_path": str(checkpoint), "task.name": "math",
+                                      "task.data": str(SAMPLE), "task.val_size": 4,
+                                      "task.prompt_template": "{question} Answer after ####."})
+    model, tokenizer, record = build_policy(config)
+    task = build_task(config, tokenizer)
+    prompt = task.validation_prompts()[0]
+    assert prompt.text.startswith("<|user|>") and prompt.text.endswith("Answer after ####.\n<|assistant|>")
+    ids = tokenizer(prompt.text).input_ids
+    assert ids[0] == tokenizer.bos_token_id and ids[1] != tokenizer.bos_token_id
+    assert len(task.validation_prompts()) == 4 and record["parameters"] > 0
+    answer = prompt.record["answer"].rsplit("####", 1)[1].strip()
+    assert task.reward(prompt, f"so the answer is #### {answer}", True) == 1.0
+    assert task.reward(prompt, "#### 99999", True) == 0.0
+    plain = dataclasses.replace(config, task=dataclasses.replace(config.task, chat_template=False))
+    assert MathTask(*split_records(plain.task), plain.task, tokenizer).validation_prompts()[0].text.endswith("####.")
+
+
+@pytest.mark.parametrize("aggregation", ["token_mean", "sequence_mean", "constant"])
+def test_micro_batches_give_the_whole_batch_step(aggregation):
+    config = TrainConfig()
+    model, tokenizer, _ = warm_started_policy(config)
+    task = AdditionTask(config.task.max_operand, config.task.val_size)
+    worker = RolloutWorker(TransformersEngine(copy.deepcopy(model), tokenizer, 6), task, 4, 4, seed=2)
+    batch = worker.produce(0)
+    loss = dataclasses.replace(config.loss, aggregation=aggregation)
+    results = []
+    for micro in (0, 3):  # 3 does not divide 16: a ragged last micro-batch
+        optim = dataclasses.replace(config.optim, micro_batch_size=micro, lr=1.0)
+        learner = copy.deepcopy(model)
+        # Plain SGD, so the parameters move by the gradient itself (Adam's first step is ~sign(g),
+        # which turns float noise in near-zero gradient entries into large differences).
+        stats = learner_step(learner, torch.optim.SGD(learner.parameters(), lr=1.0), batch, loss, optim, 1.0)
+        results.append((stats, [p.detach().clone() for p in learner.parameters()]))
+    (whole, whole_params), (parts, parts_params) = results
+    for key in ("loss", "clip_frac", "kl", "entropy", "grad_norm", "logprob_mismatch"):
+        assert parts[key] == pytest.approx(whole[key], rel=1e-4, abs=1e-6), key
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(whole_params, parts_params))
+    assert any(not torch.equal(a, p) for a, p in zip(whole_params, model.parameters()))  # it did move
+
+
+def test_valid_group_advantages_by_hand():
+    rewards_P_G = torch.tensor([[1.0, 0.0, 0.0, 7.0], [1.0, 0.0, 5.0, 5.0]])
+    valid_P_G = torch.tensor([[True, True, True, False], [True, False, False, False]])
+    # group 0: valid rewards 1, 0, 0 -> mean 1/3, sample std sqrt(1/3); group 1: one valid sample, no signal
+    advantages = valid_group_advantages(rewards_P_G, valid_P_G, scale_by_std=True)
+    std = (1 / 3) ** 0.5
+    expected = torch.tensor([[(2 / 3) / std, (-1 / 3) / std, (-1 / 3) / std, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    assert torch.allclose(advantages, expected, atol=1e-4)
+    centered = valid_group_advantages(rewards_P_G, valid_P_G, scale_by_std=False)
+    assert torch.allclose(centered[0], torch.tensor([2 / 3, -1 / 3, -1 / 3, 0.0]))
+
+
+# ---------------------------------------------------------------- bad inputs
+
+
+def test_missing_model_dir_is_one_line_error_before_work(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(math_argv(tmp_path / "no-such-model", out)) == 2
+    err = capsys.readouterr().err.strip()
+    assert "model.name_or_path: directory not found" in err and "\n" not in err
+    assert not (out / "metrics.jsonl").exists()
+
+
+def test_math_task_without_checkpoint_is_refused(tmp_path, capsys):
+    argv = ["train", "--task", "math", "--data", str(SAMPLE), "--out", str(tmp_path / "r"), "--no-progress"]
+    assert main(argv) == 2
+    assert "model.name_or_path" in capsys.readouterr().err
+
+
+def test_vllm_without_gpu_is_refused_before_any_work(checkpoint, tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    out = tmp_path / "run"
+    assert main(math_argv(checkpoint, out, "--set", "rollout.engine=vllm")) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("stalerl: error: rollout.engine: vllm needs a CUDA GPU") and "\n" not in err
+    assert not out.exists()
+
+
+def test_lora_trains_adapters_and_saves_merged_weights(checkpoint, tmp_path, capsys):
+    pytest.importorskip("peft")
+    out = tmp_path / "lora"
+    assert main(math_argv(checkpoint, out, "--set", "model.lora_rank=4", "--set", "optim.lr=0.05")) == 0, \
+        capsys.readouterr().err
+    final = AutoModelForCausalLM.from_pretrained(out / "final")  # plain transformers, no peft needed
+    names = set(final.state_dict())
+    assert not any("lora" in name for name in names)
+    assert names == set(AutoModelForCausalLM.from_pretrained(checkpoint).state_dict())
+
+
+def test_bad_config_values_name_the_key():
+    with pytest.raises(ConfigError, match="optim.micro_batch_size"):
+        from stalerl.config import validate
+        validate(override(TrainConfig(), {"optim.micro_batch_size": -1}))

@@ -1,0 +1,179 @@
+"""Rewards: math-verify on answer formats that trip string matching, user functions, the guard."""
+
+import json
+import math
+import time
+
+import numpy as np
+import pytest
+
+from stalerl.cli import main
+from stalerl.config import ConfigError
+from stalerl.metrics import read_metrics
+from stalerl.rewards import GuardedTask, RewardError, gold_text, load_reward_function, math_reward, user_reward
+from stalerl.tasks import AdditionTask, Prompt
+
+
+@pytest.mark.parametrize("completion, answer", [
+    (r"so the result is \boxed{\frac{1}{2}}", "0.5"),
+    (r"\boxed{0.5}", r"\frac{1}{2}"),
+    ("#### 1,000", "1000"),
+    ("It costs $5.00 in total.", "5"),
+    ("#### $5.00", "He pays 2 * 2.5 = 5 dollars.\n#### 5"),  # a GSM8K record's worked answer
+    ("The answer is 72.", "Natalia sold 48 + 24 = 72 clips.\n#### 72"),
+    (r"\boxed{12.0}", "12"),
+    ("that is 50%", "0.5"),
+    ("#### 3/4", "0.75"),
+])
+def test_math_verify_accepts_equivalent_forms(completion, answer):
+    assert completion.strip() != gold_text(answer)  # a naive string match would say no
+    assert math_reward(completion, answer) == 1.0
+
+
+@pytest.mark.parametrize("completion, answer", [
+    ("#### 73", "72"),
+    ("3 apples and 4 pears", "3"),  # the last number is the answer
+    ("I do not know", "5"),
+    (r"\boxed{\frac{1}{3}}", "0.5"),
+])
+def test_math_verify_rejects_wrong_answers(completion, answer):
+    assert math_reward(completion, answer) == 0.0
+
+
+def test_gold_text_takes_what_follows_the_last_marker():
+    assert gold_text("a #### b\n#### 42 ") == "42"
+    assert gold_text(r"\frac{1}{2}") == r"\frac{1}{2}"
+
+
+# ---------------------------------------------------------------- user functions and the guard
+
+USER_MODULE = '''
+import math, time
+CALLS = []
+def length(prompt, completion, **record):
+    return float(len(completion)) + (1.0 if record["answer"] == completion else 0.0)
+def boom(prompt, completion, **record):
+    raise ValueError("reward exploded")
+def hang(prompt, completion, **record):
+    time.sleep(30)
+    return 1.0
+def nan(prompt, completion, **record):
+    return math.nan
+def text(prompt, completion, **record):
+    return "one"
+def late_boom(prompt, completion, **record):
+    CALLS.append(1)
+    if len(CALLS) > 64 + 8:  # after the initial validation (64 prompts) and two batches of 4
+        raise ValueError("reward exploded late")
+    return 0.0
+def hang_in_first_batch(prompt, completion, **record):
+    CALLS.append(1)
+    if 64 < len(CALLS) <= 68:  # the 4 samples of batch 0, after the initial validation
+        time.sleep(30)
+    return 0.0
+def every_third(prompt, completion, **record):
+    CALLS.append(1)
+    if len(CALLS) % 3 == 0:
+        raise ValueError("flaky")
+    return float(completion == record["answer"])
+'''
+
+
+@pytest.fixture
+def user_file(tmp_path):
+    path = tmp_path / "my_rewards.py"
+    path.write_text(USER_MODULE)
+    return path
+
+
+def guarded(user_file, name, on_error="zero", timeout_s=5.0):
+    function = load_reward_function(f"{user_file}:{name}")
+    return GuardedTask(AdditionTask(9, 10), user_reward(function), timeout_s, on_error, name)
+
+
+PROMPT = Prompt(text="3+4=", answer="7")
+
+
+def test_user_reward_gets_prompt_completion_and_record(user_file):
+    task = guarded(user_file, "length")
+    assert task.reward(PROMPT, "7", True) == 2.0 and task.reward(PROMPT, "12", True) == 2.0
+    assert task.failures == 0
+
+
+def test_user_reward_from_module_in_working_directory(user_file, monkeypatch):
+    monkeypatch.chdir(user_file.parent)
+    assert load_reward_function("my_rewards:length")(PROMPT.text, "ab", answer="x") == 2.0
+
+
+@pytest.mark.parametrize("name", ["boom", "nan", "text"])
+def test_failing_reward_is_counted_and_nan(user_file, name):
+    task = guarded(user_file, name)
+    assert math.isnan(task.reward(PROMPT, "7", True)) and math.isnan(task.reward(PROMPT, "8", True))
+    assert task.failures == 2
+
+
+def test_hanging_reward_times_out_and_the_next_call_still_works(user_file):
+    task = guarded(user_file, "hang", timeout_s=0.2)
+    start = time.perf_counter()
+    assert math.isnan(task.reward(PROMPT, "7", True))
+    assert time.perf_counter() - start < 2.0 and task.failures == 1
+    task._reward = user_reward(load_reward_function(f"{user_file}:length"))  # a fresh thread serves it
+    assert task.reward(PROMPT, "7", True) == 2.0
+
+
+def test_stop_policy_raises_one_line(user_file):
+    task = guarded(user_file, "boom", on_error="stop")
+    with pytest.raises(RewardError, match=r"^reward function boom raised ValueError: reward exploded"):
+        task.reward(PROMPT, "7", True)
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("no_colon", "expected MODULE:FUNCTION"),
+    ("missing_file.py:f", "file not found"),
+    ("no_such_module_xyz:f", "cannot import"),
+])
+def test_bad_reward_specs(spec, message):
+    with pytest.raises(ConfigError, match=message):
+        load_reward_function(spec)
+
+
+def test_missing_function_in_module(user_file):
+    with pytest.raises(ConfigError, match="has no function 'nope'"):
+        load_reward_function(f"{user_file}:nope")
+
+
+# ---------------------------------------------------------------- policies end to end (the tiny default)
+
+
+def tiny_argv(out, reward, *extra):
+    return ["train", "--steps", "4", "--out", str(out), "--no-progress", "--val-every", "4", "--reward", reward,
+            "--set", "rollout.prompts_per_step=2", "--set", "rollout.group_size=2", "--set", "tensorboard=false",
+            "--set", "task.val_size=64", *extra]  # the session's cached warm start (conftest small_config)
+
+
+def test_zero_and_drop_policies_count_errors_and_finish(user_file, tmp_path):
+    for policy in ("zero", "drop"):
+        out = tmp_path / policy
+        assert main(tiny_argv(out, f"{user_file}:every_third", "--set", f"task.on_reward_error={policy}")) == 0
+        rows = read_metrics(out)
+        summary = json.loads((out / "summary.json").read_text())
+        assert sum(row["reward_errors"] for row in rows) == summary["reward_errors"] > 0
+        assert all(np.isfinite(row["loss"]) for row in rows)
+
+
+def test_stop_policy_ends_the_run_and_keeps_finished_steps(user_file, tmp_path, capsys):
+    out = tmp_path / "stop"
+    code = main(tiny_argv(out, f"{user_file}:late_boom", "--set", "task.on_reward_error=stop"))
+    err = capsys.readouterr().err.strip()
+    assert code == 3 and "\n" not in err
+    assert "reward function" in err and "reward exploded late" in err and "task.on_reward_error=stop" in err
+    # 4 samples a batch, the 9th call fails: batches 0 and 1 were consumed and logged.
+    assert [row["step"] for row in read_metrics(out)] == [0, 1]
+    assert not (out / "summary.json").exists()
+
+
+def test_hanging_reward_in_a_run_is_counted(user_file, tmp_path):
+    out = tmp_path / "hang"
+    argv = tiny_argv(out, f"{user_file}:hang_in_first_batch", "--set", "task.reward_timeout_s=0.1", "--steps", "1")
+    assert main(argv) == 0
+    assert read_metrics(out)[0]["reward_errors"] == 4
