@@ -25,10 +25,12 @@ from stalerl.metrics import UpdateTracker, flat_parameters
 class LearningRateControl:
     """Chooses eta_t for each step; `observe` feeds it the size of the update it produced."""
 
-    def __init__(self, config: StabilizerConfig, base_lr: float):
+    def __init__(self, config: StabilizerConfig, base_lr: float, initial_g_upd: float | None = None):
         self.config = config
         self.base_lr = base_lr
-        self.g_upd_hat: float | None = None
+        # Before any update is seen: a prior. For Adam, sqrt(#parameters) (its first step moves every
+        # coordinate by eta), so the cap holds from step 0 instead of after a step at the full rate.
+        self.g_upd_hat: float | None = initial_g_upd
         self.last_cap: float | None = None
 
     def choose(self, lag: int, batch_stats: dict[str, float]) -> float:

@@ -93,7 +93,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
     reference = copy.deepcopy(model).requires_grad_(False) if config.loss.kl_beta > 0 else None
     optimizer = make_optimizer(model, config.optim)
     tracker = UpdateTracker(model, config.staleness.staleness)
-    lr_control = LearningRateControl(config.stabilizer, config.optim.lr)
+    lr_control = LearningRateControl(config.stabilizer, config.optim.lr,
+                                     initial_g_upd=tracker.theta_0.numel() ** 0.5)
     validation_prompts = task.validation_prompts()
     initial_val = accuracy(validator, task, validation_prompts, noise_seed=None)
 

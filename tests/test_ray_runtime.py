@@ -130,6 +130,10 @@ def test_exact_mode_on_ray_makes_the_local_runtimes_batches(local_ray, tmp_path)
 def test_a_killed_rollout_worker_is_replaced_and_its_batch_regenerated(local_ray, tmp_path):
     staleness, steps = 2, 80
     config = ray_config(tmp_path, "fault", "exact", staleness, steps)
+    # Make generation the bottleneck (near-uniform sampling never stops early), so that both
+    # workers always hold a batch and the kill always destroys work in flight.
+    config = dataclasses.replace(config, rollout=dataclasses.replace(config.rollout, temperature=5.0,
+                                                                     max_new_tokens=40))
     metrics_path = tmp_path / "fault" / "metrics.jsonl"
     killed_after: list[int] = []  # steps logged when the kill landed
 
@@ -154,7 +158,8 @@ def test_a_killed_rollout_worker_is_replaced_and_its_batch_regenerated(local_ray
     assert max(lags) <= staleness
     rows = read_lines(metrics_path)
     assert [row["lag_max"] for row in rows] == [min(step, staleness) for step in range(steps)]  # still exact
-    assert summary["rollouts"]["lost_batches"] >= 1 and rows[-1]["lost_batches"] >= 1  # lost work reported
+    assert summary["rollouts"]["lost_batches"] >= 1, (killed_after, summary["rollouts"])  # lost work reported
+    assert rows[-1]["lost_batches"] >= 1
     assert sum(worker["restarts"] for worker in summary["rollouts"]["workers"]) >= 1
 
 

@@ -11,6 +11,8 @@ from stalerl.stabilizers import LearningRateControl, align_update
 def test_staleness_control_caps_by_lag_and_running_g_upd():
     control = LearningRateControl(StabilizerConfig(lr_control="staleness", k=0.5, r_batch=0.4), base_lr=1e-3)
     assert control.choose(lag=8, batch_stats={}) == 1e-3  # no G_upd estimate yet: the base rate
+    primed = LearningRateControl(StabilizerConfig(lr_control="staleness", k=0.5, r_batch=0.4), 1e-3, initial_g_upd=100)
+    assert primed.choose(lag=8, batch_stats={}) == pytest.approx(0.5 * 0.4 / (8 * 100.0))  # capped from step 0
     control.observe(update_norm=0.2, lr=1e-3)  # G_upd = 200
     assert control.g_upd_hat == pytest.approx(200.0)
     assert control.choose(lag=8, batch_stats={}) == pytest.approx(0.5 * 0.4 / (8 * 200.0))

@@ -115,9 +115,12 @@ def probe_anchor(config: TrainConfig, lr: float, anchor: int, lags: list[int], b
     anchor_flat = flat_parameters(model)
     points = []
     for lag in lags:
-        sampler.load_weights(snapshots[anchor - lag], version=anchor - lag)
-        diffs_M_P = torch.stack([surrogate_gradient(model, worker.produce(m), config) - fresh[m]
-                                 for m in range(batches)])
+        if lag == 0:  # stale == fresh, sample for sample: the bias is exactly zero
+            diffs_M_P = torch.zeros(batches, anchor_flat.numel())
+        else:
+            sampler.load_weights(snapshots[anchor - lag], version=anchor - lag)
+            diffs_M_P = torch.stack([surrogate_gradient(model, worker.produce(m), config) - fresh[m]
+                                     for m in range(batches)])
         estimate, se, naive = pairwise_bias(diffs_M_P)
         floor = math.sqrt(2 * se)
         points.append(BiasPoint(
@@ -125,7 +128,7 @@ def probe_anchor(config: TrainConfig, lr: float, anchor: int, lags: list[int], b
             bias_norm=math.sqrt(max(estimate, 0.0)),
             bias_low=math.sqrt(max(estimate - 1.96 * se, 0.0)), bias_high=math.sqrt(max(estimate + 1.96 * se, 0.0)),
             noise_floor=floor, below_floor=estimate < 2 * se, naive_norm=math.sqrt(naive),
-            drift=float((anchor_flat - flat_parameters(sampler.model)).norm()), batches=batches,
+            drift=float((anchor_flat - flat_parameters(sampler.model)).norm()) if lag else 0.0, batches=batches,
         ))
     return points
 

@@ -4,6 +4,7 @@
                 reward (the paper's Figures 1-2).
 * per_s.png:    one panel per (S, learning rate) of training reward (the paper's Figures 4-5).
 * collapse.png: collapse step T_c against eta and against S, log-log.
+* stabilizers.png: each stabilizer against the fixed learning rate at the same (S, base eta).
 """
 
 from __future__ import annotations
@@ -122,12 +123,41 @@ def collapse_figure(runs: list[RunRecord], path: Path) -> Path:
     return path
 
 
+def stabilizer_figure(runs: list[RunRecord], path: Path) -> Path | None:
+    """Per (S, lr) that has stabilizer runs: train and validation reward of each stabilizer vs fixed lr."""
+    cells = sorted({(r.staleness, r.lr) for r in runs if r.stabilizer != "none"})
+    if not cells:
+        return None
+    names = sorted({r.stabilizer for r in runs}, key=lambda n: (n != "none", n))
+    colors = dict(zip(names, plt.get_cmap("tab10").colors))
+    figure, axes = plt.subplots(2, len(cells), figsize=(4 * len(cells), 6), squeeze=False, sharey="row")
+    for column, (s, lr) in enumerate(cells):
+        for run in sorted((r for r in runs if r.staleness == s and r.lr == lr), key=lambda r: names.index(r.stabilizer)):
+            label = "fixed lr" if run.stabilizer == "none" else run.stabilizer
+            axes[0][column].plot(run.series("step"), _smooth(run.series("train_reward")), color=colors[run.stabilizer],
+                                 label=label)
+            points = [(st, v) for st, v in zip(run.series("step"), run.series("val_reward")) if v is not None]
+            axes[1][column].plot([p[0] for p in points], [p[1] for p in points], marker=".",
+                                 color=colors[run.stabilizer], label=label)
+        axes[0][column].set_title(f"S = {s}, base lr = {lr:g}")
+        axes[1][column].set_xlabel("learner step")
+    axes[0][0].set_ylabel("training reward (5-step mean)")
+    axes[1][0].set_ylabel("validation reward")
+    axes[0][0].legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
 def sweep_figures(directory: Path) -> list[Path]:
     runs = load_runs(directory)
     directory = Path(directory)
     seed = min(r.seed for r in runs)
-    return [
+    paths = [
         sweep_figure(runs, directory / "sweep.png", seed),
         per_staleness_figure(runs, directory / "per_s.png", seed),
         collapse_figure(runs, directory / "collapse.png"),
+        stabilizer_figure(runs, directory / "stabilizers.png"),
     ]
+    return [path for path in paths if path is not None]

@@ -112,6 +112,12 @@ def run_sweep(cells: list[tuple[Cell, TrainConfig]], out: Path, workers: int, pr
 
 
 def write_table(out: Path, rows: list[dict]) -> None:
+    """sweep.json: this command's cells, after the cells of earlier commands on the same directory
+    (a sweep can be grown by running another grid into it). Written atomically."""
+    path = out / "sweep.json"
+    ours = {row["run_dir"] for row in rows}
+    earlier = json.loads(path.read_text()) if path.is_file() else []
+    merged = [row for row in earlier if row["run_dir"] not in ours] + rows
     temporary = out / "sweep.json.tmp"
-    temporary.write_text(json.dumps(rows, indent=2))
-    temporary.replace(out / "sweep.json")
+    temporary.write_text(json.dumps(merged, indent=2))
+    temporary.replace(path)
