@@ -6,10 +6,12 @@ import argparse
 import logging
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import yaml
 
+from stalerl.bench import add_bench_parser, run_bench_command
 from stalerl.config import ConfigError, TrainConfig, load_config, override, validate
 
 
@@ -21,8 +23,11 @@ def _parse_assignment(text: str) -> tuple[str, Any]:
 
 
 def build_train_config(args: argparse.Namespace) -> TrainConfig:
-    """File (or defaults), then --set assignments, then the named flags; validated at the end."""
-    config = load_config(args.config) if args.config else TrainConfig()
+    """File (or defaults; with --resume the run's config.yaml), then --set assignments, then the named
+    flags; validated at the end. On --resume, train() refuses a result that differs from the run's."""
+    if args.resume and args.out:
+        raise ConfigError("--resume RUN goes on in RUN: leave out --out")
+    config = load_config(args.config) if args.config else _saved_config(args.resume) if args.resume else TrainConfig()
     overrides = dict(_parse_assignment(text) for text in args.set)
     flags = {
         "staleness.staleness": args.staleness,
@@ -44,10 +49,19 @@ def build_train_config(args: argparse.Namespace) -> TrainConfig:
     overrides.update({key: value for key, value in flags.items() if value is not None})
     if args.no_progress:
         overrides["progress"] = False
+    if args.resume:
+        overrides["out"] = args.resume
     config = override(config, overrides)
     if not config.out:
         config = override(config, {"out": time.strftime("runs/train-%Y%m%d-%H%M%S")})
     return validate(config)
+
+
+def _saved_config(run_dir: str) -> TrainConfig:
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise ConfigError(f"--resume {run_dir}: not a run directory (no config.yaml)")
+    return load_config(path)
 
 
 def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -75,6 +89,8 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="any config field by dotted name, e.g. --set loss.eps_high=0.28 (repeatable)")
     parser.add_argument("--no-progress", action="store_true", help="no live progress bar")
+    parser.add_argument("--resume", metavar="RUN", help="go on with the unfinished run in RUN from its newest valid "
+                        "checkpoint, with its config.yaml (other options must agree with it)")
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -84,9 +100,11 @@ def run_train(args: argparse.Namespace) -> int:
     if config.runtime.runtime == "ray":
         from stalerl.ray_runtime import train_on_ray
 
+        if args.resume:
+            raise ConfigError("resume is not supported with --runtime ray yet")
         summary = train_on_ray(config)
     else:
-        summary = train(config)
+        summary = train(config, resume=bool(args.resume))
     collapse = summary["collapse_step"]
     print(
         f"run {config.out}: {summary['steps']} steps in {summary['wall_s']:.0f} s; "
@@ -228,18 +246,23 @@ def main(argv: list[str] | None = None) -> int:
     add_train_parser(subparsers)
     add_sweep_parser(subparsers)
     add_lab_parsers(subparsers)
+    add_bench_parser(subparsers)
     args = parser.parse_args(argv)
     logging.getLogger("transformers").setLevel(logging.ERROR)
     try:
         commands = {"train": run_train, "sweep": run_sweep_command, "advise": run_advise, "plot": run_plot,
-                    "bias": run_bias}
+                    "bias": run_bias, "bench": run_bench_command}
         return commands[args.command](args)
     except ConfigError as error:
         print(f"stalerl: error: {error}", file=sys.stderr)
         return 2
     except RuntimeError as error:  # a reward that failed under task.on_reward_error=stop: one line
+        from stalerl.guards import RunStopped
         from stalerl.rewards import RewardError
 
+        if isinstance(error, RunStopped):  # non-finite updates, Ctrl-C/SIGTERM, a full disk
+            print(f"stalerl: {error}", file=sys.stderr)
+            return error.exit_code
         reward_error = error if isinstance(error, RewardError) else error.__cause__
         if not isinstance(reward_error, RewardError):
             raise

@@ -158,6 +158,27 @@ class CollapseConfig:
     # lingers at 0.01-0.04 (a few lucky samples of 128) while validation reward is ~0.02.
     threshold: float = 0.05
     min_tail: int = 10  # a below-threshold stretch must last this many steps (or reach the end) to count
+    # Stop the run as soon as it has collapsed (summary.json then says stopped: "collapse"); a collapsed
+    # policy rarely recovers, and a sweep's large learning rates otherwise burn their whole horizon.
+    stop_early: bool = False
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    """Checkpoints (checkpoint.py): `stalerl train --resume RUN` continues from the newest valid one."""
+
+    # Every N learner steps (0: none periodic); also when Ctrl-C or SIGTERM stops a run. Exact mode
+    # resumes bit for bit: weights, optimizer, the rollouts in flight, the metrics' geometry state.
+    every: int = 50
+    keep: int = 2  # the newest K checkpoints are kept; a corrupt newest one falls back to the one before
+
+
+@dataclass(frozen=True)
+class GuardConfig:
+    """What a non-finite loss or gradient does: the update is skipped (weights and optimizer untouched)."""
+
+    # After this many skipped updates in a row the run stops, with a checkpoint from before the first.
+    max_bad_steps: int = 3
 
 
 @dataclass(frozen=True)
@@ -195,6 +216,8 @@ class TrainConfig:
     stabilizer: StabilizerConfig = field(default_factory=StabilizerConfig)
     collapse: CollapseConfig = field(default_factory=CollapseConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    guard: GuardConfig = field(default_factory=GuardConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -325,6 +348,15 @@ def validate(config: TrainConfig) -> TrainConfig:
         (config.runtime.worker_cpus > 0, "runtime.worker_cpus", "must be > 0"),
         (config.runtime.learner_cpus > 0, "runtime.learner_cpus", "must be > 0"),
         (config.runtime.worker_timeout_s > 0, "runtime.worker_timeout_s", "must be > 0"),
+        (config.checkpoint.every >= 0, "checkpoint.every", "must be >= 0 (0: only when stopped by a signal)"),
+        (config.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1"),
+        (config.guard.max_bad_steps >= 1, "guard.max_bad_steps", "must be >= 1"),
+        (config.task.name == "math" or not config.task.data, "task.data",
+         "only the math task reads a data file (add --task math)"),
+        (config.task.name == "math" or not config.task.val_data, "task.val_data",
+         "only the math task reads a data file (add --task math)"),
+        (config.loss.aggregation == "constant" or config.loss.constant_normalizer == 0, "loss.constant_normalizer",
+         "is used only with loss.aggregation=constant"),
         (config.runtime.runtime == "local" or importlib.util.find_spec("ray") is not None, "runtime.runtime",
          "ray is not installed (pip install 'stalerl[ray]')"),
     ]

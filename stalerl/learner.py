@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Callable
 
 import torch
@@ -101,7 +102,13 @@ def learner_step(
     lr = choose_lr({"ess_frac": ess_frac}) if choose_lr is not None else optim.lr
     for group in optimizer.param_groups:
         group["lr"] = lr
-    optimizer.step()
+    # A non-finite loss or gradient would poison the weights and Adam's moments for good: the update
+    # is skipped, weights and optimizer untouched (train.py counts these; guard.max_bad_steps stops).
+    skipped = not (math.isfinite(loss_value) and math.isfinite(float(grad_norm)))
+    if skipped:
+        optimizer.zero_grad(set_to_none=True)
+    else:
+        optimizer.step()
 
     mask_f_N_L = mask_N_L.float()
     with torch.no_grad():
@@ -121,6 +128,7 @@ def learner_step(
         "zero_adv_frac": float((advantages_N == 0).float().mean()),
         "ess_frac": ess_frac,
         "lr": lr,
+        "skipped_update": int(skipped),
     }
 
 

@@ -55,6 +55,23 @@ class UpdateTracker:
             "cycle_drift": cycle_drift,
         }
 
+    def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """(tensors, plain data) for a checkpoint; `restore` takes them back."""
+        tensors = {"theta_0": self.theta_0, "previous": self.previous}
+        if self.previous_update is not None:
+            tensors["previous_update"] = self.previous_update
+        for index, theta in enumerate(self.history or []):
+            tensors[f"history.{index}"] = theta
+        return tensors, {"path_length": self.path_length, "history": len(self.history or [])}
+
+    def restore(self, tensors: dict[str, torch.Tensor], data: dict[str, Any]) -> None:
+        self.theta_0, self.previous = tensors["theta_0"], tensors["previous"]
+        self.previous_update = tensors.get("previous_update")
+        self.path_length = data["path_length"]
+        if self.history is not None:
+            self.history.clear()
+            self.history.extend(tensors[f"history.{index}"] for index in range(data["history"]))
+
 
 def _clean(value: Any) -> Any:
     """JSON has no NaN or infinity: they are written as null."""
@@ -64,27 +81,31 @@ def _clean(value: Any) -> Any:
 
 
 class MetricsWriter:
-    """One JSON line a step in metrics.jsonl (flushed, so a killed run keeps every finished step),
-    per-sample lags in samples.jsonl, and TensorBoard scalars when asked."""
+    """One JSON line a step in metrics.jsonl, per-sample lags in samples.jsonl, TensorBoard scalars
+    when asked. Append-only and line-atomic: each line is one unbuffered write call, so a killed run
+    keeps every finished step and at worst a truncated last line (read_metrics skips it).
+    `purge_step`: a resumed run's first step; TensorBoard hides its older events from there on."""
 
-    def __init__(self, run_dir: Path, tensorboard: bool):
-        self.metrics_file = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
-        self.samples_file = open(run_dir / "samples.jsonl", "a", encoding="utf-8")
+    def __init__(self, run_dir: Path, tensorboard: bool, purge_step: int | None = None):
+        self.metrics_file = open(run_dir / "metrics.jsonl", "ab", buffering=0)
+        self.samples_file = open(run_dir / "samples.jsonl", "ab", buffering=0)
         self.tensorboard = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tensorboard = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+            self.tensorboard = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=purge_step)
 
     def write(self, metrics: dict[str, Any], samples: dict[str, Any]) -> None:
-        self.metrics_file.write(json.dumps({k: _clean(v) for k, v in metrics.items()}) + "\n")
-        self.metrics_file.flush()
-        self.samples_file.write(json.dumps(samples) + "\n")
-        self.samples_file.flush()
+        self.metrics_file.write((json.dumps({k: _clean(v) for k, v in metrics.items()}) + "\n").encode())
+        self.samples_file.write((json.dumps(samples) + "\n").encode())
         if self.tensorboard is not None:
             for key, value in metrics.items():
                 if key != "step" and isinstance(value, (int, float)) and value is not None:
                     self.tensorboard.add_scalar(key, value, metrics["step"])
+
+    def position(self) -> dict[str, int]:
+        """Byte offsets after the last line written: a checkpoint's view of the outputs."""
+        return {"metrics.jsonl": self.metrics_file.tell(), "samples.jsonl": self.samples_file.tell()}
 
     def close(self) -> None:
         self.metrics_file.close()

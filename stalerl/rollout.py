@@ -125,7 +125,12 @@ class TransformersEngine:
 
         With ``noise_seed=None`` decoding is greedy (used for validation).
         """
-        encoded = self.tokenizer(prompts, return_tensors="pt", padding=True).to(self.device)
+        # A group repeats its prompt G times: tokenize each distinct prompt once, then index (the same tensors).
+        distinct = list(dict.fromkeys(prompts))
+        position = {text: i for i, text in enumerate(distinct)}
+        rows_N = torch.tensor([position[text] for text in prompts])
+        encoded = {key: value[rows_N].to(self.device)
+                   for key, value in self.tokenizer(distinct, return_tensors="pt", padding=True).items()}
         processors = LogitsProcessorList()
         if noise_seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(noise_seed)
@@ -147,10 +152,10 @@ class TransformersEngine:
         response_mask_N_L = ~eos_before_N_L
         finished_N = is_eos_N_L.any(dim=1)
         attention_mask_N_T = torch.cat([encoded["attention_mask"], response_mask_N_L.long()], dim=1)
-        completions = [
-            self.tokenizer.decode(row[mask], skip_special_tokens=True)
-            for row, mask in zip(response_N_L.cpu(), response_mask_N_L.cpu())
-        ]
+        completions = self.tokenizer.batch_decode(  # one call into the tokenizer, not one a row
+            [row[mask].tolist() for row, mask in zip(response_N_L.cpu(), response_mask_N_L.cpu())],
+            skip_special_tokens=True,
+        )
         return Generation(
             tokens_N_T=tokens_N_T,
             attention_mask_N_T=attention_mask_N_T,

@@ -51,6 +51,12 @@ class LearningRateControl:
     def log(self) -> dict[str, float | None]:
         return {"lr_cap": self.last_cap, "g_upd_hat": self.g_upd_hat}
 
+    def state(self) -> dict[str, float | None]:  # the running estimate, for a checkpoint
+        return {"g_upd_hat": self.g_upd_hat}
+
+    def restore(self, state: dict[str, float | None]) -> None:
+        self.g_upd_hat = state["g_upd_hat"]
+
 
 @torch.no_grad()
 def align_update(model: torch.nn.Module, tracker: UpdateTracker, threshold: float) -> dict[str, float | None]:

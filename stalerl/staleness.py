@@ -11,12 +11,24 @@ it. Before producing batch i the rollout worker syncs its weights:
 
 Here the worker is a thread of the learner's process (the local runtime); the weights travel
 through a one-slot mailbox and the batches through a queue.
+
+Checkpoints (checkpoint.py) need the pipeline's state between two learner steps. When the learner
+holds theta_V, exact mode has batches V..V+S-1 sampled from versions older than V that nobody keeps
+any more: they cannot be regenerated, so they are saved. Batch V+S onward needs theta_V or newer:
+it is regenerated on resume. ``snapshot(V)`` waits until the worker has produced every batch up to
+V+S-1 (none of them needs a version the learner has not published), then returns the unconsumed
+ones as a ``PipelineState``; ``ThreadedRollouts(..., start=state)`` puts them back in front of the
+queue and starts the worker at ``state.next_batch``. Bounded mode saves whatever is queued now and
+regenerates the rest with the learner's weights: no sample is lost or used twice, every lag stays
+in [0, S], but the regenerated batches may differ from the uninterrupted run's.
 """
 
 from __future__ import annotations
 
 import queue
 import threading
+from collections import deque
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Literal, Protocol
 
 import torch
@@ -41,6 +53,15 @@ def check_lag(mode: Mode, staleness: int, step: int, version: int) -> int:
     return lag
 
 
+@dataclass
+class PipelineState:
+    """The rollout pipeline between two learner steps, as a checkpoint keeps it (module doc)."""
+
+    version: int  # the learner's weights theta_version; a resumed worker starts from exactly these
+    next_batch: int  # the first batch index that is not in `batches` and not consumed: made on resume
+    batches: list[RolloutBatch] = field(default_factory=list)  # produced, not consumed, in batch order
+
+
 class RolloutSource(Protocol):
     """The learner's side of the transport between rollout workers and learner (threads, Ray)."""
 
@@ -51,6 +72,12 @@ class RolloutSource(Protocol):
     def close(self) -> None: ...
 
     def report(self) -> dict: ...  # per-worker throughput and lost work, for summary.json
+
+    def snapshot(self, version: int) -> PipelineState:
+        """The pipeline's state for a checkpoint while the learner holds theta_version (the newest
+        version published): in exact mode it first waits for every batch that needs an older version.
+        Only the local runtime has it; train() refuses checkpoints and --resume on Ray for now."""
+        ...
 
 
 class RolloutWorkerError(RuntimeError):
@@ -114,7 +141,9 @@ class ThreadedRollouts:
         mode: Mode,
         staleness: int,
         total_batches: int,
+        start: PipelineState | None = None,
     ):
+        """`start`: resume from a checkpoint's pipeline; the engine must already hold theta_{start.version}."""
         self.engine = engine
         self.produce = produce
         self.mode = mode
@@ -122,6 +151,10 @@ class ThreadedRollouts:
         self.total_batches = total_batches
         self._mailbox = WeightMailbox(deliver_every_version=(mode == "exact"))
         self._batches: queue.Queue = queue.Queue()
+        # Batches the learner has taken off the queue for a snapshot (or restored from one): served first.
+        self._ready: deque[RolloutBatch] = deque(start.batches if start else [])
+        self._first_batch = start.next_batch if start else 0
+        self._taken_until = self._first_batch  # 1 + the index of the last batch taken off the queue
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="stalerl-rollout-worker", daemon=True)
         self._thread.start()
@@ -143,7 +176,7 @@ class ThreadedRollouts:
 
     def _run(self) -> None:
         try:
-            for batch_index in range(self.total_batches):
+            for batch_index in range(self._first_batch, self.total_batches):
                 if self._stop.is_set():
                     return
                 self._sync_weights(batch_index)
@@ -158,10 +191,29 @@ class ThreadedRollouts:
     # ---------------------------------------------------------------- learner side
 
     def next_batch(self) -> RolloutBatch:
-        item = self._batches.get()
+        return self._ready.popleft() if self._ready else self._take(block=True)
+
+    def _take(self, block: bool) -> RolloutBatch:
+        item = self._batches.get(block=block)
         if isinstance(item, _Failure):
             raise RolloutWorkerError(f"rollout worker failed: {item.error!r}") from item.error
+        self._taken_until = item.batch_index + 1
         return item
+
+    def snapshot(self, version: int) -> PipelineState:
+        """See RolloutSource.snapshot and the module doc."""
+        if self.mode == "exact":
+            last_old = min(version - 1 + self.staleness, self.total_batches - 1)  # sampled before theta_version
+            while self._taken_until <= last_old:
+                self._ready.append(self._take(block=True))
+        else:  # bounded: what is queued now; the batch in production is made again on resume
+            while True:
+                try:
+                    self._ready.append(self._take(block=False))
+                except queue.Empty:
+                    break
+        # Batches the learner has taken (and holds) are not made again: the worker restarts after them.
+        return PipelineState(version, self._taken_until, list(self._ready))
 
     def publish(self, state_dict: dict[str, torch.Tensor], version: int) -> None:
         """Hands theta_version to the worker, if any batch still to be produced may use it."""

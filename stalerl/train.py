@@ -5,13 +5,16 @@
 
 The rollout worker runs concurrently with the learner (see staleness.py); step t consumes batch t
 and logs its lag. The run directory gets config.yaml, metrics.jsonl (a line a step),
-samples.jsonl (per-sample versions and rewards), summary.json and TensorBoard scalars.
+samples.jsonl (per-sample versions and rewards), summary.json and TensorBoard scalars, and
+checkpoints/ every checkpoint.every steps: `stalerl train --resume RUN` goes on from the newest
+(checkpoint.py), in exact mode bit for bit as if the run had never stopped.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -21,21 +24,27 @@ import torch
 from tqdm import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from stalerl import checkpoint
 from stalerl.collapse import collapse_step
 from stalerl.config import ConfigError, TrainConfig, save_config, validate
 from stalerl.learner import learner_step, make_optimizer
 from stalerl.metrics import MetricsWriter, UpdateTracker
 from stalerl.data import build_task
+from stalerl.guards import (BadStepGuard, Interrupted, StopRequests, check_prompt_lengths, disk_full, is_disk_full,
+                            resume_hint)
 from stalerl.policy import build_policy, build_rollout_engine, check_hardware, save_final
 from stalerl.rollout import RolloutWorker, TransformersEngine
 from stalerl.stabilizers import LearningRateControl, align_update
-from stalerl.staleness import RolloutSource, ThreadedRollouts, check_lag
+from stalerl.staleness import PipelineState, RolloutSource, ThreadedRollouts, check_lag
 from stalerl.tasks import Task
 from stalerl.warmstart import accuracy
 
 
-def prepare_run_dir(config: TrainConfig) -> Path:
+def prepare_run_dir(config: TrainConfig, resume: bool = False) -> Path:
     run_dir = Path(config.out)
+    if resume:
+        checkpoint.check_resumable(run_dir, config)  # an unfinished run of this very config
+        return run_dir
     if (run_dir / "metrics.jsonl").exists():
         raise ConfigError(f"run directory {run_dir} already holds a run; choose another --out")
     try:
@@ -63,23 +72,30 @@ def build_rollout_worker_from_config(config: TrainConfig) -> RolloutWorker:
 
 
 def make_rollout_source(config: TrainConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
-                        task: Task) -> RolloutSource:
-    """The transport between rollout workers and learner: a thread (local) or actors (ray)."""
+                        task: Task, start: PipelineState | None = None) -> RolloutSource:
+    """The transport between rollout workers and learner: a thread (local) or actors (ray).
+    `start`: a checkpoint's pipeline (local only; check_resumable refuses --resume on Ray)."""
     if config.runtime.runtime == "ray":
         from stalerl.ray_rollouts import rollouts_for_config  # Ray loads only when asked for
 
         return rollouts_for_config(config, model.state_dict())
     worker = build_rollout_worker(config, model, tokenizer, task)
+    if start is not None:  # resuming: the worker goes on from the learner's restored weights
+        worker.engine.load_weights(model.state_dict(), start.version)
     return ThreadedRollouts(worker.engine, worker.produce, config.staleness.mode, config.staleness.staleness,
-                            total_batches=config.steps)
+                            total_batches=config.steps, start=start)
 
 
-def train(config: TrainConfig) -> dict[str, Any]:
-    """Runs one async GRPO run to completion and returns its summary (also in summary.json)."""
+def train(config: TrainConfig, resume: bool = False) -> dict[str, Any]:
+    """Runs one async GRPO run to completion and returns its summary (also in summary.json).
+
+    `resume`: go on with the unfinished run in config.out from its newest valid checkpoint.
+    """
     config = validate(config)
     check_hardware(config)  # e.g. vLLM without a GPU: one line, before the run directory exists
-    run_dir = prepare_run_dir(config)
-    save_config(config, run_dir / "config.yaml")
+    run_dir = prepare_run_dir(config, resume)
+    if not resume:
+        save_config(config, run_dir / "config.yaml")
     started = time.perf_counter()
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -89,23 +105,44 @@ def train(config: TrainConfig) -> dict[str, Any]:
     model, tokenizer, warm_record = build_policy(config)  # the embedded tiny model, or model.name_or_path
     task = build_task(config, tokenizer)
     rollout = config.rollout
+    check_prompt_lengths(task, tokenizer, getattr(model.config, "max_position_embeddings", None),
+                         rollout.max_new_tokens)
     validator = TransformersEngine(model, tokenizer, rollout.max_new_tokens, rollout.temperature)
     reference = copy.deepcopy(model).requires_grad_(False) if config.loss.kl_beta > 0 else None
     optimizer = make_optimizer(model, config.optim)
     tracker = UpdateTracker(model, config.staleness.staleness)
     lr_control = LearningRateControl(config.stabilizer, config.optim.lr,
                                      initial_g_upd=tracker.theta_0.numel() ** 0.5)
+    learner = checkpoint.Learner(model, optimizer, tracker, lr_control)
     validation_prompts = task.validation_prompts()
-    initial_val = accuracy(validator, task, validation_prompts, noise_seed=None)
+
+    # ------------------------------------------------------------ resume (checkpoint.py)
+    restored = checkpoint.restore(run_dir, learner) if resume else None
+    history = checkpoint.truncate_outputs(run_dir, restored and restored.outputs) if resume else []
+    start_step = restored.step if restored else 0
+    initial_val = restored.data["initial_val_reward"] if restored else accuracy(validator, task, validation_prompts,
+                                                                                   noise_seed=None)
+    latest_checkpoint = restored.path if restored else None
+    started -= restored.data["wall_s"] if restored else 0.0
 
     mode, staleness = config.staleness.mode, config.staleness.staleness
-    source = make_rollout_source(config, model, tokenizer, task)
-    writer = MetricsWriter(run_dir, config.tensorboard)
-    progress = tqdm(total=config.steps, desc=f"train S={staleness} {mode}", disable=not config.progress,
-                    dynamic_ncols=True)
-    history: list[dict[str, Any]] = []
+    source = make_rollout_source(config, model, tokenizer, task, restored.pipeline if restored else None)
+    writer = MetricsWriter(run_dir, config.tensorboard, purge_step=start_step if resume else None)
+    progress = tqdm(total=config.steps, initial=start_step, desc=f"train S={staleness} {mode}",
+                    disable=not config.progress, dynamic_ncols=True)
+    guard = BadStepGuard(config.guard.max_bad_steps)
+    can_checkpoint = config.runtime.runtime == "local"  # RayRollouts has no snapshot() yet
+    if not can_checkpoint and config.checkpoint.every:
+        print("stalerl: note: no checkpoints are written with --runtime ray yet", file=sys.stderr)
+    stopped = None
+
+    def save_checkpoint(steps_done: int, pipeline: PipelineState) -> Path:
+        run = {"initial_val_reward": initial_val, "wall_s": time.perf_counter() - started}
+        return checkpoint.save(run_dir, steps_done, learner, pipeline, writer.position(), run, config.checkpoint.keep)
+
+    stop_requests = StopRequests().install()  # Ctrl-C / SIGTERM: finish the step, checkpoint, stop
     try:
-        for step in range(config.steps):
+        for step in range(start_step, config.steps):
             # -------------------------------------------------- sample (made S steps ago)
             wait_start = time.perf_counter()
             batch = source.next_batch()
@@ -116,12 +153,19 @@ def train(config: TrainConfig) -> dict[str, Any]:
             train_start = time.perf_counter()
             stats = learner_step(model, optimizer, batch, config.loss, config.optim, rollout.temperature, reference,
                                  choose_lr=lambda batch_stats: lr_control.choose(lag, batch_stats))
+            if stats["skipped_update"] and not guard.streak and can_checkpoint:
+                # The first bad step in a row: keep the state from before it, the batch in hand put back first.
+                pipeline = source.snapshot(version=step)
+                latest_checkpoint = save_checkpoint(step, PipelineState(pipeline.version, pipeline.next_batch,
+                                                                        [batch, *pipeline.batches]))
+            must_stop = guard.observe(step, stats)  # non-finite: skipped by learner_step, counted here
             decisions = lr_control.log()
             if config.stabilizer.gac_cos_threshold > 0:
                 decisions |= align_update(model, tracker, config.stabilizer.gac_cos_threshold)
             source.publish(model.state_dict(), version=step + 1)
             geometry = tracker.after_step(model)
-            lr_control.observe(geometry["update_norm"], stats["lr"])
+            if not stats["skipped_update"]:
+                lr_control.observe(geometry["update_norm"], stats["lr"])
             train_s = time.perf_counter() - train_start
 
             val_reward = None
@@ -156,7 +200,27 @@ def train(config: TrainConfig) -> dict[str, Any]:
                                  cos="-" if geometry["grad_cos_sim"] is None else f"{geometry['grad_cos_sim']:.2f}",
                                  val="-" if val_reward is None else f"{val_reward:.3f}", refresh=False)
             progress.update()
+
+            # -------------------------------------------------- checkpoint, stop
+            periodic = config.checkpoint.every and (step + 1) % config.checkpoint.every == 0 and not guard.streak
+            if can_checkpoint and (periodic or stop_requests.requested) and step + 1 < config.steps:
+                latest_checkpoint = save_checkpoint(step + 1, source.snapshot(version=step + 1))
+            if must_stop:
+                raise guard.stop(run_dir, latest_checkpoint)
+            if stop_requests.requested and step + 1 < config.steps:
+                raise Interrupted(f"stopped by {stop_requests.requested} after step {step}; "
+                                  f"{resume_hint(run_dir, latest_checkpoint if can_checkpoint else None)}")
+            if config.collapse.stop_early and collapse_step([row["train_reward"] for row in history],
+                                                            config.collapse.window, config.collapse.threshold,
+                                                            config.collapse.min_tail) is not None:
+                stopped = "collapse"
+                break
+    except OSError as error:
+        if is_disk_full(error):
+            raise disk_full(error, run_dir, latest_checkpoint) from error
+        raise
     finally:
+        stop_requests.uninstall()
         progress.close()
         source.close()
         writer.close()
@@ -164,6 +228,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
     summary = summarize(config, history, initial_val, warm_record, wall_s=time.perf_counter() - started)
     summary["rollouts"] = source.report()
     summary["reward_errors"] = sum(row.get("reward_errors", 0) for row in history)
+    summary["skipped_updates"] = sum(row.get("skipped_update", 0) for row in history)
+    summary["stopped"] = stopped  # null: ran every step; "collapse": collapse.stop_early ended it
     save_final(model, tokenizer, run_dir / "final", lora=config.model.lora_rank > 0)  # a plain HF checkpoint
     summary["final_checkpoint"] = str(run_dir / "final")
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -218,8 +218,14 @@ def run_probe(config: TrainConfig, lrs: list[float], anchors: list[int], lags: l
                     print(f"lr={lr:g} t={anchor} S={p.lag:>2}: ||b|| = {p.bias_norm:.4f} "
                           f"[{p.bias_low:.4f}, {p.bias_high:.4f}] floor {p.noise_floor:.4f} "
                           f"naive {p.naive_norm:.4f} drift {p.drift:.3f}{flag}", flush=True)
+    # A probe can be grown: points of other (lr, anchor, lag) already in DIR/bias.json are kept.
+    measured = {(p.lr, p.anchor, p.lag) for p in points}
+    if (out / "bias.json").is_file():
+        earlier = [BiasPoint(**row) for row in json.loads((out / "bias.json").read_text())["points"]]
+        points = [p for p in earlier if (p.lr, p.anchor, p.lag) not in measured] + points
     report = {"points": [asdict(p) for p in points], "fits": fit_exponents(points),
-              "settings": {"lrs": lrs, "anchors": anchors, "lags": lags, "batches": batches}}
+              "settings": {"lrs": sorted({p.lr for p in points}), "anchors": sorted({p.anchor for p in points}),
+                           "lags": sorted({p.lag for p in points}), "batches": batches}}
     (out / "bias.json").write_text(json.dumps(report, indent=2))
     bias_figure(points, out / "bias.png")
     return report

@@ -2,8 +2,9 @@
 
     stalerl sweep --staleness 0,4,16 --lr 1e-4,3e-4,1e-3 --steps 200 --out DIR [--workers 2]
 
-One run directory per cell under DIR; a finished cell (its summary.json exists) is not rerun, so
-an interrupted sweep resumes by running the command again. DIR/sweep.json is the table of cells.
+One run directory per cell under DIR; a finished cell (its summary.json exists) is not rerun and an
+unfinished one goes on from its newest checkpoint (or starts over without one), so an interrupted
+sweep resumes by running the command again. DIR/sweep.json is the table of cells.
 Each run is a separate process with one torch thread, so cells do not fight over the cores.
 """
 
@@ -61,12 +62,23 @@ def cell_configs(base: TrainConfig, out: Path, staleness: list[int], lrs: list[f
     return cells
 
 
-def run_cell(config_data: dict[str, Any]) -> dict[str, Any]:
-    """Runs in a worker process: one training run, returns its summary."""
+def run_cell(config_data: dict[str, Any], resume: bool = False) -> dict[str, Any]:
+    """Runs in a worker process: one training run (resumed from its checkpoint), returns its summary."""
     from stalerl.config import TrainConfig, from_dict
     from stalerl.train import train
 
-    return train(from_dict(TrainConfig, config_data))
+    return train(from_dict(TrainConfig, config_data), resume=resume)
+
+
+def can_resume(run_dir: Path, config: TrainConfig) -> bool:
+    """An unfinished cell of this very config with a usable checkpoint (checkpoint.py)."""
+    from stalerl.checkpoint import check_resumable, newest_valid
+
+    try:
+        check_resumable(run_dir, config)
+        return newest_valid(run_dir) is not None
+    except ConfigError:
+        return False
 
 
 def sweep_row(cell: Cell, summary: dict[str, Any], run_dir: Path) -> dict[str, Any]:
@@ -90,14 +102,16 @@ def run_sweep(cells: list[tuple[Cell, TrainConfig]], out: Path, workers: int, pr
         run_dir = Path(config.out)
         if is_finished(run_dir):
             rows[cell.name] = sweep_row(cell, load_run(run_dir).summary, run_dir)
+        elif can_resume(run_dir, config):
+            todo.append((cell, config, True))
         else:
-            if run_dir.exists():  # an interrupted cell: its partial output is redone from the start
+            if run_dir.exists():  # an interrupted cell without a usable checkpoint: redone from the start
                 shutil.rmtree(run_dir)
-            todo.append((cell, config))
+            todo.append((cell, config, False))
     bar = tqdm(total=len(cells), initial=len(rows), desc="sweep", disable=not progress, dynamic_ncols=True)
     context = multiprocessing.get_context("spawn")  # fresh interpreters: no inherited torch threads
     with concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-        futures = {pool.submit(run_cell, config.to_dict()): (cell, config) for cell, config in todo}
+        futures = {pool.submit(run_cell, config.to_dict(), resume): (cell, config) for cell, config, resume in todo}
         for future in concurrent.futures.as_completed(futures):
             cell, config = futures[future]
             rows[cell.name] = sweep_row(cell, future.result(), Path(config.out))

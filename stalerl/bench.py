@@ -1,0 +1,378 @@
+"""``stalerl bench``: stalerl measured side by side with its peers, on this machine, in one run.
+
+    stalerl bench --out DIR            # the full suite, several minutes on 2 CPU cores
+    stalerl bench --out DIR --quick    # a smoke version: tiny step counts, one repeat
+
+Writes DIR/bench.json and prints a table. Every timed run is a fresh process (spawned, one torch
+thread unless said otherwise), so runs do not share allocator state and each one's peak RSS is its
+own. Variants alternate within each repeat so machine noise hits all; medians are reported.
+
+* step:   one GRPO step of stalerl at S = 0 vs TRL's GRPOTrainer on the same work (bench_trl.py)
+* gen:    TransformersEngine.generate vs a plain ``model.generate(do_sample=True)`` on the same batch
+* async:  steps/s at S = 1, 2, 4 vs S = 0 against the ideal overlap (t_gen + t_train) / max(t_gen, t_train)
+* sweep:  12 cells of the embedded default with 2 workers vs the same cells one at a time
+* memory: peak RSS against S (exact mode) and against the batch size
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import json
+import multiprocessing
+import os
+import platform
+import resource
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from stalerl.config import TrainConfig, override, validate
+
+WARMUP_STEPS = 3  # allocator and cache warm-up: not timed
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How much of each measurement to run; `quick` and `full` are the two presets."""
+
+    repeats: int
+    step_steps: int  # steps per run in the stalerl-vs-TRL comparison (the first WARMUP_STEPS are not timed)
+    gen_calls: int  # timed generate calls per engine and repeat
+    async_steps: int
+    async_staleness: tuple[int, ...]
+    sweep_cells: int  # the first N cells of S {0,1,2,4} x lr {1e-4, 3e-4, 1e-3}
+    sweep_steps: int
+    memory_staleness: tuple[int, ...]
+    memory_prompts: tuple[int, ...]
+    # A wider embedded Llama for the memory runs, so that a copy of the weights stands out of the
+    # interpreter's ~0.5 GB; its warm start is one step (the reward does not matter for memory).
+    memory_model: dict = dataclasses.field(default_factory=lambda: {
+        "model.hidden_size": 512, "model.intermediate_size": 1536, "model.num_layers": 4, "warm_start.steps": 1})
+
+
+QUICK = Plan(repeats=1, step_steps=6, gen_calls=3, async_steps=8, async_staleness=(1, 2, 4), sweep_cells=12,
+             sweep_steps=2, memory_staleness=(0, 4), memory_prompts=(16, 64))
+FULL = Plan(repeats=3, step_steps=25, gen_calls=10, async_steps=50, async_staleness=(1, 2, 4), sweep_cells=12,
+            sweep_steps=40, memory_staleness=(0, 1, 4, 16), memory_prompts=(16, 32, 64))
+
+
+def base_config(**changes: Any) -> TrainConfig:
+    """The embedded default as the bench times it: no validation, TensorBoard, progress bar or checkpoints."""
+    values = {"val_every": 10**9, "progress": False, "tensorboard": False, "threads": 1, "checkpoint.every": 0}
+    return validate(override(TrainConfig(), values | changes))
+
+
+# ---------------------------------------------------------------- isolation
+
+
+def _measured(function: Callable[..., dict], *args: Any) -> dict:
+    result = function(*args)
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    return result
+
+
+def isolated(function: Callable[..., dict], *args: Any) -> dict:
+    """Runs function(*args) in a fresh interpreter; its result gets the process's peak RSS."""
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+        return pool.submit(_measured, function, *args).result()
+
+
+def median_of(runs: list[dict], key: str) -> float:
+    return statistics.median(run[key] for run in runs)
+
+
+# ---------------------------------------------------------------- in the child processes
+
+
+def train_run(config_data: dict, warmup: int) -> dict:
+    """One stalerl run; per-step loop time wait_s + train_s (the learner's clock) after `warmup` steps."""
+    from stalerl.config import from_dict
+    from stalerl.metrics import read_metrics
+    from stalerl.train import train
+
+    config = from_dict(TrainConfig, config_data)
+    summary = train(config)
+    rows = read_metrics(Path(config.out))[warmup:]
+    loop_s = [row["wait_s"] + row["train_s"] for row in rows]
+    return {
+        "s_per_step": statistics.median(loop_s),
+        "steps_per_s": len(rows) / sum(loop_s),
+        "gen_s": statistics.median(row["gen_s"] for row in rows),
+        "train_s": statistics.median(row["train_s"] for row in rows),
+        "wall_s": summary["wall_s"],
+        "steps_timed": len(rows),
+    }
+
+
+def generation_run(config_data: dict, calls: int) -> dict:
+    """The same batch through stalerl's engine and a plain sampled generate, alternating; tokens/s."""
+    import numpy as np
+    import torch
+
+    from stalerl.config import from_dict
+    from stalerl.data import build_task
+    from stalerl.policy import build_policy, build_rollout_engine
+
+    config = from_dict(TrainConfig, config_data)
+    torch.set_num_threads(config.threads)
+    model, tokenizer, _ = build_policy(config)
+    task = build_task(config, tokenizer)
+    rollout = config.rollout
+    engine = build_rollout_engine(config, model, tokenizer)
+    prompts = task.sample_prompts(np.random.default_rng([config.seed, 0]), rollout.prompts_per_step)
+    texts = [prompt.text for prompt in prompts for _ in range(rollout.group_size)]
+
+    def stalerl_call(seed: int) -> int:
+        return int(engine.generate(texts, noise_seed=seed).response_mask_N_L.sum())
+
+    @torch.no_grad()
+    def plain_call(seed: int) -> int:  # what a user writes: tokenize, sample, decode
+        torch.manual_seed(seed)
+        encoded = tokenizer(texts, return_tensors="pt", padding=True)
+        sequences = model.generate(**encoded, do_sample=True, temperature=rollout.temperature, top_k=0, top_p=1.0,
+                                   max_new_tokens=rollout.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                                   eos_token_id=tokenizer.eos_token_id)
+        response = sequences[:, encoded["input_ids"].shape[1]:]
+        tokenizer.batch_decode(response, skip_special_tokens=True)
+        is_eos = response == tokenizer.eos_token_id  # real tokens: up to and including the first eos
+        return int((is_eos.long().cumsum(dim=1) - is_eos.long() == 0).sum())
+
+    model.eval()
+    timings: dict[str, list[tuple[float, int]]] = {"stalerl": [], "plain_generate": []}
+    for call in range(calls + 1):  # call 0 warms both up
+        for name, function in (("stalerl", stalerl_call), ("plain_generate", plain_call)):
+            start = time.perf_counter()
+            tokens = function(1000 + call)
+            if call:
+                timings[name].append((time.perf_counter() - start, tokens))
+    return {name: {"s_per_call": statistics.median(s for s, _ in rows),
+                   "tokens_per_s": sum(t for _, t in rows) / sum(s for s, _ in rows)}
+            for name, rows in timings.items()}
+
+
+def memory_run(config_data: dict, cycle_history: bool) -> dict:
+    """A run for its peak RSS; `cycle_history=False` turns off the learner's cycle-drift history
+    (metrics.py keeps the last S parameter vectors for it), leaving what the pipeline itself holds."""
+    import stalerl.metrics
+    from stalerl.config import from_dict
+    from stalerl.train import train
+
+    if not cycle_history:
+        stalerl.metrics.MAX_CYCLE_HISTORY_FLOATS = 0
+    summary = train(from_dict(TrainConfig, config_data))
+    return {"weight_mb": summary["warm_start"]["parameters"] * 4 / 2**20}  # float32 on CPU
+
+
+# ---------------------------------------------------------------- the measurements
+
+
+def bench_step(plan: Plan, tmp: Path, log: Callable[[str], None]) -> dict:
+    from stalerl.bench_trl import DIFFERENCES, trl_steps, trl_version
+
+    config = base_config(steps=plan.step_steps)
+    have_trl = trl_version() is not None
+    if not have_trl:
+        log("TRL is not installed: skipping the GRPOTrainer comparison (pip install 'stalerl[bench]')")
+    ours, theirs = [], []
+    for repeat in range(plan.repeats):
+        ours.append(isolated(train_run, override(config, {"out": str(tmp / f"step-r{repeat}")}).to_dict(),
+                             WARMUP_STEPS))
+        if have_trl:
+            theirs.append(isolated(trl_steps, config.to_dict(), plan.step_steps, WARMUP_STEPS))
+    samples = config.rollout.prompts_per_step * config.rollout.group_size
+
+    def side(runs: list[dict]) -> dict:
+        seconds = median_of(runs, "s_per_step")
+        return {"s_per_step": seconds, "samples_per_s": samples / seconds, "peak_rss_mb": median_of(runs, "peak_rss_mb"),
+                "runs": runs}
+
+    result = {"samples_per_step": samples, "stalerl": side(ours), "trl": side(theirs) if have_trl else None,
+              "trl_version": trl_version(), "differences": DIFFERENCES if have_trl else []}
+    result["ratio_trl_over_stalerl"] = (result["trl"]["s_per_step"] / result["stalerl"]["s_per_step"]
+                                        if have_trl else None)
+    return result
+
+
+def bench_generation(plan: Plan) -> dict:
+    runs = [isolated(generation_run, base_config().to_dict(), plan.gen_calls) for _ in range(plan.repeats)]
+    result = {name: {key: statistics.median(run[name][key] for run in runs) for key in ("s_per_call", "tokens_per_s")}
+              for name in ("stalerl", "plain_generate")}
+    config = base_config()
+    result["batch"] = config.rollout.prompts_per_step * config.rollout.group_size
+    result["max_new_tokens"] = config.rollout.max_new_tokens
+    result["ratio_stalerl_over_plain"] = result["stalerl"]["tokens_per_s"] / result["plain_generate"]["tokens_per_s"]
+    return result
+
+
+def bench_async(plan: Plan, tmp: Path) -> dict:
+    staleness = (0, *plan.async_staleness)
+    runs: dict[int, list[dict]] = {s: [] for s in staleness}
+    for repeat in range(plan.repeats):
+        for s in staleness:  # alternating: S=0, 1, 2, 4, S=0, ...
+            config = base_config(steps=plan.async_steps, **{"staleness.staleness": s, "out": str(tmp / f"async-S{s}-r{repeat}")})
+            runs[s].append(isolated(train_run, config.to_dict(), WARMUP_STEPS))
+    t_gen, t_train = median_of(runs[0], "gen_s"), median_of(runs[0], "train_s")
+    ideal = (t_gen + t_train) / max(t_gen, t_train)
+    sync_rate = median_of(runs[0], "steps_per_s")
+    rows = []
+    for s in staleness:
+        rate = median_of(runs[s], "steps_per_s")
+        speedup = rate / sync_rate
+        rows.append({"S": s, "steps_per_s": rate, "speedup": speedup, "fraction_of_ideal": speedup / ideal,
+                     "share_of_ideal_gain": (speedup - 1) / (ideal - 1) if ideal > 1 else None})
+    return {"t_gen_s": t_gen, "t_train_s": t_train, "ideal_overlap": ideal, "threads_per_process": 1,
+            "steps": plan.async_steps, "rows": rows}
+
+
+def bench_sweep(plan: Plan, tmp: Path) -> dict:
+    from stalerl.lab.sweep import cell_configs, run_sweep
+
+    base = base_config(steps=plan.sweep_steps)
+    timings = {}
+    for workers in (1, 2):
+        out = tmp / f"sweep-w{workers}"
+        cells = cell_configs(base, out, [0, 1, 2, 4], [1e-4, 3e-4, 1e-3], [0], ["none"])[: plan.sweep_cells]
+        start = time.perf_counter()
+        run_sweep(cells, out, workers, progress=False)
+        wall = time.perf_counter() - start
+        runs_s = sum(json.loads((Path(config.out) / "summary.json").read_text())["wall_s"] for _, config in cells)
+        timings[workers] = {"wall_s": wall, "sum_of_runs_s": runs_s}
+    serial, parallel = timings[1], timings[2]
+    return {"cells": plan.sweep_cells, "steps": plan.sweep_steps, "workers": 2,
+            "serial_wall_s": serial["wall_s"], "sum_of_single_runs_s": serial["sum_of_runs_s"],
+            "parallel_wall_s": parallel["wall_s"],
+            "parallel_over_sum_of_runs": parallel["wall_s"] / serial["sum_of_runs_s"],
+            "parallel_over_serial_wall": parallel["wall_s"] / serial["wall_s"]}
+
+
+def bench_memory(plan: Plan, tmp: Path) -> dict:
+    rows = []
+    for s in plan.memory_staleness:  # exact mode, the wide model, with and without the cycle-drift history
+        for history in (True, False):
+            config = base_config(steps=s + 4, **{**plan.memory_model, "staleness.staleness": s,
+                                                 "rollout.prompts_per_step": 4, "out": str(tmp / f"mem-S{s}-{history}")})
+            run = isolated(memory_run, config.to_dict(), history)
+            rows.append({"model": "wide", "S": s, "prompts": 4, "cycle_history": history, **run})
+    for prompts in plan.memory_prompts:  # the default model, S = 0
+        config = base_config(steps=4, **{"rollout.prompts_per_step": prompts, "out": str(tmp / f"mem-P{prompts}")})
+        rows.append({"model": "default", "S": 0, "prompts": prompts, "cycle_history": True,
+                     **isolated(memory_run, config.to_dict(), True)})
+
+    def slope(points: list[tuple[float, float]]) -> float:
+        (x0, y0), (x1, y1) = points[0], points[-1]
+        return (y1 - y0) / (x1 - x0)
+
+    weight_mb = rows[0]["weight_mb"]
+    by_s = {history: slope([(r["S"], r["peak_rss_mb"]) for r in rows if r["model"] == "wide" and r["cycle_history"] == history])
+            for history in (True, False)}
+    return {"weight_mb_wide": weight_mb, "rows": rows,
+            "mb_per_unit_S": by_s[True], "weight_copies_per_unit_S": by_s[True] / weight_mb,
+            "mb_per_unit_S_pipeline_only": by_s[False], "weight_copies_per_unit_S_pipeline_only": by_s[False] / weight_mb,
+            "mb_per_prompt": slope([(r["prompts"], r["peak_rss_mb"]) for r in rows if r["model"] == "default"])}
+
+
+# ---------------------------------------------------------------- the suite
+
+
+PARTS = ("step", "gen", "async", "sweep", "memory")
+
+
+def run_bench(out: Path, quick: bool, plan: Plan | None = None, parts: tuple[str, ...] = PARTS,
+              log: Callable[[str], None] = print) -> dict:
+    """Runs the suite, writes out/bench.json and returns it."""
+    import torch
+    import transformers
+
+    from stalerl.bench_trl import trl_version
+
+    plan = plan or (QUICK if quick else FULL)
+    out.mkdir(parents=True, exist_ok=True)
+    report: dict[str, Any] = {
+        "quick": quick, "plan": dataclasses.asdict(plan),
+        "machine": {"cpus": os.cpu_count(), "load_avg_before": os.getloadavg(), "python": platform.python_version(),
+                    "torch": torch.__version__, "transformers": transformers.__version__, "trl": trl_version()},
+    }
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="stalerl-bench-") as tmp_name:
+        tmp = Path(tmp_name)
+        steps = {"step": lambda: bench_step(plan, tmp, log), "gen": lambda: bench_generation(plan),
+                 "async": lambda: bench_async(plan, tmp), "sweep": lambda: bench_sweep(plan, tmp),
+                 "memory": lambda: bench_memory(plan, tmp)}
+        for part in parts:
+            part_start = time.perf_counter()
+            report[part] = steps[part]()
+            log(f"bench: {part} done in {time.perf_counter() - part_start:.0f} s")
+            (out / "bench.json").write_text(json.dumps(report, indent=2))  # a killed bench keeps finished parts
+    report["machine"]["load_avg_after"] = os.getloadavg()
+    report["wall_s"] = time.perf_counter() - started
+    (out / "bench.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
+def format_table(report: dict) -> str:
+    lines = [f"stalerl bench ({'quick' if report['quick'] else 'full'}, {report['plan']['repeats']} repeat(s), "
+             f"medians; {report['machine']['cpus']} CPUs, load {report['machine']['load_avg_before'][0]:.1f} -> "
+             f"{report['machine']['load_avg_after'][0]:.1f})"]
+    if "step" in report:
+        step = report["step"]
+        ours = step["stalerl"]
+        text = f"step  stalerl S=0 {ours['s_per_step']:.3f} s ({ours['samples_per_s']:.0f} samples/s)"
+        if step["trl"]:
+            text += (f" | TRL {step['trl_version']} GRPOTrainer {step['trl']['s_per_step']:.3f} s "
+                     f"({step['trl']['samples_per_s']:.0f} samples/s) | stalerl {step['ratio_trl_over_stalerl']:.2f}x faster")
+        else:
+            text += " | TRL not installed (pip install 'stalerl[bench]')"
+        lines.append(text)
+    if "gen" in report:
+        gen = report["gen"]
+        lines.append(f"gen   stalerl engine {gen['stalerl']['tokens_per_s']:.0f} tokens/s | plain generate "
+                     f"{gen['plain_generate']['tokens_per_s']:.0f} tokens/s | ratio {gen['ratio_stalerl_over_plain']:.2f}x")
+    if "async" in report:
+        pipe = report["async"]
+        cells = ", ".join(f"S={row['S']} {row['steps_per_s']:.2f}/s {row['speedup']:.2f}x "
+                          f"({row['fraction_of_ideal']:.0%} of ideal)" for row in pipe["rows"])
+        lines.append(f"async ideal {pipe['ideal_overlap']:.2f}x (t_gen {pipe['t_gen_s']:.3f} s, "
+                     f"t_train {pipe['t_train_s']:.3f} s): {cells}")
+    if "sweep" in report:
+        sweep = report["sweep"]
+        lines.append(f"sweep {sweep['cells']} cells x {sweep['steps']} steps: 2 workers {sweep['parallel_wall_s']:.0f} s "
+                     f"vs sum of single runs {sweep['sum_of_single_runs_s']:.0f} s "
+                     f"({sweep['parallel_over_sum_of_runs']:.0%}); serial wall {sweep['serial_wall_s']:.0f} s")
+    if "memory" in report:
+        memory = report["memory"]
+        per_s = ", ".join(f"S={row['S']} {row['peak_rss_mb']:.0f} MB" for row in memory["rows"]
+                          if row["model"] == "wide" and row["cycle_history"])
+        lines.append(f"mem   wide model ({memory['weight_mb_wide']:.0f} MB of weights), exact mode: {per_s}; "
+                     f"{memory['weight_copies_per_unit_S']:.2f} weight copies per unit S "
+                     f"({memory['weight_copies_per_unit_S_pipeline_only']:.2f} without the cycle-drift history); "
+                     f"{memory['mb_per_prompt']:.1f} MB per prompt (x G samples)")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- command line
+
+
+def add_bench_parser(subparsers: Any) -> None:
+    parser = subparsers.add_parser("bench", help="speed and memory side by side with TRL and plain transformers")
+    parser.add_argument("--out", required=True, help="directory for bench.json")
+    parser.add_argument("--quick", action="store_true", help="a smoke version: tiny step counts, one repeat (~1 min)")
+    parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
+
+
+def run_bench_command(args: Any) -> int:
+    from stalerl.config import ConfigError
+
+    parts = tuple(part.strip() for part in args.parts.split(",") if part.strip())
+    unknown = [part for part in parts if part not in PARTS]
+    if unknown or not parts:
+        raise ConfigError(f"--parts: unknown {unknown[0]!r} (known: {', '.join(PARTS)})" if unknown
+                          else "--parts: name at least one part")
+    report = run_bench(Path(args.out), args.quick, parts=parts, log=lambda text: print(text, flush=True))
+    print(format_table(report))
+    print(f"report: {Path(args.out) / 'bench.json'}")
+    return 0

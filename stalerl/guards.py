@@ -1,0 +1,117 @@
+"""What stops a run cleanly: non-finite updates, Ctrl-C/SIGTERM, a full disk, prompts too long.
+
+Each ends with one line that says what happened and, where a checkpoint exists, how to go on:
+``stalerl train --resume RUN``. The cli turns `RunStopped` into that line and its exit code.
+"""
+
+from __future__ import annotations
+
+import errno
+import signal
+import sys
+import threading
+from pathlib import Path
+from types import FrameType
+from typing import TYPE_CHECKING
+
+from stalerl.config import ConfigError
+
+if TYPE_CHECKING:  # the cli imports this module for RunStopped before torch and transformers load
+    from stalerl.data import MathTask
+    from stalerl.rewards import GuardedTask
+    from stalerl.tasks import AdditionTask
+
+
+class RunStopped(RuntimeError):
+    """The run stopped before its last step; the message says why and how to resume."""
+
+    exit_code = 4
+
+
+class Interrupted(RunStopped):
+    exit_code = 130  # the shell's code for a run ended by Ctrl-C
+
+
+def resume_hint(run_dir: Path, checkpoint: Path | None) -> str:
+    if checkpoint is None:
+        return "no checkpoint was written"
+    return f"checkpoint {checkpoint}; continue with: stalerl train --resume {run_dir}"
+
+
+class BadStepGuard:
+    """Counts skipped (non-finite) updates in a row; `stop` after `max_bad_steps` of them."""
+
+    def __init__(self, max_bad_steps: int):
+        self.max_bad_steps = max_bad_steps
+        self.streak: list[tuple[int, float, float]] = []  # (step, loss, grad_norm) of the bad steps in a row
+
+    def observe(self, step: int, stats: dict) -> bool:
+        """Records the step; True when the run must stop."""
+        if not stats["skipped_update"]:
+            self.streak.clear()
+            return False
+        self.streak.append((step, stats["loss"], stats["grad_norm"]))
+        return len(self.streak) >= self.max_bad_steps
+
+    def stop(self, run_dir: Path, checkpoint: Path | None) -> RunStopped:
+        first, loss, grad_norm = self.streak[0]
+        return RunStopped(
+            f"{len(self.streak)} non-finite updates in a row (steps {first}-{self.streak[-1][0]}; first: loss={loss}, "
+            f"grad_norm={grad_norm}), each skipped; stopped (guard.max_bad_steps={self.max_bad_steps}). "
+            f"State from before step {first}: {resume_hint(run_dir, checkpoint)}")
+
+
+class StopRequests:
+    """Ctrl-C and SIGTERM ask the loop to stop after the step in progress, so that the checkpoint it
+    writes is consistent; a second signal stops at once. Only the main thread can take signals:
+    elsewhere (a Ray actor, a thread) this does nothing."""
+
+    def __init__(self):
+        self.requested: str | None = None
+        self._previous: dict[int, object] = {}
+
+    def install(self) -> StopRequests:
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def uninstall(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.requested is not None:
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
+        print(f"stalerl: {self.requested}: stopping after this step with a checkpoint (again to quit at once)",
+              file=sys.stderr, flush=True)
+
+
+def is_disk_full(error: OSError) -> bool:
+    return error.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def disk_full(error: OSError, run_dir: Path, checkpoint: Path | None) -> RunStopped:
+    where = f" writing {error.filename}" if error.filename else ""
+    return RunStopped(f"disk full ({error.strerror}){where}; {resume_hint(run_dir, checkpoint)} once there is space")
+
+
+def check_prompt_lengths(task: AdditionTask | MathTask | GuardedTask, tokenizer, context: int | None,
+                         max_new_tokens: int) -> None:
+    """Refuses, before any work, a prompt that leaves no room for `max_new_tokens` in the context."""
+    from stalerl.rewards import GuardedTask
+
+    if not context:
+        return
+    base = task.task if isinstance(task, GuardedTask) else task
+    prompts = [*base.train, *base.val]
+    lengths = [len(ids) for ids in tokenizer([prompt.text for prompt in prompts]).input_ids]
+    longest = max(range(len(prompts)), key=lengths.__getitem__)
+    if lengths[longest] + max_new_tokens > context:
+        text = prompts[longest].text
+        raise ConfigError(
+            f"rollout.max_new_tokens: the longest prompt ({lengths[longest]} tokens, {text[:40]!r}"
+            f"{'...' if len(text) > 40 else ''}) plus {max_new_tokens} new tokens exceeds the model's context "
+            f"of {context} positions; shorten the prompts or lower rollout.max_new_tokens")
