@@ -186,6 +186,7 @@ def add_lab_parsers(subparsers: argparse._SubParsersAction) -> None:
     bias.add_argument("--config", help="base config YAML")
     bias.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     bias.add_argument("--out", required=True)
+    bias.add_argument("--refit", action="store_true", help="only redo the fits and figure of OUT/bias.json")
 
 
 def run_advise(args: argparse.Namespace) -> int:
@@ -220,8 +221,14 @@ def run_plot(args: argparse.Namespace) -> int:
 def run_bias(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from stalerl.lab.bias import run_probe
+    from stalerl.lab.bias import refit, run_probe
 
+    if args.refit:
+        if not (Path(args.out) / "bias.json").is_file():
+            raise ConfigError(f"--refit: no bias.json in {args.out}")
+        report = refit(Path(args.out))
+        _print_bias_fits(report)
+        return 0
     base = load_config(args.config) if args.config else TrainConfig()
     base = validate(override(base, dict(_parse_assignment(text) for text in args.set)))
     if args.anchors and args.lags and min(args.anchors) < max(args.lags):
@@ -231,13 +238,23 @@ def run_bias(args: argparse.Namespace) -> int:
     if any(lr <= 0 for lr in args.lr):
         raise ConfigError("--lr: learning rates must be > 0")
     report = run_probe(base, args.lr, args.anchors, args.lags, args.batches, Path(args.out))
-    for lr, fit in report["fits"]["by_lr"].items():
-        exponent = fit["s_exponent"]
-        text = "not enough points above the noise floor" if exponent is None else (
-            f"{exponent['slope']:.2f} [{exponent['slope_low']:.2f}, {exponent['slope_high']:.2f}]")
-        print(f"lr={lr}: S exponent {text}; linear regime up to S={fit['linear_regime_end']}")
+    _print_bias_fits(report)
     print(f"report: {Path(args.out) / 'bias.json'}, figure: {Path(args.out) / 'bias.png'}")
     return 0
+
+
+def _print_bias_fits(report: dict) -> None:
+    def text(fit: dict | None) -> str:
+        if fit is None:
+            return "not enough points above the noise floor"
+        return f"{fit['slope']:.2f} [{fit['slope_low']:.2f}, {fit['slope_high']:.2f}] ({fit['points']} points)"
+
+    for lr, fit in report["fits"]["by_lr"].items():
+        print(f"lr={lr}: S exponent {text(fit['s_exponent'])}; linear regime up to S={fit['linear_regime_end']}")
+    for lag, fit in report["fits"]["eta_exponent_by_lag"].items():
+        print(f"S={lag}: eta exponent {text(fit)}")
+    print(f"pooled, inside the linear regimes: S*eta exponent {text(report['fits']['s_eta_exponent_pooled'])}; "
+          f"within-cycle drift exponent {text(report['fits']['drift_exponent_pooled'])}")
 
 
 def main(argv: list[str] | None = None) -> int:

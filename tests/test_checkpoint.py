@@ -147,7 +147,7 @@ def test_resume_refuses_another_config_a_finished_run_and_no_usable_checkpoint(s
     monkeypatch.undo()
     other = dataclasses.replace(small(small_config, run), optim=dataclasses.replace(small_config.optim, lr=1e-3))
     with pytest.raises(ConfigError, match=r"^--resume .*run: the run was made with another config "
-                                          r"\(optim.lr: 0.0003 -> 0.001\)$"):
+                                          r"\(optim.lr: 0.0001 -> 0.001\)$"):
         train(other, resume=True)
     (run / "checkpoints" / "step-000003" / "manifest.json").write_text("{")
     (run / "checkpoints" / "step-000002" / "state.json").write_text("{}")

@@ -157,14 +157,30 @@ def fit_exponents(points: list[BiasPoint]) -> dict[str, Any]:
         usable = [p for p in at_lr if p.lag > 0 and not p.below_floor and end is not None and p.lag <= end]
         fit = fit_loglog([p.lag for p in usable], [p.bias_norm for p in usable])
         by_lr[f"{lr:g}"] = {"linear_regime_end": end, "s_exponent": fit.to_dict() if fit else None}
+    # The eta exponent and the pooled S * eta fit use only points inside their lr's linear regime:
+    # past it the clip caps the bias, which would bend any exponent toward 0.
+    linear = [p for p in points if p.lag > 0 and not p.below_floor
+              and by_lr[f"{p.lr:g}"]["linear_regime_end"] is not None and p.lag <= by_lr[f"{p.lr:g}"]["linear_regime_end"]]
     by_lag = {}
     for lag in lags:
-        usable = [p for p in points if p.lag == lag and not p.below_floor]
+        usable = [p for p in linear if p.lag == lag]
         fit = fit_loglog([p.lr for p in usable], [p.bias_norm for p in usable])
         by_lag[str(lag)] = fit.to_dict() if fit else None
-    usable = [p for p in points if p.lag > 0 and not p.below_floor]
-    pooled = fit_loglog([p.lag * p.lr for p in usable], [p.bias_norm for p in usable])
-    return {"by_lr": by_lr, "eta_exponent_by_lag": by_lag, "s_eta_exponent_pooled": pooled.to_dict() if pooled else None}
+    pooled = fit_loglog([p.lag * p.lr for p in linear], [p.bias_norm for p in linear])
+    pooled_drift = fit_loglog([p.drift for p in linear], [p.bias_norm for p in linear])
+    return {"by_lr": by_lr, "eta_exponent_by_lag": by_lag,
+            "s_eta_exponent_pooled": pooled.to_dict() if pooled else None,
+            "drift_exponent_pooled": pooled_drift.to_dict() if pooled_drift else None}
+
+
+def refit(out: Path) -> dict[str, Any]:
+    """Recomputes the fits and the figure of DIR/bias.json without sampling anything."""
+    report = json.loads((out / "bias.json").read_text())
+    points = [BiasPoint(**row) for row in report["points"]]
+    report["fits"] = fit_exponents(points)
+    (out / "bias.json").write_text(json.dumps(report, indent=2))
+    bias_figure(points, out / "bias.png")
+    return report
 
 
 def bias_figure(points: list[BiasPoint], path: Path) -> Path:
@@ -178,18 +194,23 @@ def bias_figure(points: list[BiasPoint], path: Path) -> Path:
     figure, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     for i, lr in enumerate(lrs):
         color = cmap(i / max(len(lrs) - 1, 1))
-        at_lr = sorted((p for p in points if p.lr == lr and p.lag > 0), key=lambda p: p.lag)
-        for ax, x in zip(axes, ([p.lag for p in at_lr], [p.lag * p.lr for p in at_lr], [p.drift for p in at_lr])):
-            y = np.array([p.bias_norm for p in at_lr])
-            err = np.array([[p.bias_norm - p.bias_low for p in at_lr], [p.bias_high - p.bias_norm for p in at_lr]])
-            ax.errorbar(x, np.maximum(y, 1e-12), yerr=err, marker="o", color=color, capsize=2, label=f"lr={lr:g}")
-            ax.plot(x, [p.noise_floor for p in at_lr], linestyle=":", color=color, linewidth=1)
+        at_lr = sorted((p for p in points if p.lag > 0 and p.lr == lr), key=lambda p: p.lag)
+        above = [p for p in at_lr if not p.below_floor]
+        below = [p for p in at_lr if p.below_floor]  # drawn as upper bounds (their 95% high end)
+        xs = (lambda p: p.lag, lambda p: p.lag * p.lr, lambda p: p.drift)
+        for ax, x in zip(axes, xs):
+            err = np.array([[p.bias_norm - p.bias_low for p in above], [p.bias_high - p.bias_norm for p in above]])
+            ax.errorbar([x(p) for p in above], [p.bias_norm for p in above], yerr=err, marker="o", color=color,
+                        capsize=2, label=f"lr={lr:g}")
+            ax.scatter([x(p) for p in below], [max(p.bias_high, p.noise_floor) for p in below], marker="v",
+                       color=color)
+            ax.plot([x(p) for p in at_lr], [p.noise_floor for p in at_lr], linestyle=":", color=color, linewidth=1)
     for ax, label in zip(axes, ("lag S", "S * eta", "within-cycle drift ||theta_t - theta_{t-S}||")):
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel(label)
         ax.grid(True, which="both", alpha=0.3)
-    axes[0].set_ylabel("||b_t(S)|| (95% CI; dotted: noise floor)")
+    axes[0].set_ylabel("||b_t(S)|| (95% CI; v: below floor; dotted: floor)")
     axes[0].legend(fontsize=8)
     figure.suptitle("Surrogate-gradient bias from stale rollouts")
     figure.tight_layout()
