@@ -174,7 +174,7 @@ def test_bad_config_files_and_resume_targets_are_one_line(tmp_path, capsys):
     (run / "summary.json").unlink()
     assert error(["train", "--resume", str(run), "--lr", "0.01", "-S", "4"]) == (
         f"stalerl: error: --resume {run}: the run was made with another config "
-        "(optim.lr: 0.0003 -> 0.01, staleness.staleness: 0 -> 4)")
+        "(optim.lr: 0.0001 -> 0.01, staleness.staleness: 0 -> 4)")
 
 
 def test_a_dataset_prompt_longer_than_the_context_is_refused(tmp_path, capsys):
