@@ -135,6 +135,10 @@ def add_sweep_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--mode", choices=["exact", "bounded"])
     parser.add_argument("--out", required=True, help="sweep directory (rerun the command to resume)")
     parser.add_argument("--workers", type=int, default=2, help="runs in parallel (processes, 1 torch thread each)")
+    parser.add_argument("--runtime", choices=["local", "ray"], default="local",
+                        help="ray: every cell a Ray task (a private Ray on 127.0.0.1, or --ray-address)")
+    parser.add_argument("--ray-address", help="join this Ray cluster (e.g. auto) instead of starting one")
+    parser.add_argument("--cpus-per-run", type=float, default=1.0, help="CPUs each Ray task asks for")
     parser.add_argument("--config", help="base config YAML")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--no-progress", action="store_true")
@@ -155,7 +159,10 @@ def run_sweep_command(args: argparse.Namespace) -> int:
         raise ConfigError("--workers must be >= 1")
     out = Path(args.out)
     cells = cell_configs(base, out, args.staleness, args.lr, args.seeds, args.stabilizers)
-    table = run_sweep(cells, out, args.workers, progress=not args.no_progress)
+    if args.cpus_per_run <= 0:
+        raise ConfigError("--cpus-per-run must be > 0")
+    table = run_sweep(cells, out, args.workers, progress=not args.no_progress, runtime=args.runtime,
+                      ray_address=args.ray_address, cpus_per_run=args.cpus_per_run)
     collapsed = sum(row["collapse_step"] is not None for row in table)
     print(f"sweep {out}: {len(table)} runs, {collapsed} collapsed; table in {out / 'sweep.json'}")
     if not args.no_figures:

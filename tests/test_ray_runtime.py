@@ -207,6 +207,22 @@ def test_run_configs_on_ray_returns_each_runs_summary(local_ray, tmp_path):
     assert summaries[1]["out"] == str(tmp_path / "cell1") and "already holds a run" in summaries[1]["error"]
 
 
+def test_stalerl_sweep_runs_its_cells_as_ray_tasks(local_ray, tmp_path, capsys):
+    from stalerl.cli import main
+
+    out = tmp_path / "sweep"
+    argv = ["sweep", "--staleness", "0,1", "--lr", "1e-4", "--steps", "3", "--out", str(out), "--runtime", "ray",
+            "--cpus-per-run", "0.5", "--no-progress", "--no-figures", "--set", "rollout.prompts_per_step=2",
+            "--set", "rollout.group_size=4", "--set", "task.val_size=32", "--set", "val_every=3"]
+    assert main(argv) == 0
+    table = json.loads((out / "sweep.json").read_text())
+    assert sorted((row["S"], row["steps"]) for row in table) == [(0, 3), (1, 3)]
+    walls = {row["run_dir"]: row["wall_s"] for row in table}
+    assert main(argv) == 0  # finished cells are not rerun
+    assert {row["run_dir"]: row["wall_s"] for row in json.loads((out / "sweep.json").read_text())} == walls
+    capsys.readouterr()
+
+
 # ---------------------------------------------------------------- stub workers: faults at stub speed
 
 

@@ -94,7 +94,9 @@ def sweep_row(cell: Cell, summary: dict[str, Any], run_dir: Path) -> dict[str, A
     }
 
 
-def run_sweep(cells: list[tuple[Cell, TrainConfig]], out: Path, workers: int, progress: bool = True) -> list[dict]:
+def run_sweep(cells: list[tuple[Cell, TrainConfig]], out: Path, workers: int, progress: bool = True,
+              runtime: str = "local", ray_address: str | None = None, cpus_per_run: float = 1.0) -> list[dict]:
+    """Runs the unfinished cells: `workers` local processes, or Ray tasks of `cpus_per_run` CPUs each."""
     out.mkdir(parents=True, exist_ok=True)
     rows: dict[str, dict] = {}
     todo = []
@@ -109,6 +111,12 @@ def run_sweep(cells: list[tuple[Cell, TrainConfig]], out: Path, workers: int, pr
                 shutil.rmtree(run_dir)
             todo.append((cell, config, False))
     bar = tqdm(total=len(cells), initial=len(rows), desc="sweep", disable=not progress, dynamic_ncols=True)
+    if runtime == "ray" and any(not resume for _, _, resume in todo):
+        # Fresh cells go to Ray; a cell with a checkpoint resumes in the local pool below.
+        _run_on_ray([(cell, config) for cell, config, resume in todo if not resume], rows, out, cells,
+                    ray_address, cpus_per_run)
+        bar.update(sum(not resume for _, _, resume in todo))
+        todo = [item for item in todo if item[2]]
     context = multiprocessing.get_context("spawn")  # fresh interpreters: no inherited torch threads
     with concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
         futures = {pool.submit(run_cell, config.to_dict(), resume): (cell, config) for cell, config, resume in todo}
@@ -123,6 +131,23 @@ def run_sweep(cells: list[tuple[Cell, TrainConfig]], out: Path, workers: int, pr
     table = [rows[cell.name] for cell, _ in cells]
     write_table(out, table)
     return table
+
+
+def _run_on_ray(todo: list[tuple[Cell, TrainConfig]], rows: dict[str, dict], out: Path,
+                cells: list[tuple[Cell, TrainConfig]], address: str | None, cpus_per_run: float) -> None:
+    """The cells as Ray tasks (ray_runtime.run_configs_on_ray); a failed cell is reported, not tabled."""
+    from stalerl.ray_runtime import run_configs_on_ray
+
+    summaries = run_configs_on_ray([config for _, config in todo], cpus_per_run, address)
+    failed = []
+    for (cell, config), summary in zip(todo, summaries):
+        if "error" in summary:
+            failed.append(f"{cell.name}: {summary['error']}")
+        else:
+            rows[cell.name] = sweep_row(cell, summary, Path(config.out))
+    write_table(out, [rows[c.name] for c, _ in cells if c.name in rows])
+    if failed:
+        raise RuntimeError(f"{len(failed)} sweep cell(s) failed on Ray; rerun to retry them. " + "; ".join(failed))
 
 
 def write_table(out: Path, rows: list[dict]) -> None:
