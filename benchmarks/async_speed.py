@@ -10,7 +10,6 @@ Writes nothing but run directories under a temporary folder; prints a table (and
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import statistics
 import tempfile

@@ -35,6 +35,72 @@ def learner_step(
     `choose_lr`, if given, sees the batch statistics (lag-independent ones such as `ess_frac`) after
     the backward pass and returns this step's learning rate (the stabilizers in stabilizers.py).
     """
+    surrogate = surrogate_gradient(model, batch, loss_config, optim.micro_batch_size, temperature, reference)
+    logprobs_N_L, entropy_N_L, mask_N_L = surrogate.logprobs_N_L, surrogate.entropy_N_L, surrogate.mask_N_L
+    behavior_logprobs_N_L = batch.generation.behavior_logprobs_N_L.to(mask_N_L.device)
+    tokens = float(mask_N_L.sum().clamp(min=1))
+
+    max_norm = optim.grad_clip if optim.grad_clip > 0 else float("inf")
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    ess_frac = effective_sample_fraction(logprobs_N_L, behavior_logprobs_N_L, mask_N_L)
+    lr = choose_lr({"ess_frac": ess_frac}) if choose_lr is not None else optim.lr
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    # A non-finite loss or gradient would poison the weights and Adam's moments for good: the update
+    # is skipped, weights and optimizer untouched (train.py counts these; guard.max_bad_steps stops).
+    skipped = not (math.isfinite(surrogate.loss) and math.isfinite(float(grad_norm)))
+    if skipped:
+        optimizer.zero_grad(set_to_none=True)
+    else:
+        optimizer.step()
+
+    mask_f_N_L = mask_N_L.float()
+    with torch.no_grad():
+        mismatch = (logprobs_N_L - behavior_logprobs_N_L).abs()
+    return {
+        "loss": surrogate.loss,
+        "clip_frac": surrogate.clip_frac,
+        "kl": surrogate.kl,
+        "kl_ref": surrogate.kl_ref if reference is not None else None,
+        "ratio_max": surrogate.ratio_max,
+        "entropy": float((entropy_N_L * mask_f_N_L).sum() / tokens),
+        "grad_norm": float(grad_norm),
+        "response_len": float(mask_f_N_L.sum(dim=1).mean()),
+        # |log pi_theta - log mu| per token. At lag 0 it is the sampler/learner numeric mismatch
+        # (kernels, dtype); at lag s it also holds the policy change over s steps.
+        "logprob_mismatch": float((mismatch * mask_f_N_L).sum() / tokens),
+        "zero_adv_frac": surrogate.zero_adv_frac,
+        "ess_frac": ess_frac,
+        "lr": lr,
+        "skipped_update": int(skipped),
+    }
+
+
+@dataclasses.dataclass
+class Surrogate:
+    """What one backward pass of the GRPO surrogate left behind (the gradient is in the .grad fields)."""
+
+    loss: float
+    clip_frac: float
+    kl: float
+    kl_ref: float
+    ratio_max: float
+    zero_adv_frac: float
+    logprobs_N_L: torch.Tensor  # [N, L] log pi_theta, detached
+    entropy_N_L: torch.Tensor  # [N, L]
+    mask_N_L: torch.Tensor  # [N, L] the tokens in the loss (failed rewards dropped)
+
+
+def surrogate_gradient(
+    model: PreTrainedModel,
+    batch: RolloutBatch,
+    loss_config: LossConfig,
+    micro_batch_size: int,
+    temperature: float,
+    reference: PreTrainedModel | None = None,
+) -> Surrogate:
+    """Fills the parameters' .grad with g_sur(theta; D_mu), the gradient learner_step applies
+    (before clipping); the bias probe (lab/bias.py) calls it too, so it measures this gradient."""
     generation = batch.generation
     device = next(model.parameters()).device
     rewards_P_G = batch.rewards_N.view(-1, batch.group_size)
@@ -47,7 +113,7 @@ def learner_step(
         mask_N_L = mask_N_L & batch.valid_N.to(device)[:, None]
     advantages_N = advantages_N.to(device)
     count, width = mask_N_L.shape
-    micro = optim.micro_batch_size or count
+    micro = micro_batch_size or count
     tokens = float(mask_N_L.sum().clamp(min=1))
     normalizer = loss_config.constant_normalizer or float(count * width)
 
@@ -57,7 +123,8 @@ def learner_step(
     # Activation checkpointing runs only in training mode; otherwise stay in eval mode (no dropout),
     # as the sampler is, so that the learner's log-probs match the sampler's.
     model.train(any(getattr(module, "gradient_checkpointing", False) for module in model.modules()))
-    optimizer.zero_grad(set_to_none=True)
+    for parameter in model.parameters():
+        parameter.grad = None
     loss_value, clip_frac, kl, kl_ref, ratio_max = 0.0, 0.0, 0.0, 0.0, 0.0
     logprob_parts, entropy_parts = [], []
     for start in range(0, count, micro):
@@ -93,43 +160,8 @@ def learner_step(
         logprob_parts.append(logprobs_n_L.detach())
         entropy_parts.append(entropy_n_L)
     model.eval()
-    logprobs_N_L, entropy_N_L = torch.cat(logprob_parts), torch.cat(entropy_parts)
-    behavior_logprobs_N_L = generation.behavior_logprobs_N_L.to(device)
-
-    max_norm = optim.grad_clip if optim.grad_clip > 0 else float("inf")
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-    ess_frac = effective_sample_fraction(logprobs_N_L, behavior_logprobs_N_L, mask_N_L)
-    lr = choose_lr({"ess_frac": ess_frac}) if choose_lr is not None else optim.lr
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    # A non-finite loss or gradient would poison the weights and Adam's moments for good: the update
-    # is skipped, weights and optimizer untouched (train.py counts these; guard.max_bad_steps stops).
-    skipped = not (math.isfinite(loss_value) and math.isfinite(float(grad_norm)))
-    if skipped:
-        optimizer.zero_grad(set_to_none=True)
-    else:
-        optimizer.step()
-
-    mask_f_N_L = mask_N_L.float()
-    with torch.no_grad():
-        mismatch = (logprobs_N_L - behavior_logprobs_N_L).abs()
-    return {
-        "loss": loss_value,
-        "clip_frac": clip_frac,
-        "kl": kl,
-        "kl_ref": kl_ref if reference is not None else None,
-        "ratio_max": ratio_max,
-        "entropy": float((entropy_N_L * mask_f_N_L).sum() / tokens),
-        "grad_norm": float(grad_norm),
-        "response_len": float(mask_f_N_L.sum(dim=1).mean()),
-        # |log pi_theta - log mu| per token. At lag 0 it is the sampler/learner numeric mismatch
-        # (kernels, dtype); at lag s it also holds the policy change over s steps.
-        "logprob_mismatch": float((mismatch * mask_f_N_L).sum() / tokens),
-        "zero_adv_frac": float((advantages_N == 0).float().mean()),
-        "ess_frac": ess_frac,
-        "lr": lr,
-        "skipped_update": int(skipped),
-    }
+    return Surrogate(loss_value, clip_frac, kl, kl_ref, ratio_max, float((advantages_N == 0).float().mean()),
+                     torch.cat(logprob_parts), torch.cat(entropy_parts), mask_N_L)
 
 
 def rows_of(generation: Generation, rows: slice, device: torch.device) -> Generation:

@@ -7,7 +7,6 @@ import itertools
 import json
 import os
 import re
-from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file

@@ -31,10 +31,9 @@ import torch
 
 from stalerl.config import TrainConfig
 from stalerl.lab.law import fit_loglog
-from stalerl.learner import learner_step, make_optimizer
-from stalerl.loss import group_advantages, grpo_loss
+from stalerl.learner import learner_step, make_optimizer, surrogate_gradient
 from stalerl.metrics import flat_parameters
-from stalerl.rollout import RolloutBatch, RolloutWorker, TransformersEngine, policy_logprobs
+from stalerl.rollout import RolloutBatch, RolloutWorker, TransformersEngine
 from stalerl.tasks import AdditionTask
 from stalerl.warmstart import warm_started_policy
 
@@ -70,18 +69,11 @@ def pairwise_bias(diffs_M_P: torch.Tensor) -> tuple[float, float, float]:
     return estimate, se, total / m**2
 
 
-def surrogate_gradient(model: torch.nn.Module, batch: RolloutBatch, config: TrainConfig) -> torch.Tensor:
-    """g_sur(theta; D): the gradient the learner would apply (before clipping), flattened."""
-    generation = batch.generation
-    advantages_N = group_advantages(batch.rewards_N.view(-1, batch.group_size), config.loss.scale_by_std).reshape(-1)
-    logprobs_N_L, _ = policy_logprobs(model, generation, config.rollout.temperature)
-    mask_N_L = generation.response_mask_N_L
-    normalizer = config.loss.constant_normalizer or float(mask_N_L.numel())
-    loss, _ = grpo_loss(logprobs_N_L, generation.behavior_logprobs_N_L, advantages_N, mask_N_L,
-                        config.loss.eps_low, config.loss.eps_high, config.loss.aggregation, normalizer)
-    gradients = torch.autograd.grad(loss, list(model.parameters()), allow_unused=True)
-    return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1)
-                      for g, p in zip(gradients, model.parameters())])
+def flat_surrogate_gradient(model: torch.nn.Module, batch: RolloutBatch, config: TrainConfig) -> torch.Tensor:
+    """g_sur(theta; D): the learner's own gradient (learner.surrogate_gradient, before clipping), flattened."""
+    surrogate_gradient(model, batch, config.loss, config.optim.micro_batch_size, config.rollout.temperature)
+    return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float()
+                      for p in model.parameters()])
 
 
 def trajectory(config: TrainConfig, lr: float, keep_steps: set[int]) -> dict[int, dict[str, torch.Tensor]]:
@@ -111,7 +103,7 @@ def probe_anchor(config: TrainConfig, lr: float, anchor: int, lags: list[int], b
                                  config.rollout.temperature)
     # Batch m's prompts and noise depend only on (probe_seed, m): common random numbers across lags.
     worker = RolloutWorker(sampler, task, config.rollout.prompts_per_step, config.rollout.group_size, probe_seed)
-    fresh = [surrogate_gradient(model, worker.produce(m), config) for m in range(batches)]
+    fresh = [flat_surrogate_gradient(model, worker.produce(m), config) for m in range(batches)]
     anchor_flat = flat_parameters(model)
     points = []
     for lag in lags:
@@ -119,7 +111,7 @@ def probe_anchor(config: TrainConfig, lr: float, anchor: int, lags: list[int], b
             diffs_M_P = torch.zeros(batches, anchor_flat.numel())
         else:
             sampler.load_weights(snapshots[anchor - lag], version=anchor - lag)
-            diffs_M_P = torch.stack([surrogate_gradient(model, worker.produce(m), config) - fresh[m]
+            diffs_M_P = torch.stack([flat_surrogate_gradient(model, worker.produce(m), config) - fresh[m]
                                      for m in range(batches)])
         estimate, se, naive = pairwise_bias(diffs_M_P)
         floor = math.sqrt(2 * se)
