@@ -235,6 +235,11 @@ def problem_with(path: Path, run_dir: Path) -> str | None:
     return None
 
 
+def newest_usable(run_dir: Path) -> Path | None:
+    """The newest usable checkpoint, or None; quiet (for messages, where newest_valid would warn or raise)."""
+    return next((path for path in list_checkpoints(run_dir) if problem_with(path, run_dir) is None), None)
+
+
 def newest_valid(run_dir: Path) -> Path | None:
     """The newest usable checkpoint; each unusable newer one is reported on stderr."""
     found = list_checkpoints(run_dir)
@@ -267,7 +272,9 @@ def restore(run_dir: Path, learner: Learner) -> Restored | None:
                           f"unexpected {result.unexpected_keys[:2]})")
     _load_optimizer(learner.optimizer, load_file(str(path / "optimizer.safetensors")), state["optimizer"])
     tensors = load_file(str(path / "tensors.safetensors"))
-    learner.tracker.restore({k.removeprefix("tracker."): v.to(device) for k, v in tensors.items()
+    # Copies: load_file's tensors are views into one buffer, aligned only to their element size, and CPU
+    # reductions (the tracker's dot products) sum in an alignment-dependent order; bit for bit needs a copy.
+    learner.tracker.restore({k.removeprefix("tracker."): v.to(device, copy=True) for k, v in tensors.items()
                              if k.startswith("tracker.")}, state["tracker"])
     learner.lr_control.restore(state["lr_control"])
     torch.set_rng_state(tensors["rng.torch"])
@@ -341,6 +348,4 @@ def check_resumable(run_dir: Path, config: TrainConfig) -> None:
     difference = config_difference(saved, config)
     if difference:
         raise ConfigError(f"--resume {run_dir}: the run was made with another config ({difference})")
-    if config.runtime.runtime == "ray":
-        raise ConfigError("resume is not supported with --runtime ray yet")
 

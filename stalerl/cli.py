@@ -100,9 +100,7 @@ def run_train(args: argparse.Namespace) -> int:
     if config.runtime.runtime == "ray":
         from stalerl.ray_runtime import train_on_ray
 
-        if args.resume:
-            raise ConfigError("resume is not supported with --runtime ray yet")
-        summary = train_on_ray(config)
+        summary = train_on_ray(config, resume=bool(args.resume))
     else:
         summary = train(config, resume=bool(args.resume))
     collapse = summary["collapse_step"]
@@ -280,18 +278,22 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"stalerl: error: {error}", file=sys.stderr)
         return 2
-    except RuntimeError as error:  # a reward that failed under task.on_reward_error=stop: one line
+    except RuntimeError as error:  # a reward that failed under task.on_reward_error=stop, a dead learner: one line
         from stalerl.guards import RunStopped
+        from stalerl.ray_runtime import LearnerFailed  # light: Ray itself is not imported
         from stalerl.rewards import RewardError
 
         if isinstance(error, RunStopped):  # non-finite updates, Ctrl-C/SIGTERM, a full disk
             print(f"stalerl: {error}", file=sys.stderr)
             return error.exit_code
         reward_error = error if isinstance(error, RewardError) else error.__cause__
-        if not isinstance(reward_error, RewardError):
-            raise
-        print(f"stalerl: error: {reward_error} (finished steps are kept in the run directory)", file=sys.stderr)
-        return 3
+        if isinstance(reward_error, RewardError):
+            print(f"stalerl: error: {reward_error} (finished steps are kept in the run directory)", file=sys.stderr)
+            return 3
+        if isinstance(error, LearnerFailed):  # Ray: the message names the newest checkpoint and --resume
+            print(f"stalerl: error: {error}", file=sys.stderr)
+            return 1
+        raise
 
 
 if __name__ == "__main__":

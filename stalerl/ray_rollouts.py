@@ -13,6 +13,12 @@ Weights go through the object store: one ``ray.put`` per version, refs to the ac
 version only when they need it. Exact mode keeps only the versions that a batch not yet made still
 needs (at most N + 1: ``publish`` waits otherwise), so memory does not grow with S.
 
+Checkpoints: ``snapshot(V)`` keeps the local runtime's contract (staleness.py): in exact mode it waits
+until batches V..V+S-1 (sampled before theta_V, so never made again) are done and returns them,
+leaving them in place for the run to go on; bounded mode returns the batches done in order from the
+next unconsumed one, and whatever was done beyond a gap or is in flight is made again on resume.
+``RayRollouts(..., start=state)`` restarts from such a state with the learner's theta_V.
+
 Faults: a batch whose actor died (killed process, raised exception) or did not answer within
 ``worker_timeout_s`` (the actor is then killed: ``ray.get(timeout=...)`` alone would not stop it) is
 regenerated under the same index on a fresh actor, so exact mode stays exact and no batch is
@@ -32,7 +38,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import ray
 import torch
 
-from stalerl.staleness import Mode, RolloutWorkerError, required_version
+from stalerl.staleness import Mode, PipelineState, RolloutWorkerError, required_version
 
 if TYPE_CHECKING:
     from stalerl.rollout import RolloutBatch
@@ -100,7 +106,9 @@ class RayRollouts:
         worker_cpus: float = 1.0,
         worker_timeout_s: float = 300.0,
         threads: int = 1,
+        start: PipelineState | None = None,
     ):
+        """`start`: resume from a checkpoint's pipeline; `initial_weights` must be theta_{start.version}."""
         if not ray.is_initialized():
             raise RuntimeError("RayRollouts needs a running Ray (stalerl.ray_runtime.ray_session)")
         self.mode, self.staleness, self.total_batches = mode, staleness, total_batches
@@ -112,14 +120,15 @@ class RayRollouts:
         self._generation = itertools.count()
         self._lock = threading.Condition()
         self._weights: dict[int, ray.ObjectRef] = {}
-        self._latest = 0
-        self._next_index = 0  # the lowest batch index never dispatched
+        start = start or PipelineState(version=0, next_batch=0)
+        self._latest = start.version
+        self._next_index = start.next_batch  # the lowest batch index never dispatched
         self._redo: list[int] = []  # lost batches, regenerated before any new one
         self._inflight: dict[ray.ObjectRef, _Task] = {}
         self._starting: dict[ray.ObjectRef, _Slot] = {}  # actors still in their constructor
-        self._done: dict[int, RolloutBatch] = {}
+        self._done: dict[int, RolloutBatch] = {batch.batch_index: batch for batch in start.batches}
         self._attempts: dict[int, int] = {}
-        self._consumed = 0
+        self._consumed = start.batches[0].batch_index if start.batches else start.next_batch  # the next step
         self._lost = 0
         self._failure: BaseException | None = None
         self._closed = False
@@ -128,7 +137,8 @@ class RayRollouts:
         self._idle: list[_Slot] = []
         for slot in self._slots:
             self._start_actor(slot)
-        self._weights[0] = ray.put(_detached(initial_weights))  # work starts as each actor is ready
+        # Work starts as each actor is ready; every batch not made yet needs this version or a newer one.
+        self._weights[start.version] = ray.put(_detached(initial_weights))
         self._collector = threading.Thread(target=self._collect_forever, name="stalerl-ray-collector", daemon=True)
         self._collector.start()
 
@@ -260,9 +270,29 @@ class RayRollouts:
                 raise RolloutWorkerError(f"rollout workers failed: {self._failure}") from self._failure
             batch = self._done.pop(step)
             self._consumed += 1
-            self._slots[batch.extras["worker"]].lags.append(step - batch.version)
+            worker = batch.extras.get("worker")
+            if isinstance(worker, int) and worker < len(self._slots):  # restored batches keep their maker's id
+                self._slots[worker].lags.append(step - batch.version)
             batch.extras["lost_batches"] = self._lost
             return batch
+
+    def snapshot(self, version: int) -> PipelineState:
+        """See RolloutSource.snapshot and the module doc; the batches returned stay to be consumed."""
+        with self._lock:
+            if self.mode == "exact":  # batches sampled before theta_version: wait for them
+                last_old = min(version - 1 + self.staleness, self.total_batches - 1)
+                needed = range(self._consumed, last_old + 1)
+                self._lock.wait_for(lambda: self._failure is not None or self._closed
+                                    or all(index in self._done for index in needed))
+                next_batch = max(last_old + 1, self._consumed)
+            else:  # bounded: the batches done in order; those beyond a gap are made again on resume
+                next_batch = self._consumed
+                while next_batch in self._done:
+                    next_batch += 1
+            batches = [self._done.get(index) for index in range(self._consumed, next_batch)]
+            if any(batch is None for batch in batches):  # woken by a failure or close
+                raise RolloutWorkerError(f"rollout workers failed: {self._failure or 'closed'}") from self._failure
+            return PipelineState(version, next_batch, batches)
 
     def publish(self, state_dict: dict[str, torch.Tensor], version: int) -> None:
         """Puts theta_version in the object store once, if any batch still to be made may use it."""
@@ -315,8 +345,10 @@ def _detached(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {name: tensor.detach().cpu() for name, tensor in state_dict.items()}
 
 
-def rollouts_for_config(config, initial_weights: dict[str, torch.Tensor]) -> RayRollouts:
-    """The Ray source for a TrainConfig: actors build their worker from the config as train.py does."""
+def rollouts_for_config(config, initial_weights: dict[str, torch.Tensor], start: PipelineState | None = None
+                        ) -> RayRollouts:
+    """The Ray source for a TrainConfig: actors build their worker from the config as train.py does.
+    `start`: a checkpoint's pipeline, `initial_weights` the learner's restored theta_{start.version}."""
     from stalerl.train import build_rollout_worker_from_config
 
     runtime = config.runtime
@@ -324,5 +356,5 @@ def rollouts_for_config(config, initial_weights: dict[str, torch.Tensor]) -> Ray
         functools.partial(build_rollout_worker_from_config, config), initial_weights,
         config.staleness.mode, config.staleness.staleness, total_batches=config.steps,
         num_workers=runtime.num_workers, worker_cpus=runtime.worker_cpus,
-        worker_timeout_s=runtime.worker_timeout_s, threads=config.threads,
+        worker_timeout_s=runtime.worker_timeout_s, threads=config.threads, start=start,
     )

@@ -7,8 +7,10 @@ The learner is an actor: ``train(config)``, unchanged, runs inside it; with ``ru
 it takes its rollouts from ``RayRollouts`` (ray_rollouts.py) instead of the local thread. An actor,
 not the driver, so that on a cluster the learner gets the resources it asks for (a GPU node) and
 the driver can stay on a head node; the learner writes the run directory on the node it runs on
-(use a shared filesystem for ``--out`` on a multi-node cluster). A learner failure ends the run:
-its actor's error is raised here, and the rollout actors it owns die with it.
+(use a shared filesystem for ``--out`` on a multi-node cluster). Checkpoints are written as in the
+local runtime (``RayRollouts.snapshot``), and ``--resume`` goes on from them on Ray. A learner failure
+ends the run: its actor's error is raised here with the newest checkpoint and the ``--resume``
+command that continues from it, and the rollout actors it owns die with it.
 """
 
 from __future__ import annotations
@@ -16,9 +18,11 @@ from __future__ import annotations
 import contextlib
 import os
 import uuid
+from pathlib import Path
 from typing import Any, Iterator
 
 from stalerl.config import ConfigError, TrainConfig, validate
+from stalerl.guards import RunStopped, resume_hint
 
 
 def local_init_kwargs(num_cpus: float) -> dict[str, Any]:
@@ -75,17 +79,33 @@ def _check_resources(config: TrainConfig) -> None:
                           f"learner {runtime.learner_cpus} CPU need {needed:g} CPUs; the cluster has {available:g}")
 
 
-class LearnerActor:
-    """The learner: the local runtime's loop, `train(config)`, in its own process."""
+class LearnerFailed(RuntimeError):
+    """The learner actor died or its train() raised; the message names the checkpoint to resume from."""
 
-    def train(self, config: TrainConfig) -> dict[str, Any]:
+
+class LearnerActor:
+    """The learner: the local runtime's loop, `train(config, resume)`, in its own process."""
+
+    def train(self, config: TrainConfig, resume: bool = False) -> dict[str, Any]:
         from stalerl.train import train
 
-        return train(config)
+        return train(config, resume=resume)
 
 
-def train_on_ray(config: TrainConfig) -> dict[str, Any]:
-    """Runs `config` (runtime.runtime == "ray") with a learner actor and N rollout actors."""
+def _learner_failed(what: str, why: str, config: TrainConfig) -> LearnerFailed:
+    """One line: what happened, the newest checkpoint the learner left and the command that goes on from it."""
+    from stalerl.checkpoint import newest_usable  # torch: only once the learner has failed
+
+    run_dir = Path(config.out)  # on a cluster: readable here only on a shared filesystem
+    why = " ".join(why.split()).rstrip(".")  # Ray's messages span several lines
+    return LearnerFailed(f"{what}: {why}; {resume_hint(run_dir, newest_usable(run_dir))}")
+
+
+def train_on_ray(config: TrainConfig, resume: bool = False) -> dict[str, Any]:
+    """Runs `config` (runtime.runtime == "ray") with a learner actor and N rollout actors.
+
+    `resume`: go on with the unfinished run in config.out from its newest valid checkpoint.
+    """
     import ray
 
     config = validate(config)
@@ -95,13 +115,15 @@ def train_on_ray(config: TrainConfig) -> dict[str, Any]:
         name = f"stalerl-learner-{uuid.uuid4().hex[:8]}"
         learner = ray.remote(LearnerActor).options(name=name, num_cpus=runtime.learner_cpus, max_restarts=0).remote()
         try:
-            return ray.get(learner.train.remote(config))
+            return ray.get(learner.train.remote(config, resume))
         except ray.exceptions.RayTaskError as error:  # train raised
             if isinstance(error.cause, ConfigError):  # bad input stays a one-line error
                 raise ConfigError(str(error.cause)) from None
-            raise RuntimeError(f"learner failed: {error.cause!r}") from error
+            if isinstance(error.cause, RunStopped):  # a stop on purpose: its message says how to resume
+                raise error.cause from None
+            raise _learner_failed("learner failed", repr(error.cause), config) from error
         except ray.exceptions.RayActorError as error:  # the learner's process died
-            raise RuntimeError(f"learner died: {error}") from error
+            raise _learner_failed("learner died", str(error), config) from error
         finally:
             ray.kill(learner)
 

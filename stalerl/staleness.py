@@ -20,7 +20,8 @@ V+S-1 (none of them needs a version the learner has not published), then returns
 ones as a ``PipelineState``; ``ThreadedRollouts(..., start=state)`` puts them back in front of the
 queue and starts the worker at ``state.next_batch``. Bounded mode saves whatever is queued now and
 regenerates the rest with the learner's weights: no sample is lost or used twice, every lag stays
-in [0, S], but the regenerated batches may differ from the uninterrupted run's.
+in [0, S], but the regenerated batches may differ from the uninterrupted run's. The Ray runtime's
+``RayRollouts`` (ray_rollouts.py) keeps the same contract with N worker actors.
 """
 
 from __future__ import annotations
@@ -76,7 +77,8 @@ class RolloutSource(Protocol):
     def snapshot(self, version: int) -> PipelineState:
         """The pipeline's state for a checkpoint while the learner holds theta_version (the newest
         version published): in exact mode it first waits for every batch that needs an older version.
-        Only the local runtime has it; train() refuses checkpoints and --resume on Ray for now."""
+        The batches returned are still served afterwards (the run goes on after a periodic checkpoint),
+        and ``start=`` of the same source type restarts from the state (module doc)."""
         ...
 
 

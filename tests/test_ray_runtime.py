@@ -1,4 +1,5 @@
-"""The Ray runtime: the local runtime's staleness contract across N rollout actors, and faults survived.
+"""The Ray runtime: the local runtime's staleness contract across N rollout actors, faults survived,
+and checkpoints: a killed learner leaves one, and --resume goes on from it.
 
 One private Ray (127.0.0.1, no dashboard) for the module; actors ask for a fraction of a CPU so
 that 2 workers and a learner fit CI's 2 cores.
@@ -18,10 +19,12 @@ import torch
 
 ray = pytest.importorskip("ray")
 
+from stalerl.checkpoint import list_checkpoints  # noqa: E402
 from stalerl.config import ConfigError, RuntimeConfig, StalenessConfig, TrainConfig, validate  # noqa: E402
+from stalerl.metrics import read_metrics  # noqa: E402
 from stalerl.ray_rollouts import RayRollouts  # noqa: E402
 from stalerl.ray_runtime import local_init_kwargs, ray_session, run_configs_on_ray, train_on_ray  # noqa: E402
-from stalerl.staleness import RolloutWorkerError, check_lag  # noqa: E402
+from stalerl.staleness import PipelineState, RolloutWorkerError, check_lag  # noqa: E402
 from stalerl.train import train  # noqa: E402
 
 # The stub workers below run inside actors; ship them by value (tests/ is not importable there).
@@ -195,6 +198,95 @@ def test_a_dead_learner_ends_the_run_with_a_clear_error(local_ray, tmp_path):
     assert not any(n.startswith("stalerl-rollout-") for n in ray.util.list_named_actors())
 
 
+# ---------------------------------------------------------------- checkpoints and resume on Ray
+
+
+def checkpointed(tmp_path: Path, name: str, mode: str, steps: int) -> TrainConfig:
+    config = ray_config(tmp_path, name, mode, 2, steps)
+    return dataclasses.replace(config, seed=5, checkpoint=dataclasses.replace(config.checkpoint, every=2))
+
+
+def kill_the_learner_after_a_checkpoint(run_dir: Path) -> threading.Thread:
+    """Kills the learner actor once `run_dir` has a checkpoint and 5 logged steps."""
+    metrics_path = run_dir / "metrics.jsonl"
+
+    def kill():
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            if list_checkpoints(run_dir) and metrics_path.exists() and metrics_path.read_bytes().count(b"\n") >= 5:
+                name = next(n for n in ray.util.list_named_actors() if n.startswith("stalerl-learner-"))
+                ray.kill(ray.get_actor(name), no_restart=True)
+                return
+            time.sleep(0.01)
+
+    killer = threading.Thread(target=kill)
+    killer.start()
+    return killer
+
+
+def killed_then_resumed(config: TrainConfig) -> None:
+    """Runs `config` on Ray, kills its learner mid-run, checks the error's hint and resumes as it says."""
+    run_dir = Path(config.out)
+    killer = kill_the_learner_after_a_checkpoint(run_dir)
+    with pytest.raises(RuntimeError) as error:
+        train_on_ray(config)
+    killer.join()
+    assert not (run_dir / "summary.json").exists()  # the kill landed mid-run
+    newest = list_checkpoints(run_dir)[0]
+    message = str(error.value)
+    assert message.startswith("learner died: ")
+    assert message.endswith(f"checkpoint {newest}; continue with: stalerl train --resume {run_dir}"), message
+    assert train_on_ray(config, resume=True)["steps"] == config.steps
+
+
+def without_ray_fields(rows: list[dict]) -> list[dict]:
+    """Metrics rows without timings and the Ray runtime's extras (which actor made a batch varies)."""
+    return [{k: v for k, v in row.items() if not k.endswith("_s") and k not in ("worker", "attempts", "lost_batches")}
+            for row in rows]
+
+
+def test_exact_mode_on_ray_resumes_a_killed_learner_as_if_never_stopped(local_ray, tmp_path):
+    config = checkpointed(tmp_path, "killed", "exact", steps=24)
+    killed_then_resumed(config)
+    reference = dataclasses.replace(config, out=str(tmp_path / "reference"),
+                                    runtime=dataclasses.replace(config.runtime, runtime="local"))
+    train(reference)  # uninterrupted; exact mode on Ray makes the local runtime's batches
+    rows, reference_rows = read_metrics(tmp_path / "killed"), read_metrics(tmp_path / "reference")
+    assert without_ray_fields(rows) == without_ray_fields(reference_rows)
+    assert (tmp_path / "killed" / "samples.jsonl").read_text() == (tmp_path / "reference" / "samples.jsonl").read_text()
+
+
+def test_bounded_mode_on_ray_resumes_a_killed_learner_losing_and_repeating_no_sample(local_ray, tmp_path):
+    config = checkpointed(tmp_path, "killed", "bounded", steps=24)
+    killed_then_resumed(config)
+    samples = read_lines(tmp_path / "killed" / "samples.jsonl")
+    assert [row["step"] for row in samples] == list(range(config.steps))
+    lags, ids = consumed(tmp_path / "killed")
+    assert sorted(ids) == list(range(config.steps * SAMPLES_PER_BATCH))  # each sample exactly once
+    assert 0 <= min(lags) and max(lags) <= config.staleness.staleness
+
+
+def test_the_cli_resumes_on_ray_and_reports_a_learner_failure_in_one_line(monkeypatch, capsys, tmp_path):
+    import stalerl.ray_runtime as ray_runtime
+    from stalerl.cli import main
+    from stalerl.config import save_config
+
+    calls = []
+
+    def learner_dies(config, resume=False):
+        calls.append(resume)
+        raise ray_runtime.LearnerFailed(f"learner died: killed; continue with: stalerl train --resume {config.out}")
+
+    monkeypatch.setattr(ray_runtime, "train_on_ray", learner_dies)
+    run = tmp_path / "run"
+    run.mkdir()
+    save_config(ray_config(tmp_path, "run", "exact", 1, steps=4), run / "config.yaml")
+    assert main(["train", "--resume", str(run), "--no-progress"]) == 1
+    assert calls == [True]  # --resume is no longer refused on Ray
+    lines = capsys.readouterr().err.splitlines()  # Ray may forward earlier actors' log lines here too
+    assert f"stalerl: error: learner died: killed; continue with: stalerl train --resume {run}" in lines
+
+
 def test_run_configs_on_ray_returns_each_runs_summary(local_ray, tmp_path):
     base = ray_config(tmp_path, "unused", "exact", 0, steps=3)
     configs = [dataclasses.replace(base, out=str(tmp_path / f"cell{i}"), seed=i,
@@ -245,7 +337,7 @@ class StubBatch:
 
 
 class StubWorker:
-    """Makes batch i in a few ms; the first attempt at batch `fault_at` raises or hangs (once per run)."""
+    """Makes batch i in a few ms; the first attempt at batch `fault_at` raises, hangs or is slow (once per run)."""
 
     def __init__(self, marker_dir: str, fault: str, fault_at: int = 5, always: bool = False):
         self.engine = StubEngine()
@@ -260,6 +352,8 @@ class StubWorker:
                 raise ValueError("reward exploded")
             if self.fault == "hang":
                 time.sleep(3600)
+            if self.fault == "slow":  # done, late: batches after it are done first
+                time.sleep(2)
         ids = list(range(batch_index * SAMPLES_PER_BATCH, (batch_index + 1) * SAMPLES_PER_BATCH))
         return StubBatch(batch_index, self.engine.version, ids, gen_s=0.003)
 
@@ -307,3 +401,52 @@ def test_a_batch_that_always_fails_stops_the_run(local_ray, tmp_path):
     source = stub_source(tmp_path, "raise", "bounded", 1, 10, always=True)
     with pytest.raises(RolloutWorkerError, match="batch 5 failed 3 times.*reward exploded"):
         run_stub_learner(source, "bounded", 1, 10)
+
+
+def run_stub_steps(source, first, last, log):
+    for step in range(first, last):
+        batch = source.next_batch()
+        log.append((batch.batch_index, batch.version, batch.sample_ids))
+        source.publish({"w": torch.tensor(step + 1)}, version=step + 1)
+
+
+@pytest.mark.parametrize("case", ["exact", "exact, bad step", "bounded, a gap"])
+def test_snapshot_then_restart_continues_the_pipeline(local_ray, tmp_path, case):
+    mode, staleness, steps, stop = case.split(",")[0], 2, 16, 6
+    fault = "slow" if "gap" in case else "none"  # bounded: batch `stop` comes 2 s late
+    source = stub_source(tmp_path, fault, mode, staleness, steps, fault_at=stop)
+    log: list[tuple] = []
+    run_stub_steps(source, 0, stop, log)
+    if "bad step" in case:  # train.py's checkpoint before a bad step: the batch in hand put back first
+        in_hand = source.next_batch()
+        state = source.snapshot(version=stop)
+        state = PipelineState(state.version, state.next_batch, [in_hand, *state.batches])
+    else:
+        state = source.snapshot(version=stop)
+    assert state.version == stop
+    assert [batch.batch_index for batch in state.batches] == list(range(stop, state.next_batch))
+    if mode == "exact":  # exactly the batches sampled before theta_stop
+        assert state.next_batch == stop + staleness
+    else:
+        assert state.next_batch == stop  # the late batch was in flight: it and those after it are made again
+    if "bad step" not in case:  # the run goes on after a checkpoint: the snapshot took nothing away
+        going_on: list[tuple] = []
+        run_stub_steps(source, stop, stop + staleness + 1, going_on)
+    source.close()
+
+    build = functools.partial(StubWorker, str(tmp_path), fault, fault_at=stop)
+    restarted = RayRollouts(build, {"w": torch.tensor(stop)}, mode, staleness, steps, num_workers=2,
+                            worker_cpus=0.25, start=state)  # the learner's theta_stop
+    resumed: list[tuple] = []
+    run_stub_steps(restarted, stop, steps, resumed)
+    restarted.close()
+    log += resumed
+    assert [index for index, _, _ in log] == list(range(steps))
+    assert [i for _, _, ids in log for i in ids] == list(range(steps * SAMPLES_PER_BATCH))  # none lost or repeated
+    lags = [step - version for step, (_, version, _) in enumerate(log)]
+    if mode == "exact":
+        assert lags == [min(step, staleness) for step in range(steps)]
+        if "bad step" not in case:
+            assert resumed[:len(going_on)] == going_on  # the same batches as the run that went on
+    else:
+        assert 0 <= min(lags) and max(lags) <= staleness
