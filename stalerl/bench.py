@@ -230,24 +230,37 @@ def bench_async(plan: Plan, tmp: Path) -> dict:
 
 
 def bench_sweep(plan: Plan, tmp: Path) -> dict:
+    """12 cells one at a time vs 2 at a time (`stalerl sweep --workers 2`), alternated, `repeats` times.
+
+    Each run's summary has its wall time and its CPU time (all threads). A single run with S >= 1
+    already uses more than one core (its rollout thread overlaps the learner), so the sweep can at
+    best reach (CPU-seconds of its runs / cores) / (sum of single-run walls): `bound` below.
+    """
     from stalerl.lab.sweep import cell_configs, run_sweep
 
     base = base_config(steps=plan.sweep_steps)
-    timings = {}
-    for workers in (1, 2):
-        out = tmp / f"sweep-w{workers}"
-        cells = cell_configs(base, out, [0, 1, 2, 4], [1e-4, 3e-4, 1e-3], [0], ["none"])[: plan.sweep_cells]
-        start = time.perf_counter()
-        run_sweep(cells, out, workers, progress=False)
-        wall = time.perf_counter() - start
-        runs_s = sum(json.loads((Path(config.out) / "summary.json").read_text())["wall_s"] for _, config in cells)
-        timings[workers] = {"wall_s": wall, "sum_of_runs_s": runs_s}
-    serial, parallel = timings[1], timings[2]
-    return {"cells": plan.sweep_cells, "steps": plan.sweep_steps, "workers": 2,
-            "serial_wall_s": serial["wall_s"], "sum_of_single_runs_s": serial["sum_of_runs_s"],
-            "parallel_wall_s": parallel["wall_s"],
-            "parallel_over_sum_of_runs": parallel["wall_s"] / serial["sum_of_runs_s"],
-            "parallel_over_serial_wall": parallel["wall_s"] / serial["wall_s"]}
+    timings: dict[int, list[dict]] = {1: [], 2: []}
+    for repeat in range(plan.repeats):
+        for workers in (1, 2):
+            out = tmp / f"sweep-w{workers}-{repeat}"
+            cells = cell_configs(base, out, [0, 1, 2, 4], [1e-4, 3e-4, 1e-3], [0], ["none"])[: plan.sweep_cells]
+            start = time.perf_counter()
+            run_sweep(cells, out, workers, progress=False)
+            wall = time.perf_counter() - start
+            summaries = [json.loads((Path(config.out) / "summary.json").read_text()) for _, config in cells]
+            timings[workers].append({"wall_s": wall, "sum_of_runs_s": sum(s["wall_s"] for s in summaries),
+                                     "sum_of_runs_cpu_s": sum(s["cpu_s"] for s in summaries)})
+    serial_wall, runs_s = median_of(timings[1], "wall_s"), median_of(timings[1], "sum_of_runs_s")
+    parallel, parallel_cpu = median_of(timings[2], "wall_s"), median_of(timings[2], "sum_of_runs_cpu_s")
+    cores = min(2, os.cpu_count() or 1)
+    return {"cells": plan.sweep_cells, "steps": plan.sweep_steps, "workers": 2, "repeats": plan.repeats,
+            "serial_wall_s": serial_wall, "sum_of_single_runs_s": runs_s,
+            "single_runs_cores_used": median_of(timings[1], "sum_of_runs_cpu_s") / runs_s,
+            "parallel_wall_s": parallel, "parallel_runs_cpu_s": parallel_cpu,
+            "parallel_over_sum_of_runs": parallel / runs_s,
+            "bound": parallel_cpu / cores / runs_s,
+            "core_utilisation": parallel_cpu / (cores * parallel),
+            "parallel_over_serial_wall": parallel / serial_wall, "runs": timings}
 
 
 def bench_memory(plan: Plan, tmp: Path) -> dict:
@@ -342,7 +355,9 @@ def format_table(report: dict) -> str:
         sweep = report["sweep"]
         lines.append(f"sweep {sweep['cells']} cells x {sweep['steps']} steps: 2 workers {sweep['parallel_wall_s']:.0f} s "
                      f"vs sum of single runs {sweep['sum_of_single_runs_s']:.0f} s "
-                     f"({sweep['parallel_over_sum_of_runs']:.0%}); serial wall {sweep['serial_wall_s']:.0f} s")
+                     f"({sweep['parallel_over_sum_of_runs']:.0%}; bound {sweep['bound']:.0%}: single runs use "
+                     f"{sweep['single_runs_cores_used']:.2f} cores each); cores busy {sweep['core_utilisation']:.0%}; "
+                     f"serial wall {sweep['serial_wall_s']:.0f} s")
     if "memory" in report:
         memory = report["memory"]
         per_s = ", ".join(f"S={row['S']} {row['peak_rss_mb']:.0f} MB" for row in memory["rows"]

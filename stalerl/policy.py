@@ -105,7 +105,11 @@ def save_final(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path:
     """The final policy as a plain Hugging Face checkpoint (LoRA merged in), safetensors + tokenizer."""
     if lora:  # a peft model: save the merged weights, loadable without peft
         model = copy.deepcopy(model).merge_and_unload()
-    model.save_pretrained(path, safe_serialization=True)
+    hf_logging.disable_progress_bar()  # a shard bar per run is noise in a sweep's log
+    try:
+        model.save_pretrained(path, safe_serialization=True)
+    finally:
+        hf_logging.enable_progress_bar()
     tokenizer.save_pretrained(path)
 
 

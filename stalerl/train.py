@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -74,11 +73,11 @@ def build_rollout_worker_from_config(config: TrainConfig) -> RolloutWorker:
 def make_rollout_source(config: TrainConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
                         task: Task, start: PipelineState | None = None) -> RolloutSource:
     """The transport between rollout workers and learner: a thread (local) or actors (ray).
-    `start`: a checkpoint's pipeline (local only; check_resumable refuses --resume on Ray)."""
+    `start`: a checkpoint's pipeline; the model holds the learner's restored theta_{start.version}."""
     if config.runtime.runtime == "ray":
         from stalerl.ray_rollouts import rollouts_for_config  # Ray loads only when asked for
 
-        return rollouts_for_config(config, model.state_dict())
+        return rollouts_for_config(config, model.state_dict(), start)
     worker = build_rollout_worker(config, model, tokenizer, task)
     if start is not None:  # resuming: the worker goes on from the learner's restored weights
         worker.engine.load_weights(model.state_dict(), start.version)
@@ -96,7 +95,7 @@ def train(config: TrainConfig, resume: bool = False) -> dict[str, Any]:
     run_dir = prepare_run_dir(config, resume)
     if not resume:
         save_config(config, run_dir / "config.yaml")
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     if config.threads:
         torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
@@ -124,6 +123,7 @@ def train(config: TrainConfig, resume: bool = False) -> dict[str, Any]:
                                                                                    noise_seed=None)
     latest_checkpoint = restored.path if restored else None
     started -= restored.data["wall_s"] if restored else 0.0
+    cpu_started -= restored.data.get("cpu_s", 0.0) if restored else 0.0
 
     mode, staleness = config.staleness.mode, config.staleness.staleness
     source = make_rollout_source(config, model, tokenizer, task, restored.pipeline if restored else None)
@@ -131,13 +131,11 @@ def train(config: TrainConfig, resume: bool = False) -> dict[str, Any]:
     progress = tqdm(total=config.steps, initial=start_step, desc=f"train S={staleness} {mode}",
                     disable=not config.progress, dynamic_ncols=True)
     guard = BadStepGuard(config.guard.max_bad_steps)
-    can_checkpoint = config.runtime.runtime == "local"  # RayRollouts has no snapshot() yet
-    if not can_checkpoint and config.checkpoint.every:
-        print("stalerl: note: no checkpoints are written with --runtime ray yet", file=sys.stderr)
     stopped = None
 
     def save_checkpoint(steps_done: int, pipeline: PipelineState) -> Path:
-        run = {"initial_val_reward": initial_val, "wall_s": time.perf_counter() - started}
+        run = {"initial_val_reward": initial_val, "wall_s": time.perf_counter() - started,
+               "cpu_s": time.process_time() - cpu_started}
         return checkpoint.save(run_dir, steps_done, learner, pipeline, writer.position(), run, config.checkpoint.keep)
 
     stop_requests = StopRequests().install()  # Ctrl-C / SIGTERM: finish the step, checkpoint, stop
@@ -153,7 +151,7 @@ def train(config: TrainConfig, resume: bool = False) -> dict[str, Any]:
             train_start = time.perf_counter()
             stats = learner_step(model, optimizer, batch, config.loss, config.optim, rollout.temperature, reference,
                                  choose_lr=lambda batch_stats: lr_control.choose(lag, batch_stats))
-            if stats["skipped_update"] and not guard.streak and can_checkpoint:
+            if stats["skipped_update"] and not guard.streak:
                 # The first bad step in a row: keep the state from before it, the batch in hand put back first.
                 pipeline = source.snapshot(version=step)
                 latest_checkpoint = save_checkpoint(step, PipelineState(pipeline.version, pipeline.next_batch,
@@ -203,13 +201,13 @@ def train(config: TrainConfig, resume: bool = False) -> dict[str, Any]:
 
             # -------------------------------------------------- checkpoint, stop
             periodic = config.checkpoint.every and (step + 1) % config.checkpoint.every == 0 and not guard.streak
-            if can_checkpoint and (periodic or stop_requests.requested) and step + 1 < config.steps:
+            if (periodic or stop_requests.requested) and step + 1 < config.steps:
                 latest_checkpoint = save_checkpoint(step + 1, source.snapshot(version=step + 1))
             if must_stop:
                 raise guard.stop(run_dir, latest_checkpoint)
             if stop_requests.requested and step + 1 < config.steps:
                 raise Interrupted(f"stopped by {stop_requests.requested} after step {step}; "
-                                  f"{resume_hint(run_dir, latest_checkpoint if can_checkpoint else None)}")
+                                  f"{resume_hint(run_dir, latest_checkpoint)}")
             if config.collapse.stop_early and collapse_step([row["train_reward"] for row in history],
                                                             config.collapse.window, config.collapse.threshold,
                                                             config.collapse.min_tail) is not None:
@@ -226,6 +224,7 @@ def train(config: TrainConfig, resume: bool = False) -> dict[str, Any]:
         writer.close()
 
     summary = summarize(config, history, initial_val, warm_record, wall_s=time.perf_counter() - started)
+    summary["cpu_s"] = time.process_time() - cpu_started  # all of this process's threads: cores used = cpu_s / wall_s
     summary["rollouts"] = source.report()
     summary["reward_errors"] = sum(row.get("reward_errors", 0) for row in history)
     summary["skipped_updates"] = sum(row.get("skipped_update", 0) for row in history)

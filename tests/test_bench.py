@@ -48,6 +48,7 @@ def test_bench_writes_a_complete_report(tmp_path):
     assert pipe["rows"][0]["speedup"] == 1 and all(row["steps_per_s"] > 0 for row in pipe["rows"])
     sweep = report["sweep"]
     assert sweep["cells"] == 2 and sweep["parallel_wall_s"] > 0 and sweep["sum_of_single_runs_s"] > 0
+    assert 0 < sweep["core_utilisation"] <= 1.05 and 0 < sweep["bound"] <= sweep["parallel_over_sum_of_runs"] * 1.05
     memory = report["memory"]
     assert all(row["peak_rss_mb"] > 100 for row in memory["rows"])  # an interpreter with torch loaded
     assert {(row["S"], row["cycle_history"]) for row in memory["rows"] if row["model"] == "wide"} == {

@@ -32,7 +32,7 @@ def test_sweep_resume_figures_and_advice(tmp_path, capsys):
 
     assert main(["advise", str(out), "--staleness", "0,2", "--steps", "12", "--json", str(tmp_path / "a.json")]) == 0
     printed = capsys.readouterr().out
-    assert "G_upd" in printed and "S=2, T=12" in printed
+    assert "G_upd" in printed and "R_crit" in printed and "S=2, T=12" in printed
     report = json.loads((tmp_path / "a.json").read_text())
     assert report["g_upd"]["count"] == 4 and len(report["advice"]) == 2
 

@@ -38,7 +38,7 @@ def test_run_directory_contents(small_config, tmp_path):
     assert [row["lag_max"] for row in rows] == [0, 1, 2, 2, 2, 2, 2, 2]
     saved = json.loads((run_dir / "summary.json").read_text())
     assert saved == summary
-    for key in ("collapse_step", "final_val_reward", "best_val_reward", "steps", "wall_s"):
+    for key in ("collapse_step", "final_val_reward", "best_val_reward", "steps", "wall_s", "cpu_s"):
         assert key in summary
     assert summary["steps"] == 8 and summary["final_val_reward"] == rows[-1]["val_reward"]
 

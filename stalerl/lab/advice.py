@@ -2,20 +2,23 @@
 
     stalerl advise RUN_OR_SWEEP_DIR [--staleness S] [--steps T]
 
-Reads the runs below the directory (a full sweep or a short probe), estimates G_upd, R_crit and
-R_batch (law.py), and for each requested S prints the predicted largest stable learning rate
-min{R_batch / (S G_upd), R_crit / (T G_upd)}, which constraint is active, the range the estimates'
-spreads allow, a recommended learning rate (half the boundary, since the law says eta << bound),
-and what it could not estimate.
+Reads the runs below the directory (a full sweep or a short probe), estimates R_crit and R_batch
+and how far the policy drifts per learning rate (law.py), and for each requested S prints the
+predicted largest stable learning rate (the smaller of: cumulative drift at T reaches R_crit,
+first-cycle drift at S reaches R_batch), which constraint is active, the range the radii's spreads
+allow, a recommended learning rate (half the boundary, since the law says eta << bound), the law's
+ballistic reading min{R_batch / (S G_upd), R_crit / (T G_upd)} beside it, and what it could not
+estimate.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
-from stalerl.lab.law import Estimate, advise, estimate_g_upd, estimate_r_batch, estimate_r_crit, law_report
+from stalerl.lab.law import law_report
 from stalerl.lab.runs import load_runs
 
 
@@ -29,18 +32,26 @@ def _format(estimate: dict | None, name: str) -> str:
 def advise_directory(directory: Path, staleness: list[int] | None, horizon: int | None,
                      clip_threshold: float = 0.05, safety: float = 0.5) -> dict[str, Any]:
     runs = load_runs(directory)
-    report = law_report(runs, clip_threshold)
-    g_upd, r_crit, r_batch = (estimate_g_upd(runs), estimate_r_crit(runs), estimate_r_batch(runs, clip_threshold))
     horizon = horizon or max(run.summary["steps"] for run in runs)
     staleness = staleness if staleness is not None else sorted({run.staleness for run in runs})
-    report["advice"] = [advise(g_upd, r_crit, r_batch, s, horizon, safety).to_dict() for s in staleness]
-    return report
+    return law_report(runs, staleness, horizon, clip_threshold, safety)
 
 
 def print_report(report: dict[str, Any]) -> None:
-    print(f"constants from {report['runs']} run(s):")
+    print(f"constants from {report['runs']} run(s), {report['steps_run']} learner steps:")
     for key, name in (("g_upd", "G_upd"), ("r_crit", "R_crit"), ("r_batch", "R_batch")):
         print(_format(report[key], name))
+    for key, fit in report["drift_fits"].items():
+        if fit is None:
+            print(f"  drift at {key}: no stable run to measure it")
+            continue
+        if fit["assumed_slope"]:
+            slope = "1 (assumed: one learning rate)"
+        elif math.isnan(fit["slope_low"]):
+            slope = f"{fit['slope']:.2f} (two learning rates: no interval)"
+        else:
+            slope = f"{fit['slope']:.2f} [{fit['slope_low']:.2f}, {fit['slope_high']:.2f}]"
+        print(f"  {fit['what']}: ~ eta^{slope} over {fit['runs']} stable run(s)")
     by_s = report["collapse"]["by_staleness"]
     if by_s:
         print("observed: S  largest stable lr  smallest collapsing lr  T_c*eta (median)")
@@ -55,13 +66,11 @@ def print_report(report: dict[str, Any]) -> None:
             continue
         print(f"{head} largest stable lr ~ {advice['boundary_lr']:.3g} (range {advice['boundary_low']:.3g} .. "
               f"{advice['boundary_high']:.3g}); recommended lr {advice['recommended_lr']:.3g}; "
-              f"active constraint: {advice['active']}")
+              f"active constraint: {advice['active']}"
+              + ("" if advice["ballistic_lr"] is None else
+                 f"; the law's ballistic form would say {advice['ballistic_lr']:.3g}"))
         for missing in advice["missing"]:
             print(f"    could not estimate {missing}")
-
-
-def estimates_as_objects(report: dict[str, Any]) -> tuple[Estimate | None, ...]:
-    return tuple(Estimate(**report[k]) if report[k] else None for k in ("g_upd", "r_crit", "r_batch"))
 
 
 def write_report(report: dict[str, Any], path: Path) -> None:

@@ -2,13 +2,24 @@
 
     eta << min{ R_batch / (S * G_upd), R_crit / (T * G_upd) }
 
-Operational estimates, each from run logs and reported with its spread:
-* G_upd:   ||d_t|| / eta_t per step, median over a run's pre-collapse steps; spread across runs.
-* R_crit:  the cumulative learner drift sum_k ||d_k|| (= T * eta * G_upd) at the collapse step of
-           each collapsed run; spread across runs.
-* R_batch: the within-cycle drift ||theta_t - theta_{t-S}|| at which a run's clip fraction first
-           leaves its small-drift regime (its moving average passes `clip_threshold`); spread across
-           runs with S > 0.
+S * eta * G_upd and T * eta * G_upd are the law's within-cycle and cumulative drifts for updates of
+size eta * G_upd that all point the same way. Both constraints compare a drift with a radius:
+
+* R_crit:  the cumulative drift ||theta_v - theta_0|| of each collapsed policy version v (runs that
+           collapsed after their first cycle, v > S); spread across runs.
+* R_batch: the largest within-cycle drift ||theta_t - theta_{t-S}|| up to the collapsed version, per
+           collapsed run with S > 0; spread across runs.
+* the drifts themselves are measured on the runs that did not collapse, not assumed ballistic:
+  D_T(eta) = ||theta_T - theta_0|| and W_S(eta) = ||theta_S - theta_0|| (the first cycle, the
+  widest one: Adam's first steps are its largest), each fitted across learning rates as
+  c * eta^beta. With a single stable learning rate beta = 1 is assumed, as the law does; a horizon
+  past a run's length is reached by the run's own drift growth, D ~ t^alpha over its second half.
+
+The largest stable eta is the one at which D_T reaches R_crit or W_S reaches R_batch, whichever
+comes first. When every update is eta * G_upd along one direction this is the law's
+min{R_batch / (S G_upd), R_crit / (T G_upd)}; `advise` reports that ballistic reading beside it.
+G_upd (||d_t|| / eta_t, median over pre-collapse steps) is also what the staleness-aware learning
+rate (stabilizers.py) tracks.
 """
 
 from __future__ import annotations
@@ -52,10 +63,28 @@ def estimate_g_upd(runs: list[RunRecord]) -> Estimate | None:
     return _estimate(per_run, "median over pre-collapse steps of ||d_t|| / eta_t, per run")
 
 
+def _fixed(runs: list[RunRecord]) -> list[RunRecord]:
+    return [run for run in runs if run.stabilizer == "none"]
+
+
 def estimate_r_crit(runs: list[RunRecord]) -> Estimate | None:
-    values = [run.metrics[run.collapse_version - 1]["path_length"] for run in runs
-              if run.collapse_version and run.stabilizer == "none"]
-    return _estimate(values, "cumulative drift sum ||d_k|| of the policy version that collapsed, per collapsed run")
+    """||theta_v - theta_0|| of each collapsed version v past the first cycle (v > S): there the
+    cumulative drift, not the within-cycle one alone, is what the policy had moved when it broke."""
+    values = [run.metrics[run.collapse_version - 1]["drift"] for run in _fixed(runs)
+              if run.collapse_version and run.collapse_version > run.staleness]
+    return _estimate(values, "cumulative drift ||theta_v - theta_0|| of the collapsed version v, "
+                             "per run that collapsed after its first cycle (v > S)")
+
+
+def estimate_r_batch(runs: list[RunRecord]) -> Estimate | None:
+    """The largest within-cycle drift a run with S > 0 reached up to its collapsed version."""
+    values = []
+    for run in _fixed(runs):
+        if run.staleness > 0 and run.collapse_version:
+            drifts = [d for d in run.series("cycle_drift")[: run.collapse_version] if d is not None]
+            values.append(max(drifts, default=None))
+    return _estimate(values, "largest within-cycle drift ||theta_t - theta_{t-S}|| up to the collapsed "
+                             "version, per collapsed run with S > 0")
 
 
 def first_crossing_drift(run: RunRecord, clip_threshold: float, window: int = 5) -> float | None:
@@ -70,10 +99,68 @@ def first_crossing_drift(run: RunRecord, clip_threshold: float, window: int = 5)
     return None
 
 
-def estimate_r_batch(runs: list[RunRecord], clip_threshold: float = 0.05) -> Estimate | None:
-    values = [first_crossing_drift(run, clip_threshold) for run in runs if run.stabilizer == "none"]
+def clip_onset_drift(runs: list[RunRecord], clip_threshold: float = 0.05) -> Estimate | None:
+    """A diagnostic, not a radius: on the embedded default the clip fraction passes 0.05 in the first
+    steps of every run with S > 0, stable or not (docs/lab.md), so it does not locate R_batch there."""
+    values = [first_crossing_drift(run, clip_threshold) for run in _fixed(runs)]
     return _estimate(values, f"within-cycle drift where the clip fraction's 5-step mean first passes "
                              f"{clip_threshold:g}, per run with S > 0")
+
+
+# ---------------------------------------------------------------- measured drift per learning rate
+
+
+def cumulative_drift(run: RunRecord, horizon: int) -> float | None:
+    """||theta_T - theta_0||: read from the run, or past its end by its own growth D ~ t^alpha."""
+    drifts = run.series("drift")
+    if horizon <= len(drifts):
+        return drifts[horizon - 1]
+    half = len(drifts) // 2
+    growth = fit_loglog(list(range(half + 1, len(drifts) + 1)), drifts[half:])
+    if growth is None:
+        return None
+    return drifts[-1] * (horizon / len(drifts)) ** growth.slope
+
+
+def first_cycle_drift(run: RunRecord, staleness: int) -> float | None:
+    """||theta_S - theta_0||, the widest within-cycle drift of a stable run (Adam's first steps are its largest)."""
+    drifts = run.series("drift")
+    return drifts[staleness - 1] if 0 < staleness <= len(drifts) else None
+
+
+@dataclass(frozen=True)
+class DriftFit:
+    """A drift against the learning rate over the runs that did not collapse: D(eta) = e^intercept * eta^slope."""
+
+    what: str  # "cumulative drift at T" or "first-cycle drift at S"
+    length: int  # T or S
+    slope: float  # beta; 1 (assumed) with a single stable learning rate
+    slope_low: float
+    slope_high: float
+    intercept: float
+    runs: int
+    assumed_slope: bool
+
+    def lr_at(self, radius: float) -> float:
+        """The learning rate whose drift reaches `radius`."""
+        return math.exp((math.log(radius) - self.intercept) / self.slope)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def fit_drift(runs: list[RunRecord], what: str, length: int) -> DriftFit | None:
+    measure = cumulative_drift if what == "cumulative" else first_cycle_drift
+    points = [(run.lr, measure(run, length)) for run in _fixed(runs) if run.collapse_step is None]
+    points = [(lr, drift) for lr, drift in points if drift is not None and drift > 0]
+    if not points:
+        return None
+    name = f"{what} drift at {'T' if what == 'cumulative' else 'S'} = {length}"
+    fit = fit_loglog([lr for lr, _ in points], [drift for _, drift in points])
+    if fit is None:  # one learning rate: drift proportional to eta, as the law assumes
+        log_ratio = float(np.mean([math.log(drift / lr) for lr, drift in points]))
+        return DriftFit(name, length, 1.0, float("nan"), float("nan"), log_ratio, len(points), True)
+    return DriftFit(name, length, fit.slope, fit.slope_low, fit.slope_high, fit.intercept, len(points), False)
 
 
 @dataclass(frozen=True)
@@ -113,7 +200,7 @@ def collapse_table(runs: list[RunRecord]) -> dict[str, Any]:
     T_c here is the policy version that collapsed (collapse step minus the lag of its batch): the
     training reward of step t is the reward of theta_{t-S}, so it shows a collapse S steps late.
     """
-    fixed = [run for run in runs if run.stabilizer == "none"]
+    fixed = _fixed(runs)
     collapsed = [run for run in fixed if run.collapse_step is not None]
     by_s: dict[int, dict[str, Any]] = {}
     for s in sorted({run.staleness for run in fixed}):
@@ -145,62 +232,105 @@ def _fit_dict(fit: LogLogFit | None) -> dict[str, Any] | None:
     return fit.to_dict() if fit else None
 
 
+HORIZON = "horizon (cumulative drift at T reaches R_crit)"
+STALE = "stale-rollout (first-cycle drift at S reaches R_batch)"
+
+
 @dataclass(frozen=True)
 class Advice:
     staleness: int
     horizon: int
-    boundary_lr: float | None  # min of the two constraints: the predicted largest stable eta
-    boundary_low: float | None  # the same with the estimates' least favourable ends of their spreads
+    boundary_lr: float | None  # the predicted largest stable eta: the smaller of the two limits
+    boundary_low: float | None  # the same at the least and the most favourable ends of the radii's spreads
     boundary_high: float | None
     recommended_lr: float | None  # safety * boundary: the law says eta << the bound
-    active: str | None  # "stale-rollout (R_batch / (S G_upd))" or "horizon (R_crit / (T G_upd))"
+    active: str | None  # HORIZON or STALE
     batch_limit: float | None
     horizon_limit: float | None
+    # The law's ballistic form min{R_batch / (S G_upd), R_crit / (T G_upd)} with the same radii and
+    # the median G_upd: what the prediction would be if every update pointed the same way.
+    ballistic_lr: float | None
     missing: list[str]
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def advise(g_upd: Estimate | None, r_crit: Estimate | None, r_batch: Estimate | None, staleness: int, horizon: int,
+@dataclass(frozen=True)
+class LawConstants:
+    g_upd: Estimate | None
+    r_crit: Estimate | None
+    r_batch: Estimate | None
+
+
+def law_constants(runs: list[RunRecord]) -> LawConstants:
+    return LawConstants(estimate_g_upd(runs), estimate_r_crit(runs), estimate_r_batch(runs))
+
+
+def advise(runs: list[RunRecord], constants: LawConstants, staleness: int, horizon: int,
            safety: float = 0.5) -> Advice:
+    """The predicted largest stable learning rate for (S, T) from the runs' measured drifts and radii."""
+    r_crit, r_batch, g_upd = constants.r_crit, constants.r_batch, constants.g_upd
+    cumulative = fit_drift(runs, "cumulative", horizon)
+    cycle = fit_drift(runs, "first-cycle", staleness) if staleness > 0 else None
     missing = []
-    if g_upd is None:
-        missing.append("G_upd: no run with logged updates")
+    if cumulative is None:
+        missing.append("the drift: no run that did not collapse (add a run at a small learning rate)")
+    elif cumulative.assumed_slope:
+        missing.append("the drift's growth with eta: one stable learning rate, so drift ~ eta is assumed "
+                       "(add a second one)")
     if r_crit is None:
-        missing.append("R_crit: no collapsed run (run a probe at a large learning rate until it collapses)")
-    if r_batch is None and staleness > 0:
-        missing.append("R_batch: no run with S > 0 whose clip fraction left its small-drift regime")
+        missing.append("R_crit: no run that collapsed after its first cycle (run a probe at a large learning "
+                       "rate until it collapses)")
+    if staleness > 0 and r_batch is None:
+        missing.append("R_batch: no collapsed run with S > 0")
+    for name, estimate in (("R_crit", r_crit), ("R_batch", r_batch if staleness > 0 else None)):
+        if estimate is not None and estimate.count == 1:
+            missing.append(f"{name}'s spread: it rests on one collapsed run (a second large learning rate adds one)")
+    if staleness > 0 and cumulative is not None and cycle is None:
+        missing.append(f"the first-cycle drift: no stable run of at least S = {staleness} steps")
+    for fit in (cumulative, cycle):
+        if fit is not None and fit.slope <= 0:  # noise across too close learning rates: no limit to read off
+            missing.append(f"the {fit.what}: it does not grow with eta over the stable runs (exponent {fit.slope:.2f})")
+    cumulative, cycle = (fit if fit is not None and fit.slope > 0 else None for fit in (cumulative, cycle))
     limits: dict[str, tuple[float, float, float]] = {}
-    if g_upd is not None and r_batch is not None and staleness > 0:
-        limits["stale-rollout (R_batch / (S G_upd))"] = (
-            r_batch.value / (staleness * g_upd.value), r_batch.low / (staleness * g_upd.high),
-            r_batch.high / (staleness * g_upd.low))
+    if cumulative is not None and r_crit is not None:
+        limits[HORIZON] = tuple(cumulative.lr_at(r) for r in (r_crit.value, r_crit.low, r_crit.high))
+    if cycle is not None and r_batch is not None:
+        limits[STALE] = tuple(cycle.lr_at(r) for r in (r_batch.value, r_batch.low, r_batch.high))
+    ballistic = None
     if g_upd is not None and r_crit is not None:
-        limits["horizon (R_crit / (T G_upd))"] = (
-            r_crit.value / (horizon * g_upd.value), r_crit.low / (horizon * g_upd.high),
-            r_crit.high / (horizon * g_upd.low))
-    batch = limits.get("stale-rollout (R_batch / (S G_upd))")
-    horizon_limit = limits.get("horizon (R_crit / (T G_upd))")
+        ballistic = r_crit.value / (horizon * g_upd.value)
+        if staleness > 0 and r_batch is not None:
+            ballistic = min(ballistic, r_batch.value / (staleness * g_upd.value))
     if not limits:
-        return Advice(staleness, horizon, None, None, None, None, None, None, None, missing)
+        return Advice(staleness, horizon, None, None, None, None, None, None, None, ballistic, missing)
     active = min(limits, key=lambda name: limits[name][0])
     value = limits[active][0]
     return Advice(
         staleness=staleness, horizon=horizon, boundary_lr=value,
         boundary_low=min(v[1] for v in limits.values()), boundary_high=min(v[2] for v in limits.values()),
         recommended_lr=safety * value, active=active,
-        batch_limit=batch[0] if batch else None, horizon_limit=horizon_limit[0] if horizon_limit else None,
-        missing=missing,
+        batch_limit=limits[STALE][0] if STALE in limits else None,
+        horizon_limit=limits[HORIZON][0] if HORIZON in limits else None,
+        ballistic_lr=ballistic, missing=missing,
     )
 
 
-def law_report(runs: list[RunRecord], clip_threshold: float = 0.05) -> dict[str, Any]:
-    g_upd, r_crit, r_batch = estimate_g_upd(runs), estimate_r_crit(runs), estimate_r_batch(runs, clip_threshold)
+def law_report(runs: list[RunRecord], staleness: list[int], horizon: int, clip_threshold: float = 0.05,
+               safety: float = 0.5) -> dict[str, Any]:
+    constants = law_constants(runs)
+    onset = clip_onset_drift(runs, clip_threshold)
+    drift_fits = {f"T={horizon}": fit_drift(runs, "cumulative", horizon)}
+    drift_fits |= {f"S={s}": fit_drift(runs, "first-cycle", s) for s in staleness if s > 0}
     return {
         "runs": len(runs),
-        "g_upd": g_upd.to_dict() if g_upd else None,
-        "r_crit": r_crit.to_dict() if r_crit else None,
-        "r_batch": r_batch.to_dict() if r_batch else None,
+        "steps_run": sum(len(run.metrics) for run in runs),  # the compute the constants cost, in learner steps
+        "g_upd": constants.g_upd.to_dict() if constants.g_upd else None,
+        "r_crit": constants.r_crit.to_dict() if constants.r_crit else None,
+        "r_batch": constants.r_batch.to_dict() if constants.r_batch else None,
+        "clip_onset_drift": onset.to_dict() if onset else None,
+        "drift_fits": {key: fit.to_dict() if fit else None for key, fit in drift_fits.items()},
         "collapse": collapse_table(runs),
+        "advice": [advise(runs, constants, s, horizon, safety).to_dict() for s in staleness],
     }
