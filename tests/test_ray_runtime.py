@@ -174,21 +174,28 @@ def test_bad_input_in_the_learner_actor_stays_a_config_error(local_ray, tmp_path
         train_on_ray(config)
 
 
-def test_a_dead_learner_ends_the_run_with_a_clear_error(local_ray, tmp_path):
-    config = ray_config(tmp_path, "learner", "bounded", 1, steps=400)
-    metrics_path = tmp_path / "learner" / "metrics.jsonl"
+def kill_the_learner_after(run_dir: Path, checkpoint: bool = True) -> threading.Thread:
+    """Kills the learner actor once `run_dir` has 5 logged steps (and a checkpoint, if asked)."""
+    metrics_path = run_dir / "metrics.jsonl"
 
-    def kill_the_learner_mid_run():
+    def kill():
         deadline = time.time() + 120
         while time.time() < deadline:
-            if metrics_path.exists() and len(metrics_path.read_text().splitlines()) >= 5:
+            if ((not checkpoint or list_checkpoints(run_dir)) and metrics_path.exists()
+                    and metrics_path.read_bytes().count(b"\n") >= 5):
                 name = next(n for n in ray.util.list_named_actors() if n.startswith("stalerl-learner-"))
                 ray.kill(ray.get_actor(name), no_restart=True)
                 return
-            time.sleep(0.02)
+            time.sleep(0.01)
 
-    killer = threading.Thread(target=kill_the_learner_mid_run)
+    killer = threading.Thread(target=kill)
     killer.start()
+    return killer
+
+
+def test_a_dead_learner_ends_the_run_with_a_clear_error(local_ray, tmp_path):
+    config = ray_config(tmp_path, "learner", "bounded", 1, steps=400)
+    killer = kill_the_learner_after(tmp_path / "learner", checkpoint=False)
     with pytest.raises(RuntimeError, match="learner died"):
         train_on_ray(config)
     killer.join()
@@ -206,28 +213,10 @@ def checkpointed(tmp_path: Path, name: str, mode: str, steps: int) -> TrainConfi
     return dataclasses.replace(config, seed=5, checkpoint=dataclasses.replace(config.checkpoint, every=2))
 
 
-def kill_the_learner_after_a_checkpoint(run_dir: Path) -> threading.Thread:
-    """Kills the learner actor once `run_dir` has a checkpoint and 5 logged steps."""
-    metrics_path = run_dir / "metrics.jsonl"
-
-    def kill():
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            if list_checkpoints(run_dir) and metrics_path.exists() and metrics_path.read_bytes().count(b"\n") >= 5:
-                name = next(n for n in ray.util.list_named_actors() if n.startswith("stalerl-learner-"))
-                ray.kill(ray.get_actor(name), no_restart=True)
-                return
-            time.sleep(0.01)
-
-    killer = threading.Thread(target=kill)
-    killer.start()
-    return killer
-
-
 def killed_then_resumed(config: TrainConfig) -> None:
     """Runs `config` on Ray, kills its learner mid-run, checks the error's hint and resumes as it says."""
     run_dir = Path(config.out)
-    killer = kill_the_learner_after_a_checkpoint(run_dir)
+    killer = kill_the_learner_after(run_dir)
     with pytest.raises(RuntimeError) as error:
         train_on_ray(config)
     killer.join()
