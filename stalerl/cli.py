@@ -177,7 +177,8 @@ def add_lab_parsers(subparsers: argparse._SubParsersAction) -> None:
     advise.add_argument("--staleness", "-S", type=_list(int), help="S values to advise for (default: those seen)")
     advise.add_argument("--steps", type=int, help="horizon T (default: the runs' length)")
     advise.add_argument("--clip-threshold", type=float, default=0.05,
-                        help="clip fraction that marks the end of the small-drift regime (R_batch)")
+                        help="clip fraction for the clip-onset diagnostic (clip_onset_drift in --json); R_batch "
+                             "itself comes from collapsed runs")
     advise.add_argument("--json", help="also write the report here")
 
     plot = subparsers.add_parser("plot", help="figures in the paper's layout for a sweep directory")
@@ -199,6 +200,10 @@ def run_advise(args: argparse.Namespace) -> int:
 
     from stalerl.lab.advice import advise_directory, print_report, write_report
 
+    if args.steps is not None and args.steps < 1:
+        raise ConfigError(f"--steps: the horizon T must be >= 1, got {args.steps}")
+    if args.staleness and min(args.staleness) < 0:
+        raise ConfigError(f"--staleness: S must be >= 0, got {min(args.staleness)}")
     try:
         report = advise_directory(Path(args.directory), args.staleness, args.steps, args.clip_threshold)
     except FileNotFoundError as error:

@@ -45,3 +45,7 @@ def test_sweep_and_advise_refuse_bad_input(tmp_path, capsys):
     assert "staleness.staleness" in capsys.readouterr().err
     assert main(["advise", str(tmp_path / "missing")]) == 2
     assert "no such directory" in capsys.readouterr().err
+    assert main(["advise", str(tmp_path), "--steps", "0"]) == 2
+    assert "--steps" in capsys.readouterr().err
+    assert main(["advise", str(tmp_path), "--staleness", "-1"]) == 2
+    assert "--staleness" in capsys.readouterr().err
