@@ -7,8 +7,10 @@ Writes DIR/bench.json and prints a table. Every timed run is a fresh process (sp
 thread unless said otherwise), so runs do not share allocator state and each one's peak RSS is its
 own. Variants alternate within each repeat so machine noise hits all; medians are reported.
 
-* step:   one GRPO step of stalerl at S = 0 vs TRL's GRPOTrainer on the same work (bench_trl.py)
-* gen:    TransformersEngine.generate vs a plain ``model.generate(do_sample=True)`` on the same batch
+* step:   one GRPO step of stalerl at S = 0 vs TRL's GRPOTrainer on the same work (bench_trl.py),
+          and stalerl with a group's prompt run once per sample (model.share_prompt_prefix=false)
+* gen:    TransformersEngine.generate vs a plain ``model.generate(do_sample=True)`` on the same batch,
+          and the engine with every row's prompt prefilled
 * async:  steps/s at S = 1, 2, 4 vs S = 0 against the ideal overlap (t_gen + t_train) / max(t_gen, t_train)
 * sweep:  12 cells of the embedded default with 2 workers vs the same cells one at a time
 * memory: peak RSS against S (exact mode) and against the batch size
@@ -124,11 +126,15 @@ def generation_run(config_data: dict, calls: int) -> dict:
     task = build_task(config, tokenizer)
     rollout = config.rollout
     engine = build_rollout_engine(config, model, tokenizer)
+    whole_engine = build_rollout_engine(override(config, {"model.share_prompt_prefix": False}), model, tokenizer)
     prompts = task.sample_prompts(np.random.default_rng([config.seed, 0]), rollout.prompts_per_step)
     texts = [prompt.text for prompt in prompts for _ in range(rollout.group_size)]
 
     def stalerl_call(seed: int) -> int:
         return int(engine.generate(texts, noise_seed=seed).response_mask_N_L.sum())
+
+    def whole_prompts_call(seed: int) -> int:  # every row's prompt prefilled, as plain generate does
+        return int(whole_engine.generate(texts, noise_seed=seed).response_mask_N_L.sum())
 
     @torch.no_grad()
     def plain_call(seed: int) -> int:  # what a user writes: tokenize, sample, decode
@@ -143,9 +149,10 @@ def generation_run(config_data: dict, calls: int) -> dict:
         return int((is_eos.long().cumsum(dim=1) - is_eos.long() == 0).sum())
 
     model.eval()
-    timings: dict[str, list[tuple[float, int]]] = {"stalerl": [], "plain_generate": []}
-    for call in range(calls + 1):  # call 0 warms both up
-        for name, function in (("stalerl", stalerl_call), ("plain_generate", plain_call)):
+    calls_by_name = {"stalerl": stalerl_call, "stalerl_whole_prompts": whole_prompts_call, "plain_generate": plain_call}
+    timings: dict[str, list[tuple[float, int]]] = {name: [] for name in calls_by_name}
+    for call in range(calls + 1):  # call 0 warms them up
+        for name, function in calls_by_name.items():
             start = time.perf_counter()
             tokens = function(1000 + call)
             if call:
@@ -178,10 +185,14 @@ def bench_step(plan: Plan, tmp: Path, log: Callable[[str], None]) -> dict:
     have_trl = trl_version() is not None
     if not have_trl:
         log("TRL is not installed: skipping the GRPOTrainer comparison (pip install 'stalerl[bench]')")
-    ours, theirs = [], []
+    ours, whole, theirs = [], [], []
     for repeat in range(plan.repeats):
         ours.append(isolated(train_run, override(config, {"out": str(tmp / f"step-r{repeat}")}).to_dict(),
                              WARMUP_STEPS))
+        # stalerl with every sequence run whole, as before prefix.py: what sharing a group's prompt saves
+        whole.append(isolated(train_run, override(config, {"out": str(tmp / f"step-whole-r{repeat}"),
+                                                           "model.share_prompt_prefix": False}).to_dict(),
+                              WARMUP_STEPS))
         if have_trl:
             theirs.append(isolated(trl_steps, config.to_dict(), plan.step_steps, WARMUP_STEPS))
     samples = config.rollout.prompts_per_step * config.rollout.group_size
@@ -191,21 +202,25 @@ def bench_step(plan: Plan, tmp: Path, log: Callable[[str], None]) -> dict:
         return {"s_per_step": seconds, "samples_per_s": samples / seconds, "peak_rss_mb": median_of(runs, "peak_rss_mb"),
                 "runs": runs}
 
-    result = {"samples_per_step": samples, "stalerl": side(ours), "trl": side(theirs) if have_trl else None,
+    result = {"samples_per_step": samples, "stalerl": side(ours), "stalerl_whole_prompts": side(whole),
+              "trl": side(theirs) if have_trl else None,
               "trl_version": trl_version(), "differences": DIFFERENCES if have_trl else []}
     result["ratio_trl_over_stalerl"] = (result["trl"]["s_per_step"] / result["stalerl"]["s_per_step"]
                                         if have_trl else None)
+    result["prompt_sharing_speedup"] = result["stalerl_whole_prompts"]["s_per_step"] / result["stalerl"]["s_per_step"]
     return result
 
 
 def bench_generation(plan: Plan) -> dict:
     runs = [isolated(generation_run, base_config().to_dict(), plan.gen_calls) for _ in range(plan.repeats)]
     result = {name: {key: statistics.median(run[name][key] for run in runs) for key in ("s_per_call", "tokens_per_s")}
-              for name in ("stalerl", "plain_generate")}
+              for name in ("stalerl", "stalerl_whole_prompts", "plain_generate")}
     config = base_config()
     result["batch"] = config.rollout.prompts_per_step * config.rollout.group_size
     result["max_new_tokens"] = config.rollout.max_new_tokens
     result["ratio_stalerl_over_plain"] = result["stalerl"]["tokens_per_s"] / result["plain_generate"]["tokens_per_s"]
+    result["ratio_whole_prompts_over_plain"] = (result["stalerl_whole_prompts"]["tokens_per_s"]
+                                                / result["plain_generate"]["tokens_per_s"])
     return result
 
 
@@ -341,10 +356,13 @@ def format_table(report: dict) -> str:
         else:
             text += " | TRL not installed (pip install 'stalerl[bench]')"
         lines.append(text)
+        lines.append(f"      stalerl with prompts run whole {step['stalerl_whole_prompts']['s_per_step']:.3f} s: "
+                     f"sharing a group's prompt makes the step {step['prompt_sharing_speedup']:.2f}x faster")
     if "gen" in report:
         gen = report["gen"]
         lines.append(f"gen   stalerl engine {gen['stalerl']['tokens_per_s']:.0f} tokens/s | plain generate "
-                     f"{gen['plain_generate']['tokens_per_s']:.0f} tokens/s | ratio {gen['ratio_stalerl_over_plain']:.2f}x")
+                     f"{gen['plain_generate']['tokens_per_s']:.0f} tokens/s | ratio {gen['ratio_stalerl_over_plain']:.2f}x "
+                     f"(prompts prefilled whole: {gen['ratio_whole_prompts_over_plain']:.2f}x)")
     if "async" in report:
         pipe = report["async"]
         cells = ", ".join(f"S={row['S']} {row['steps_per_s']:.2f}/s {row['speedup']:.2f}x "

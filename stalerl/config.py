@@ -32,6 +32,9 @@ class ModelConfig:
     device: str = "auto"  # auto: cuda if there is one (checkpoints only; the tiny model stays on cpu); cpu; cuda:N
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more time
     trust_remote_code: bool = False  # never run code shipped with a checkpoint unless asked
+    # A group's prompt runs once, its KV cache copied to the G samples, in generation and in the
+    # learner's forward (prefix.py); False runs every sequence whole (equal up to float rounding).
+    share_prompt_prefix: bool = True
     # LoRA through peft (extra `stalerl[lora]`): rank 0 trains every weight. The update direction d_t,
     # Grad CosSim and drift are then measured on the merged weights' full parameter vector.
     lora_rank: int = 0

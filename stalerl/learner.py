@@ -11,6 +11,7 @@ from transformers import PreTrainedModel
 
 from stalerl.config import LossConfig, OptimConfig
 from stalerl.loss import group_advantages, grpo_loss
+from stalerl.prefix import activation_checkpointing
 from stalerl.rollout import Generation, RolloutBatch, policy_logprobs
 
 
@@ -29,13 +30,15 @@ def learner_step(
     temperature: float,
     reference: PreTrainedModel | None = None,
     choose_lr: Callable[[dict[str, float]], float] | None = None,
+    share_prompts: bool = True,
 ) -> dict[str, float | None]:
     """Applies g_sur(theta_t; D_mu) for a batch sampled by mu = pi(theta_version); returns statistics.
 
     `choose_lr`, if given, sees the batch statistics (lag-independent ones such as `ess_frac`) after
     the backward pass and returns this step's learning rate (the stabilizers in stabilizers.py).
     """
-    surrogate = surrogate_gradient(model, batch, loss_config, optim.micro_batch_size, temperature, reference)
+    surrogate = surrogate_gradient(model, batch, loss_config, optim.micro_batch_size, temperature, reference,
+                                   share_prompts)
     logprobs_N_L, entropy_N_L, mask_N_L = surrogate.logprobs_N_L, surrogate.entropy_N_L, surrogate.mask_N_L
     behavior_logprobs_N_L = batch.generation.behavior_logprobs_N_L.to(mask_N_L.device)
     tokens = float(mask_N_L.sum().clamp(min=1))
@@ -98,6 +101,7 @@ def surrogate_gradient(
     micro_batch_size: int,
     temperature: float,
     reference: PreTrainedModel | None = None,
+    share_prompts: bool = True,
 ) -> Surrogate:
     """Fills the parameters' .grad with g_sur(theta; D_mu), the gradient learner_step applies
     (before clipping); the bias probe (lab/bias.py) calls it too, so it measures this gradient."""
@@ -122,7 +126,7 @@ def surrogate_gradient(
     # sequence_mean by its share of the sequences; 'constant' already divides by a batch constant.
     # Activation checkpointing runs only in training mode; otherwise stay in eval mode (no dropout),
     # as the sampler is, so that the learner's log-probs match the sampler's.
-    model.train(any(getattr(module, "gradient_checkpointing", False) for module in model.modules()))
+    model.train(activation_checkpointing(model))
     for parameter in model.parameters():
         parameter.grad = None
     loss_value, clip_frac, kl, kl_ref, ratio_max = 0.0, 0.0, 0.0, 0.0, 0.0
@@ -131,11 +135,11 @@ def surrogate_gradient(
         rows = slice(start, start + micro)
         part = rows_of(generation, rows, device)
         part_mask_n_L = mask_N_L[rows]
-        logprobs_n_L, entropy_n_L = policy_logprobs(model, part, temperature)
+        logprobs_n_L, entropy_n_L = policy_logprobs(model, part, temperature, share_prompts)
         ref_logprobs_n_L = None
         if reference is not None:
             with torch.no_grad():
-                ref_logprobs_n_L, _ = policy_logprobs(reference, part, temperature)
+                ref_logprobs_n_L, _ = policy_logprobs(reference, part, temperature, share_prompts)
         part_loss, stats = grpo_loss(
             logprobs_n_L,
             part.behavior_logprobs_N_L,

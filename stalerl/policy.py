@@ -128,4 +128,5 @@ def build_rollout_engine(config: TrainConfig, model: PreTrainedModel,
             trust_remote_code=config.model.trust_remote_code,
             scoring_model=model if rollout.recompute_behavior_logprobs else None, seed=config.seed,
         )
-    return TransformersEngine(copy.deepcopy(model), tokenizer, rollout.max_new_tokens, rollout.temperature)
+    return TransformersEngine(copy.deepcopy(model), tokenizer, rollout.max_new_tokens, rollout.temperature,
+                              config.model.share_prompt_prefix)

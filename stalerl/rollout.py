@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase
 
+from stalerl.prefix import cache_argument, response_logits, shared_prompt_cache
 from stalerl.tasks import Prompt, Task
 
 
@@ -89,8 +90,10 @@ class TransformersEngine:
         tokenizer: PreTrainedTokenizerBase,
         max_new_tokens: int,
         temperature: float = 1.0,
+        share_prompts: bool = True,
     ):
         self.model = model.eval()
+        self.share_prompts = share_prompts  # a group's prompt prefilled once (prefix.py)
         self.tokenizer = tokenizer
         self.temperature = temperature
         self.version = 0
@@ -116,7 +119,7 @@ class TransformersEngine:
     @torch.no_grad()
     def score(self, generation: Generation) -> torch.Tensor:
         """log mu by the learner's forward pass on this engine's (behavior) weights, 0 on padding."""
-        logprobs_N_L, _ = policy_logprobs(self.model, generation, self.temperature)
+        logprobs_N_L, _ = policy_logprobs(self.model, generation, self.temperature, self.share_prompts)
         return logprobs_N_L * generation.response_mask_N_L
 
     @torch.no_grad()
@@ -129,14 +132,21 @@ class TransformersEngine:
         distinct = list(dict.fromkeys(prompts))
         position = {text: i for i, text in enumerate(distinct)}
         rows_N = torch.tensor([position[text] for text in prompts])
-        encoded = {key: value[rows_N].to(self.device)
-                   for key, value in self.tokenizer(distinct, return_tensors="pt", padding=True).items()}
+        encoded_U = {key: value.to(self.device)
+                     for key, value in self.tokenizer(distinct, return_tensors="pt", padding=True).items()}
+        encoded = {key: value[rows_N] for key, value in encoded_U.items()}
+        prefilled = {}
+        if self.share_prompts and len(distinct) < len(prompts) and encoded_U["input_ids"].shape[1] > 1:
+            # All but the last prompt column, once per distinct prompt; generate() runs the rest.
+            cache, _ = shared_prompt_cache(self.model, encoded_U["input_ids"][:, :-1],
+                                           encoded_U["attention_mask"][:, :-1], rows_N.to(self.device))
+            prefilled[cache_argument(self.model)] = cache
         processors = LogitsProcessorList()
         if noise_seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(noise_seed)
             processors.append(GumbelNoise(generator, self.temperature))
         output = self.model.generate(
-            **encoded, generation_config=self.generation_config, logits_processor=processors
+            **encoded, **prefilled, generation_config=self.generation_config, logits_processor=processors
         )
         prompt_width = encoded["input_ids"].shape[1]
         tokens_N_T = output.sequences
@@ -167,23 +177,18 @@ class TransformersEngine:
 
 
 def policy_logprobs(
-    model: PreTrainedModel, generation: Generation, temperature: float = 1.0
+    model: PreTrainedModel, generation: Generation, temperature: float = 1.0, share_prompts: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The learner's log pi_theta of the sampled response tokens, and the policy's entropy there.
 
     Positions follow the attention mask, as in generation, so that left padding does not shift them.
+    With `share_prompts`, a prompt repeated over a group runs once (prefix.py).
     Returns ([N, L] log-probs with gradient, [N, L] entropy without).
     """
-    attention_mask_N_T = generation.attention_mask_N_T
-    position_ids_N_T = (attention_mask_N_T.cumsum(dim=1) - 1).clamp(min=0)
-    logits_N_T_V = model(
-        input_ids=generation.tokens_N_T, attention_mask=attention_mask_N_T, position_ids=position_ids_N_T
-    ).logits
-    start = generation.prompt_width
-    # The token at position p is predicted by the logits at position p - 1.
-    logits_N_L_V = logits_N_T_V[:, start - 1 : -1].float() / temperature
-    log_softmax_N_L_V = torch.log_softmax(logits_N_L_V, dim=-1)
-    response_N_L = generation.tokens_N_T[:, start:]
+    logits_N_L_V = response_logits(model, generation.tokens_N_T, generation.attention_mask_N_T,
+                                   generation.prompt_width, share_prompts)
+    log_softmax_N_L_V = torch.log_softmax(logits_N_L_V.float() / temperature, dim=-1)
+    response_N_L = generation.tokens_N_T[:, generation.prompt_width :]
     logprobs_N_L = log_softmax_N_L_V.gather(-1, response_N_L[..., None]).squeeze(-1)
     with torch.no_grad():
         entropy_N_L = -(log_softmax_N_L_V.exp() * log_softmax_N_L_V).sum(dim=-1)

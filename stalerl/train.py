@@ -106,7 +106,8 @@ def train(config: TrainConfig, resume: bool = False) -> dict[str, Any]:
     rollout = config.rollout
     check_prompt_lengths(task, tokenizer, getattr(model.config, "max_position_embeddings", None),
                          rollout.max_new_tokens)
-    validator = TransformersEngine(model, tokenizer, rollout.max_new_tokens, rollout.temperature)
+    validator = TransformersEngine(model, tokenizer, rollout.max_new_tokens, rollout.temperature,
+                                   config.model.share_prompt_prefix)
     reference = copy.deepcopy(model).requires_grad_(False) if config.loss.kl_beta > 0 else None
     optimizer = make_optimizer(model, config.optim)
     tracker = UpdateTracker(model, config.staleness.staleness)
@@ -150,7 +151,8 @@ def train(config: TrainConfig, resume: bool = False) -> dict[str, Any]:
             # -------------------------------------------------- learn
             train_start = time.perf_counter()
             stats = learner_step(model, optimizer, batch, config.loss, config.optim, rollout.temperature, reference,
-                                 choose_lr=lambda batch_stats: lr_control.choose(lag, batch_stats))
+                                 choose_lr=lambda batch_stats: lr_control.choose(lag, batch_stats),
+                                 share_prompts=config.model.share_prompt_prefix)
             if stats["skipped_update"] and not guard.streak:
                 # The first bad step in a row: keep the state from before it, the batch in hand put back first.
                 pipeline = source.snapshot(version=step)

@@ -36,13 +36,14 @@ def test_bench_writes_a_complete_report(tmp_path):
 
     step = report["step"]
     assert step["stalerl"]["s_per_step"] > 0 and step["stalerl"]["samples_per_s"] > 0
+    assert step["stalerl_whole_prompts"]["s_per_step"] > 0 and step["prompt_sharing_speedup"] > 0
     if trl_version() is None:
         assert step["trl"] is None and step["ratio_trl_over_stalerl"] is None
     else:
         assert step["trl"]["s_per_step"] > 0 and step["ratio_trl_over_stalerl"] > 0 and step["differences"]
     gen = report["gen"]
     assert gen["stalerl"]["tokens_per_s"] > 0 and gen["plain_generate"]["tokens_per_s"] > 0
-    assert gen["ratio_stalerl_over_plain"] > 0
+    assert gen["ratio_stalerl_over_plain"] > 0 and gen["ratio_whole_prompts_over_plain"] > 0
     pipe = report["async"]
     assert pipe["ideal_overlap"] >= 1 and [row["S"] for row in pipe["rows"]] == [0, 2]
     assert pipe["rows"][0]["speedup"] == 1 and all(row["steps_per_s"] > 0 for row in pipe["rows"])
@@ -54,7 +55,8 @@ def test_bench_writes_a_complete_report(tmp_path):
     assert {(row["S"], row["cycle_history"]) for row in memory["rows"] if row["model"] == "wide"} == {
         (0, True), (0, False), (2, True), (2, False)}
     assert memory["weight_mb_wide"] > 0
-    assert "step" in format_table(report) and "mem" in format_table(report)
+    table = format_table(report)
+    assert "step" in table and "prompts run whole" in table and "mem" in table
 
 
 def test_bench_refuses_unknown_parts(tmp_path, capsys):

@@ -71,7 +71,8 @@ def pairwise_bias(diffs_M_P: torch.Tensor) -> tuple[float, float, float]:
 
 def flat_surrogate_gradient(model: torch.nn.Module, batch: RolloutBatch, config: TrainConfig) -> torch.Tensor:
     """g_sur(theta; D): the learner's own gradient (learner.surrogate_gradient, before clipping), flattened."""
-    surrogate_gradient(model, batch, config.loss, config.optim.micro_batch_size, config.rollout.temperature)
+    surrogate_gradient(model, batch, config.loss, config.optim.micro_batch_size, config.rollout.temperature,
+                       share_prompts=config.model.share_prompt_prefix)
     return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float()
                       for p in model.parameters()])
 
@@ -82,14 +83,16 @@ def trajectory(config: TrainConfig, lr: float, keep_steps: set[int]) -> dict[int
     task = AdditionTask(config.task.max_operand, config.task.val_size)
     optim = dataclasses.replace(config.optim, lr=lr)
     optimizer = make_optimizer(model, optim)
-    engine = TransformersEngine(model, tokenizer, config.rollout.max_new_tokens, config.rollout.temperature)
+    engine = TransformersEngine(model, tokenizer, config.rollout.max_new_tokens, config.rollout.temperature,
+                                config.model.share_prompt_prefix)
     worker = RolloutWorker(engine, task, config.rollout.prompts_per_step, config.rollout.group_size, config.seed)
     snapshots = {}
     for step in range(max(keep_steps) + 1):
         if step in keep_steps:
             snapshots[step] = {k: v.detach().clone() for k, v in model.state_dict().items()}
         if step < max(keep_steps):
-            learner_step(model, optimizer, worker.produce(step), config.loss, optim, config.rollout.temperature)
+            learner_step(model, optimizer, worker.produce(step), config.loss, optim, config.rollout.temperature,
+                         share_prompts=config.model.share_prompt_prefix)
             engine.version = step + 1
     return snapshots
 
@@ -100,7 +103,7 @@ def probe_anchor(config: TrainConfig, lr: float, anchor: int, lags: list[int], b
     task = AdditionTask(config.task.max_operand, config.task.val_size)
     model.load_state_dict(snapshots[anchor])
     sampler = TransformersEngine(copy.deepcopy(model), tokenizer, config.rollout.max_new_tokens,
-                                 config.rollout.temperature)
+                                 config.rollout.temperature, config.model.share_prompt_prefix)
     # Batch m's prompts and noise depend only on (probe_seed, m): common random numbers across lags.
     worker = RolloutWorker(sampler, task, config.rollout.prompts_per_step, config.rollout.group_size, probe_seed)
     fresh = [flat_surrogate_gradient(model, worker.produce(m), config) for m in range(batches)]

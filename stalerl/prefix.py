@@ -1,0 +1,91 @@
+"""A group's prompt, computed once: GRPO's G samples of a prompt share it, so its forward pass
+(keys and values) is run on the distinct prompts only and the KV cache is copied to every sample.
+
+Both sides use it: generation prefills the distinct prompts before ``generate`` (the prompt half of
+rollout time), and the learner's log-probs run the prompt block once per group, then the responses
+on the copied cache; gradients flow back through the copy into the shared prompt pass. The result
+equals the whole-sequence forward up to float rounding (tests/test_prefix.py checks log-probs and
+gradients). vLLM does the same for its side with its prefix cache.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache, PreTrainedModel
+
+
+def cache_argument(model: PreTrainedModel) -> str:
+    """The forward's keyword for a KV cache: `cache` in newer transformers, `past_key_values` before."""
+    forward = getattr(model, "get_base_model", lambda: model)().forward  # a peft wrapper: the base model's
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+
+
+def activation_checkpointing(model: torch.nn.Module) -> bool:
+    return any(getattr(module, "gradient_checkpointing", False) for module in model.modules())
+
+
+def can_share(model: PreTrainedModel) -> bool:
+    """Activation checkpointing turns the KV cache off in training mode: then every row runs whole."""
+    return not activation_checkpointing(model)
+
+
+@dataclass
+class PromptGroups:
+    """Rows that carry the same prompt block: distinct_U_T[row_of_N[n]] is row n's prompt."""
+
+    distinct_U_T: torch.Tensor  # [U, T_p] the distinct prompt blocks
+    row_of_N: torch.Tensor  # [N] the distinct prompt of each row
+    first_N_of_U: torch.Tensor  # [U] a row that carries each distinct prompt
+
+    @property
+    def saves_work(self) -> bool:
+        return len(self.distinct_U_T) < len(self.row_of_N)
+
+
+def prompt_groups(prompt_N_T: torch.Tensor) -> PromptGroups:
+    distinct_U_T, row_of_N = torch.unique(prompt_N_T, dim=0, return_inverse=True)
+    first_N_of_U = torch.full((len(distinct_U_T),), len(row_of_N), dtype=torch.long, device=row_of_N.device)
+    first_N_of_U.scatter_reduce_(0, row_of_N, torch.arange(len(row_of_N), device=row_of_N.device), reduce="amin")
+    return PromptGroups(distinct_U_T, row_of_N, first_N_of_U)
+
+
+def positions(attention_mask_N_T: torch.Tensor) -> torch.Tensor:
+    """Position ids that follow the attention mask, so left padding does not shift them."""
+    return (attention_mask_N_T.cumsum(dim=1) - 1).clamp(min=0)
+
+
+def shared_prompt_cache(model: PreTrainedModel, input_ids_U_T: torch.Tensor, attention_mask_U_T: torch.Tensor,
+                        row_of_N: torch.Tensor) -> tuple[DynamicCache, torch.Tensor]:
+    """Runs the distinct prompts once; returns their KV cache copied to the N rows, and the [U, V]
+    logits at each prompt's last position (they predict its first response token)."""
+    cache = DynamicCache(config=model.config)
+    output = model(input_ids=input_ids_U_T, attention_mask=attention_mask_U_T,
+                   position_ids=positions(attention_mask_U_T), use_cache=True, logits_to_keep=1,
+                   **{cache_argument(model): cache})
+    cache.reorder_cache(row_of_N)  # index_select on the batch axis: differentiable, gradients sum back
+    return cache, output.logits[:, -1]
+
+
+def response_logits(model: PreTrainedModel, tokens_N_T: torch.Tensor, attention_mask_N_T: torch.Tensor,
+                    prompt_width: int, share_prompts: bool = True) -> torch.Tensor:
+    """[N, L, V] logits that predict the L response tokens (positions T_p - 1 .. T - 2)."""
+    response_width = tokens_N_T.shape[1] - prompt_width
+    groups = prompt_groups(tokens_N_T[:, :prompt_width]) if share_prompts and can_share(model) else None
+    if groups is None or not groups.saves_work:
+        # Logits only where they are used: for a 128k vocabulary they are most of the activations.
+        logits_N_K_V = model(input_ids=tokens_N_T, attention_mask=attention_mask_N_T,
+                             position_ids=positions(attention_mask_N_T), logits_to_keep=response_width + 1).logits
+        return logits_N_K_V[:, :-1]
+    prompt_mask_U_T = attention_mask_N_T[groups.first_N_of_U, :prompt_width]
+    cache, first_logits_U_V = shared_prompt_cache(model, groups.distinct_U_T, prompt_mask_U_T, groups.row_of_N)
+    first_logits_N_1_V = first_logits_U_V[groups.row_of_N, None]
+    if response_width == 1:
+        return first_logits_N_1_V
+    # The last response token predicts nothing that is scored: it is not fed.
+    rest_logits_N_L_V = model(input_ids=tokens_N_T[:, prompt_width:-1], attention_mask=attention_mask_N_T[:, :-1],
+                              position_ids=positions(attention_mask_N_T)[:, prompt_width:-1], use_cache=True,
+                              **{cache_argument(model): cache}).logits
+    return torch.cat([first_logits_N_1_V, rest_logits_N_L_V], dim=1)

@@ -1,0 +1,98 @@
+"""A group's prompt computed once (prefix.py) gives what the whole-sequence forward gives."""
+
+import copy
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from hf_checkpoint import save_tiny_checkpoint
+from stalerl.config import TrainConfig
+from stalerl.prefix import can_share, prompt_groups
+from stalerl.rollout import TransformersEngine, policy_logprobs
+from stalerl.warmstart import warm_started_policy
+
+
+@pytest.fixture(scope="module")
+def policy():
+    model, tokenizer, _ = warm_started_policy(TrainConfig())
+    return model, tokenizer
+
+
+@pytest.fixture(scope="module")
+def bpe_policy(tmp_path_factory):
+    """A checkpoint with a BPE tokenizer: prompts of different lengths, so left padding differs by group."""
+    path = save_tiny_checkpoint(tmp_path_factory.mktemp("tiny-hf-prefix"), hidden_size=48)
+    return AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+
+
+GROUPS = ["3+4=", "37+45=", "9+10=", "0+0="]
+BPE_GROUPS = ["Tom has 3 apples.", "A train leaves at noon and travels 40 miles", "Add 7 and 8.", "Sum?"]
+
+
+def flat_gradient(model, generation, share):
+    model.zero_grad(set_to_none=True)
+    logprobs_N_L, _ = policy_logprobs(model, generation, 1.0, share_prompts=share)
+    (logprobs_N_L * generation.response_mask_N_L).sum().backward()
+    return torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.grad is not None])
+
+
+@pytest.mark.parametrize("which", ["policy", "bpe_policy"])
+def test_shared_prompt_logprobs_and_gradient_equal_the_whole_forward(which, request):
+    model, tokenizer = request.getfixturevalue(which)
+    prompts = [text for text in (GROUPS if which == "policy" else BPE_GROUPS) for _ in range(4)]
+    generation = TransformersEngine(copy.deepcopy(model), tokenizer, 6).generate(prompts, noise_seed=3)
+    assert prompt_groups(generation.tokens_N_T[:, : generation.prompt_width]).distinct_U_T.shape[0] == 4
+    mask = generation.response_mask_N_L
+    shared, shared_entropy = policy_logprobs(model, generation, 0.8, share_prompts=True)
+    whole, whole_entropy = policy_logprobs(model, generation, 0.8, share_prompts=False)
+    assert torch.allclose(shared[mask], whole[mask], atol=1e-5)
+    assert torch.allclose(shared_entropy[mask], whole_entropy[mask], atol=1e-5)
+    shared_grad, whole_grad = flat_gradient(model, generation, True), flat_gradient(model, generation, False)
+    assert whole_grad.norm() > 0
+    assert float((shared_grad - whole_grad).norm() / whole_grad.norm()) < 1e-4
+
+
+@pytest.mark.parametrize("which", ["policy", "bpe_policy"])
+def test_prefilled_generation_samples_what_plain_generation_samples(which, request):
+    model, tokenizer = request.getfixturevalue(which)
+    prompts = [text for text in (GROUPS if which == "policy" else BPE_GROUPS) for _ in range(8)]
+    shared = TransformersEngine(copy.deepcopy(model), tokenizer, 6, 1.0, share_prompts=True)
+    plain = TransformersEngine(copy.deepcopy(model), tokenizer, 6, 1.0, share_prompts=False)
+    for seed in (1, 2, None):  # sampled twice, then greedy
+        a, b = shared.generate(prompts, noise_seed=seed), plain.generate(prompts, noise_seed=seed)
+        assert torch.equal(a.tokens_N_T, b.tokens_N_T)
+        assert torch.equal(a.attention_mask_N_T, b.attention_mask_N_T)
+        assert a.completions == b.completions
+        assert torch.allclose(a.behavior_logprobs_N_L, b.behavior_logprobs_N_L, atol=1e-5)
+
+
+def test_groups_found_in_any_row_order_and_single_token_responses(policy):
+    model, tokenizer = policy
+    prompts = ["3+4=", "37+45=", "3+4=", "9+1=", "37+45=", "3+4="]  # interleaved, uneven groups
+    engine = TransformersEngine(copy.deepcopy(model), tokenizer, 1)  # responses of one token
+    generation = engine.generate(prompts, noise_seed=5)
+    groups = prompt_groups(generation.tokens_N_T[:, : generation.prompt_width])
+    row_of_N = groups.row_of_N.tolist()
+    assert row_of_N[0] == row_of_N[2] == row_of_N[5] and row_of_N[1] == row_of_N[4] and len(set(row_of_N)) == 3
+    assert groups.first_N_of_U[row_of_N[0]] == 0 and groups.first_N_of_U[row_of_N[1]] == 1
+    assert torch.equal(groups.distinct_U_T[groups.row_of_N], generation.tokens_N_T[:, : generation.prompt_width])
+    assert torch.equal(groups.row_of_N[groups.first_N_of_U], torch.arange(3))
+    shared, _ = policy_logprobs(model, generation, 1.0, share_prompts=True)
+    whole, _ = policy_logprobs(model, generation, 1.0, share_prompts=False)
+    assert shared.shape == (6, 1) and torch.allclose(shared, whole, atol=1e-5)
+
+
+def test_activation_checkpointing_runs_every_row_whole(bpe_policy):
+    model, tokenizer = bpe_policy
+    model = copy.deepcopy(model)
+    prompts = [text for text in BPE_GROUPS for _ in range(3)]
+    generation = TransformersEngine(copy.deepcopy(model), tokenizer, 6).generate(prompts, noise_seed=3)
+    expected, _ = policy_logprobs(model, generation, 1.0, share_prompts=False)
+    # transformers renamed it late in 5.x (policy.py does the same)
+    (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
+    model.train()  # where the cache is switched off
+    assert not can_share(model)
+    logprobs, _ = policy_logprobs(model, generation, 1.0, share_prompts=True)
+    mask = generation.response_mask_N_L
+    assert torch.allclose(logprobs[mask], expected[mask], atol=1e-5)
