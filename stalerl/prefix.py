@@ -34,22 +34,25 @@ def can_share(model: PreTrainedModel) -> bool:
 
 @dataclass
 class PromptGroups:
-    """Rows that carry the same prompt block: distinct_U_T[row_of_N[n]] is row n's prompt."""
+    """Rows that carry the same prompt block: row first_N_of_U[row_of_N[n]] has row n's prompt."""
 
-    distinct_U_T: torch.Tensor  # [U, T_p] the distinct prompt blocks
-    row_of_N: torch.Tensor  # [N] the distinct prompt of each row
-    first_N_of_U: torch.Tensor  # [U] a row that carries each distinct prompt
+    row_of_N: torch.Tensor  # [N] the distinct prompt of each row, 0 .. U-1
+    first_N_of_U: torch.Tensor  # [U] the first row that carries each distinct prompt
 
     @property
     def saves_work(self) -> bool:
-        return len(self.distinct_U_T) < len(self.row_of_N)
+        return len(self.first_N_of_U) < len(self.row_of_N)
 
 
-def prompt_groups(prompt_N_T: torch.Tensor) -> PromptGroups:
-    distinct_U_T, row_of_N = torch.unique(prompt_N_T, dim=0, return_inverse=True)
-    first_N_of_U = torch.full((len(distinct_U_T),), len(row_of_N), dtype=torch.long, device=row_of_N.device)
+def prompt_groups(prompt_N_T: torch.Tensor, prompt_mask_N_T: torch.Tensor) -> PromptGroups:
+    """Rows are grouped by tokens and mask together: a pad id that also occurs as a real token
+    (pad = end-of-turn in some chat models) cannot merge two different prompts."""
+    _, row_of_N = torch.unique(torch.cat([prompt_N_T, prompt_mask_N_T.to(prompt_N_T.dtype)], dim=1), dim=0,
+                               return_inverse=True)
+    count = int(row_of_N.max()) + 1
+    first_N_of_U = torch.full((count,), len(row_of_N), dtype=torch.long, device=row_of_N.device)
     first_N_of_U.scatter_reduce_(0, row_of_N, torch.arange(len(row_of_N), device=row_of_N.device), reduce="amin")
-    return PromptGroups(distinct_U_T, row_of_N, first_N_of_U)
+    return PromptGroups(row_of_N, first_N_of_U)
 
 
 def positions(attention_mask_N_T: torch.Tensor) -> torch.Tensor:
@@ -73,14 +76,16 @@ def response_logits(model: PreTrainedModel, tokens_N_T: torch.Tensor, attention_
                     prompt_width: int, share_prompts: bool = True) -> torch.Tensor:
     """[N, L, V] logits that predict the L response tokens (positions T_p - 1 .. T - 2)."""
     response_width = tokens_N_T.shape[1] - prompt_width
-    groups = prompt_groups(tokens_N_T[:, :prompt_width]) if share_prompts and can_share(model) else None
+    groups = (prompt_groups(tokens_N_T[:, :prompt_width], attention_mask_N_T[:, :prompt_width])
+              if share_prompts and can_share(model) else None)
     if groups is None or not groups.saves_work:
         # Logits only where they are used: for a 128k vocabulary they are most of the activations.
         logits_N_K_V = model(input_ids=tokens_N_T, attention_mask=attention_mask_N_T,
                              position_ids=positions(attention_mask_N_T), logits_to_keep=response_width + 1).logits
         return logits_N_K_V[:, :-1]
-    prompt_mask_U_T = attention_mask_N_T[groups.first_N_of_U, :prompt_width]
-    cache, first_logits_U_V = shared_prompt_cache(model, groups.distinct_U_T, prompt_mask_U_T, groups.row_of_N)
+    first_N = groups.first_N_of_U
+    cache, first_logits_U_V = shared_prompt_cache(model, tokens_N_T[first_N, :prompt_width],
+                                                  attention_mask_N_T[first_N, :prompt_width], groups.row_of_N)
     first_logits_N_1_V = first_logits_U_V[groups.row_of_N, None]
     if response_width == 1:
         return first_logits_N_1_V

@@ -42,7 +42,8 @@ def test_shared_prompt_logprobs_and_gradient_equal_the_whole_forward(which, requ
     model, tokenizer = request.getfixturevalue(which)
     prompts = [text for text in (GROUPS if which == "policy" else BPE_GROUPS) for _ in range(4)]
     generation = TransformersEngine(copy.deepcopy(model), tokenizer, 6).generate(prompts, noise_seed=3)
-    assert prompt_groups(generation.tokens_N_T[:, : generation.prompt_width]).distinct_U_T.shape[0] == 4
+    width = generation.prompt_width
+    assert len(prompt_groups(generation.tokens_N_T[:, :width], generation.attention_mask_N_T[:, :width]).first_N_of_U) == 4
     mask = generation.response_mask_N_L
     shared, shared_entropy = policy_logprobs(model, generation, 0.8, share_prompts=True)
     whole, whole_entropy = policy_logprobs(model, generation, 0.8, share_prompts=False)
@@ -72,11 +73,12 @@ def test_groups_found_in_any_row_order_and_single_token_responses(policy):
     prompts = ["3+4=", "37+45=", "3+4=", "9+1=", "37+45=", "3+4="]  # interleaved, uneven groups
     engine = TransformersEngine(copy.deepcopy(model), tokenizer, 1)  # responses of one token
     generation = engine.generate(prompts, noise_seed=5)
-    groups = prompt_groups(generation.tokens_N_T[:, : generation.prompt_width])
+    width = generation.prompt_width
+    groups = prompt_groups(generation.tokens_N_T[:, :width], generation.attention_mask_N_T[:, :width])
     row_of_N = groups.row_of_N.tolist()
     assert row_of_N[0] == row_of_N[2] == row_of_N[5] and row_of_N[1] == row_of_N[4] and len(set(row_of_N)) == 3
     assert groups.first_N_of_U[row_of_N[0]] == 0 and groups.first_N_of_U[row_of_N[1]] == 1
-    assert torch.equal(groups.distinct_U_T[groups.row_of_N], generation.tokens_N_T[:, : generation.prompt_width])
+    assert groups.first_N_of_U[row_of_N[3]] == 3
     assert torch.equal(groups.row_of_N[groups.first_N_of_U], torch.arange(3))
     shared, _ = policy_logprobs(model, generation, 1.0, share_prompts=True)
     whole, _ = policy_logprobs(model, generation, 1.0, share_prompts=False)
@@ -96,3 +98,11 @@ def test_activation_checkpointing_runs_every_row_whole(bpe_policy):
     logprobs, _ = policy_logprobs(model, generation, 1.0, share_prompts=True)
     mask = generation.response_mask_N_L
     assert torch.allclose(logprobs[mask], expected[mask], atol=1e-5)
+
+
+def test_a_pad_id_used_as_a_real_token_does_not_merge_prompts():
+    pad = 0
+    tokens = torch.tensor([[pad, 5, 6], [pad, 5, 6], [pad, 5, 6]])  # the same ids ...
+    masks = torch.tensor([[0, 1, 1], [0, 1, 1], [1, 1, 1]])  # ... but row 2's first token is real
+    groups = prompt_groups(tokens, masks)
+    assert groups.row_of_N[0] == groups.row_of_N[1] != groups.row_of_N[2] and groups.saves_work

@@ -49,3 +49,23 @@ def test_sweep_and_advise_refuse_bad_input(tmp_path, capsys):
     assert "--steps" in capsys.readouterr().err
     assert main(["advise", str(tmp_path), "--staleness", "-1"]) == 2
     assert "--staleness" in capsys.readouterr().err
+
+
+def test_figures_of_a_sweep_with_stabilizer_runs_only(tmp_path, monkeypatch):
+    """`stalerl sweep --stabilizers staleness` has no fixed-lr cells: only the stabilizer figure is drawn."""
+    from stalerl.lab import plots
+    from stalerl.lab.runs import RunRecord
+
+    def run(staleness, stabilizer):
+        metrics = [{"step": t, "train_reward": 0.3, "grad_cos_sim": 0.9, "val_reward": 0.3 if t % 5 == 0 else None}
+                   for t in range(20)]
+        config = {"staleness": {"staleness": staleness}, "optim": {"lr": 1e-3}, "seed": 0,
+                  "stabilizer": {"lr_control": stabilizer}}
+        return RunRecord(tmp_path, config, {"collapse_step": None, "steps": 20}, metrics)
+
+    monkeypatch.setattr(plots, "load_runs", lambda directory: [run(4, "staleness"), run(16, "staleness")])
+    assert plots.sweep_figures(tmp_path) == [tmp_path / "stabilizers.png"]
+    assert (tmp_path / "stabilizers.png").stat().st_size > 10_000
+    monkeypatch.setattr(plots, "load_runs", lambda directory: [run(4, "none"), run(4, "staleness")])
+    assert {path.name for path in plots.sweep_figures(tmp_path)} == {"sweep.png", "per_s.png", "collapse.png",
+                                                                     "stabilizers.png"}

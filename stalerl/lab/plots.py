@@ -37,8 +37,17 @@ def _colors(values: list) -> dict:
     return {v: cmap(i / max(len(values) - 1, 1)) for i, v in enumerate(values)}
 
 
-def sweep_figure(runs: list[RunRecord], path: Path, seed: int | None = None) -> Path:
-    runs = [r for r in runs if r.stabilizer == "none" and (seed is None or r.seed == seed)]
+def fixed_lr_runs(runs: list[RunRecord], seed: int | None = None) -> list[RunRecord]:
+    return [r for r in runs if r.stabilizer == "none" and (seed is None or r.seed == seed)]
+
+
+# The sweep, per-S and collapse figures draw fixed-lr runs; a directory of stabilizer runs only
+# (`stalerl sweep --stabilizers staleness`) has none of them, and gets the stabilizer figure alone.
+
+def sweep_figure(runs: list[RunRecord], path: Path, seed: int | None = None) -> Path | None:
+    runs = fixed_lr_runs(runs, seed)
+    if not runs:
+        return None
     lrs = sorted({r.lr for r in runs})
     staleness = sorted({r.staleness for r in runs})
     colors = _colors(staleness)
@@ -69,8 +78,10 @@ def sweep_figure(runs: list[RunRecord], path: Path, seed: int | None = None) -> 
     return path
 
 
-def per_staleness_figure(runs: list[RunRecord], path: Path, seed: int | None = None) -> Path:
-    runs = [r for r in runs if r.stabilizer == "none" and (seed is None or r.seed == seed)]
+def per_staleness_figure(runs: list[RunRecord], path: Path, seed: int | None = None) -> Path | None:
+    runs = fixed_lr_runs(runs, seed)
+    if not runs:
+        return None
     lrs = sorted({r.lr for r in runs})
     staleness = sorted({r.staleness for r in runs})
     colors = _colors(lrs)
@@ -89,8 +100,10 @@ def per_staleness_figure(runs: list[RunRecord], path: Path, seed: int | None = N
     return path
 
 
-def collapse_figure(runs: list[RunRecord], path: Path) -> Path:
-    runs = [r for r in runs if r.stabilizer == "none"]
+def collapse_figure(runs: list[RunRecord], path: Path) -> Path | None:
+    runs = fixed_lr_runs(runs)
+    if not runs:
+        return None
     figure, (by_lr, by_s) = plt.subplots(1, 2, figsize=(9, 3.8))
     staleness = sorted({r.staleness for r in runs})
     colors = _colors(staleness)
@@ -153,7 +166,7 @@ def stabilizer_figure(runs: list[RunRecord], path: Path) -> Path | None:
 def sweep_figures(directory: Path) -> list[Path]:
     runs = load_runs(directory)
     directory = Path(directory)
-    seed = min(r.seed for r in runs)
+    seed = min((r.seed for r in fixed_lr_runs(runs)), default=None)
     paths = [
         sweep_figure(runs, directory / "sweep.png", seed),
         per_staleness_figure(runs, directory / "per_s.png", seed),
