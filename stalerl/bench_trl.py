@@ -34,6 +34,9 @@ DIFFERENCES = [
     "its rollout thread hand-off, weight publish and update-geometry metrics (Grad CosSim, drift)",
     "clocks: TRL's step is the time between on_step_end callbacks; stalerl's is wait_s + train_s from "
     "metrics.jsonl (the per-step JSON line write is outside it)",
+    "stalerl runs a group's prompt once and copies its KV cache to the G samples (prefix.py), in generation "
+    "and in the learner's forward; TRL runs every sequence whole (its GRPOConfig has no option for it). "
+    "bench.json's stalerl_whole_prompts is stalerl running them whole too",
 ]
 
 

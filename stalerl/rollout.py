@@ -1,7 +1,8 @@
 """The rollout engine: sampling groups of responses with their behavior log-probs and policy version.
 
-Generation is transformers' own ``generate`` with its KV cache. Sampling is done as greedy decoding
-of Gumbel-perturbed logits (argmax(logits / T + Gumbel) is an exact sample of softmax(logits / T)):
+Generation is transformers' own ``generate`` with its KV cache, prefilled once per distinct prompt
+of a group (prefix.py). Sampling is done as greedy decoding of Gumbel-perturbed logits
+(argmax(logits / T + Gumbel) is an exact sample of softmax(logits / T)):
 the noise comes from an explicit ``torch.Generator`` seeded per batch, so a batch is reproducible
 from (seed, batch index) whatever else runs in the process, and two policies can be sampled with
 the same noise (common random numbers, used by the bias probe).
