@@ -56,7 +56,8 @@ class Plan:
         "model.hidden_size": 512, "model.intermediate_size": 1536, "model.num_layers": 4, "warm_start.steps": 1})
 
 
-QUICK = Plan(repeats=1, step_steps=6, gen_calls=3, async_steps=8, async_staleness=(1, 2, 4), sweep_cells=12,
+# quick: a smoke test of every part (its figures are not measurements): 4 sweep cells, not 12.
+QUICK = Plan(repeats=1, step_steps=6, gen_calls=3, async_steps=8, async_staleness=(1, 2, 4), sweep_cells=4,
              sweep_steps=2, memory_staleness=(0, 4), memory_prompts=(16, 64))
 FULL = Plan(repeats=3, step_steps=25, gen_calls=10, async_steps=50, async_staleness=(1, 2, 4), sweep_cells=12,
             sweep_steps=40, memory_staleness=(0, 1, 4, 16), memory_prompts=(16, 32, 64))
@@ -393,7 +394,7 @@ def format_table(report: dict) -> str:
 def add_bench_parser(subparsers: Any) -> None:
     parser = subparsers.add_parser("bench", help="speed and memory side by side with TRL and plain transformers")
     parser.add_argument("--out", required=True, help="directory for bench.json")
-    parser.add_argument("--quick", action="store_true", help="a smoke version: tiny step counts, one repeat (~1 min)")
+    parser.add_argument("--quick", action="store_true", help="a smoke version: tiny step counts, one repeat (~1.5 min on 2 cores)")
     parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
 
 
