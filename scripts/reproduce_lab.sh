@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Reruns what docs/lab.md reports (sections 1, 2 and 4, and the second seed) into OUT.
 #
-#     bash scripts/reproduce_lab.sh runs/lab      # about 30 minutes on 2 CPU cores
+#     bash scripts/reproduce_lab.sh runs/lab      # about 15 minutes on 2 CPU cores
 #
 # Every command is resumable (a sweep skips finished cells), so a killed run picks up where it
 # stopped when started again. The bias probe (section 3) is its own command, in docs/lab.md.

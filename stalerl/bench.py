@@ -8,7 +8,7 @@ thread unless said otherwise), so runs do not share allocator state and each one
 own. Variants alternate within each repeat so machine noise hits all; medians are reported.
 
 * step:   one GRPO step of stalerl at S = 0 vs TRL's GRPOTrainer on the same work (bench_trl.py),
-          and stalerl with a group's prompt run once per sample (model.share_prompt_prefix=false)
+          and stalerl running every sequence whole, prompt included (model.share_prompt_prefix=false)
 * gen:    TransformersEngine.generate vs a plain ``model.generate(do_sample=True)`` on the same batch,
           and the engine with every row's prompt prefilled
 * async:  steps/s at S = 1, 2, 4 vs S = 0 against the ideal overlap (t_gen + t_train) / max(t_gen, t_train)

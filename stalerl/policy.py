@@ -127,6 +127,7 @@ def build_rollout_engine(config: TrainConfig, model: PreTrainedModel,
             gpu_memory_utilization=rollout.vllm_gpu_memory_utilization,
             trust_remote_code=config.model.trust_remote_code,
             scoring_model=model if rollout.recompute_behavior_logprobs else None, seed=config.seed,
+            share_prompts=config.model.share_prompt_prefix,
         )
     return TransformersEngine(copy.deepcopy(model), tokenizer, rollout.max_new_tokens, rollout.temperature,
                               config.model.share_prompt_prefix)

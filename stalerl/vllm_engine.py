@@ -64,6 +64,7 @@ class VLLMEngine:
         trust_remote_code: bool = False,
         scoring_model: PreTrainedModel | None = None,
         seed: int = 0,
+        share_prompts: bool = True,
     ):
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process: weights by reference
         from vllm import LLM
@@ -86,6 +87,7 @@ class VLLMEngine:
         self.sync_s = 0.0  # weight-sync time since the last batch (the worker reads and resets it)
         # A transformers copy of the behavior weights, only for recompute_behavior_logprobs.
         self.scoring_model = copy.deepcopy(scoring_model).eval() if scoring_model is not None else None
+        self.share_prompts = share_prompts  # the scoring forward's prompt sharing (prefix.py)
 
     def load_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> None:
         start = time.perf_counter()
@@ -102,7 +104,7 @@ class VLLMEngine:
         """log mu by the learner's forward pass on the behavior weights (recompute_behavior_logprobs)."""
         if self.scoring_model is None:
             raise RuntimeError("VLLMEngine was built without a scoring model")
-        logprobs_N_L, _ = policy_logprobs(self.scoring_model, generation, self.temperature)
+        logprobs_N_L, _ = policy_logprobs(self.scoring_model, generation, self.temperature, self.share_prompts)
         return logprobs_N_L * generation.response_mask_N_L
 
     def generate(self, prompts: list[str], noise_seed: int | None) -> Generation:
