@@ -133,20 +133,26 @@ def test_exact_mode_on_ray_makes_the_local_runtimes_batches(local_ray, tmp_path)
 def test_a_killed_rollout_worker_is_replaced_and_its_batch_regenerated(local_ray, tmp_path):
     staleness, steps = 2, 80
     config = ray_config(tmp_path, "fault", "exact", staleness, steps)
-    # Make generation the bottleneck (near-uniform sampling never stops early), so that both
-    # workers always hold a batch and the kill always destroys work in flight.
+    # Long near-uniform samples keep the workers busy, so the kill usually destroys a batch in
+    # flight; an actor killed while idle loses the next batch dispatched to it instead.
     config = dataclasses.replace(config, rollout=dataclasses.replace(config.rollout, temperature=5.0,
                                                                      max_new_tokens=40))
     metrics_path = tmp_path / "fault" / "metrics.jsonl"
     killed_after: list[int] = []  # steps logged when the kill landed
+    killed: list[str] = []
+    earlier_actors = set(ray.util.list_named_actors())  # only this run's actors are fair game
 
     def kill_one_worker_mid_run():
         deadline = time.time() + 120
         while time.time() < deadline:
             if metrics_path.exists() and len(metrics_path.read_text().splitlines()) >= 5:
-                name = next(n for n in ray.util.list_named_actors() if n.startswith("stalerl-rollout-"))
+                name = next(n for n in ray.util.list_named_actors()
+                            if n.startswith("stalerl-rollout-") and n not in earlier_actors)
                 ray.kill(ray.get_actor(name), no_restart=True)
+                while name in ray.util.list_named_actors():  # the kill has landed once the name is freed
+                    time.sleep(0.01)
                 killed_after.append(len(metrics_path.read_text().splitlines()))
+                killed.append(name)
                 return
             time.sleep(0.01)
 
@@ -161,7 +167,7 @@ def test_a_killed_rollout_worker_is_replaced_and_its_batch_regenerated(local_ray
     assert max(lags) <= staleness
     rows = read_lines(metrics_path)
     assert [row["lag_max"] for row in rows] == [min(step, staleness) for step in range(steps)]  # still exact
-    assert summary["rollouts"]["lost_batches"] >= 1, (killed_after, summary["rollouts"])  # lost work reported
+    assert summary["rollouts"]["lost_batches"] >= 1, (killed, killed_after, summary["rollouts"])  # lost work reported
     assert rows[-1]["lost_batches"] >= 1
     assert sum(worker["restarts"] for worker in summary["rollouts"]["workers"]) >= 1
 
