@@ -138,8 +138,7 @@ def test_a_killed_rollout_worker_is_replaced_and_its_batch_regenerated(local_ray
     config = dataclasses.replace(config, rollout=dataclasses.replace(config.rollout, temperature=5.0,
                                                                      max_new_tokens=40))
     metrics_path = tmp_path / "fault" / "metrics.jsonl"
-    killed_after: list[int] = []  # steps logged when the kill landed
-    killed: list[str] = []
+    killed: list[tuple[str, int]] = []  # (actor, steps logged when the kill landed)
     earlier_actors = set(ray.util.list_named_actors())  # only this run's actors are fair game
 
     def kill_one_worker_mid_run():
@@ -149,10 +148,9 @@ def test_a_killed_rollout_worker_is_replaced_and_its_batch_regenerated(local_ray
                 name = next(n for n in ray.util.list_named_actors()
                             if n.startswith("stalerl-rollout-") and n not in earlier_actors)
                 ray.kill(ray.get_actor(name), no_restart=True)
-                while name in ray.util.list_named_actors():  # the kill has landed once the name is freed
-                    time.sleep(0.01)
-                killed_after.append(len(metrics_path.read_text().splitlines()))
-                killed.append(name)
+                while name in ray.util.list_named_actors() and time.time() < deadline:
+                    time.sleep(0.01)  # the kill has landed once the name is freed
+                killed.append((name, len(metrics_path.read_text().splitlines())))
                 return
             time.sleep(0.01)
 
@@ -161,13 +159,13 @@ def test_a_killed_rollout_worker_is_replaced_and_its_batch_regenerated(local_ray
     summary = train(config)
     killer.join()
     assert summary["steps"] == steps  # the run finished
-    assert killed_after and killed_after[0] < steps - 10, killed_after  # the kill landed mid-run
+    assert killed and killed[0][1] < steps - 10, killed  # the kill landed mid-run
     lags, ids = consumed(tmp_path / "fault")
     assert len(ids) == len(set(ids)) == steps * SAMPLES_PER_BATCH  # none consumed twice, none missing
     assert max(lags) <= staleness
     rows = read_lines(metrics_path)
     assert [row["lag_max"] for row in rows] == [min(step, staleness) for step in range(steps)]  # still exact
-    assert summary["rollouts"]["lost_batches"] >= 1, (killed, killed_after, summary["rollouts"])  # lost work reported
+    assert summary["rollouts"]["lost_batches"] >= 1, (killed, summary["rollouts"])  # lost work reported
     assert rows[-1]["lost_batches"] >= 1
     assert sum(worker["restarts"] for worker in summary["rollouts"]["workers"]) >= 1
 
