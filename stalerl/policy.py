@@ -80,11 +80,15 @@ def load_pretrained(config: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTok
         raise ConfigError(f"model.name_or_path: the tokenizer of {path} has no end-of-sequence token")
     model = model.to(device).eval()  # eval: no dropout, so the learner's log-probs match the sampler's
     if config.gradient_checkpointing:
-        # transformers renamed it activation_checkpointing_enable late in 5.x; older 5.x has only the old name.
-        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-        enable()
+        enable_activation_checkpointing(model)
         model.config.use_cache = False  # the learner's forward needs no KV cache; generate() asks for one
     return model, tokenizer
+
+
+def enable_activation_checkpointing(model: PreTrainedModel) -> None:
+    # transformers renamed it activation_checkpointing_enable late in 5.x; older 5.x has only the old name.
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable()
 
 
 def add_lora(model: PreTrainedModel, config: ModelConfig) -> PreTrainedModel:

@@ -8,6 +8,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_checkpoint import save_tiny_checkpoint
 from stalerl.config import TrainConfig
+from stalerl.policy import enable_activation_checkpointing
 from stalerl.prefix import can_share, prompt_groups
 from stalerl.rollout import TransformersEngine, policy_logprobs
 from stalerl.warmstart import warm_started_policy
@@ -91,8 +92,7 @@ def test_activation_checkpointing_runs_every_row_whole(bpe_policy):
     prompts = [text for text in BPE_GROUPS for _ in range(3)]
     generation = TransformersEngine(copy.deepcopy(model), tokenizer, 6).generate(prompts, noise_seed=3)
     expected, _ = policy_logprobs(model, generation, 1.0, share_prompts=False)
-    # transformers renamed it late in 5.x (policy.py does the same)
-    (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
+    enable_activation_checkpointing(model)
     model.train()  # where the cache is switched off
     assert not can_share(model)
     logprobs, _ = policy_logprobs(model, generation, 1.0, share_prompts=True)
