@@ -11,9 +11,16 @@ own. Variants alternate within each repeat so machine noise hits all; medians ar
           and stalerl running every sequence whole, prompt included (model.share_prompt_prefix=false)
 * gen:    TransformersEngine.generate vs a plain ``model.generate(do_sample=True)`` on the same batch,
           and the engine with every row's prompt prefilled
-* async:  steps/s at S = 1, 2, 4 vs S = 0 against the ideal overlap (t_gen + t_train) / max(t_gen, t_train)
+* async:  steps/s at S = 1, 2, 4 vs S = 0 against the ideal overlap (t_gen + t_train) / max(t_gen, t_train),
+          t_gen being the rollout side's time per batch (sampling, reward, weight load)
 * sweep:  12 cells of the embedded default with 2 workers vs the same cells one at a time
 * memory: peak RSS against S (exact mode) and against the batch size
+
+With ``--model DIR`` (a Hugging Face checkpoint, or ``random:llama-3.2-1b`` for that shape with
+random weights) and ``--data FILE`` the gen and async parts time that model on the math task, on a
+GPU where there is one; the other parts time the embedded default only:
+
+    stalerl bench --out DIR --model random:llama-3.2-1b --data data/gsm8k_sample.jsonl
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ import platform
 import resource
 import statistics
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,6 +69,14 @@ QUICK = Plan(repeats=1, step_steps=6, gen_calls=3, async_steps=8, async_stalenes
              sweep_steps=2, memory_staleness=(0, 4), memory_prompts=(16, 64))
 FULL = Plan(repeats=3, step_steps=25, gen_calls=10, async_steps=50, async_staleness=(1, 2, 4), sweep_cells=12,
             sweep_steps=40, memory_staleness=(0, 1, 4, 16), memory_prompts=(16, 32, 64))
+# A checkpoint (--model): only gen and async run, and a 1B model's step takes seconds, not 0.1 s.
+CHECKPOINT = dataclasses.replace(FULL, repeats=1, gen_calls=3, async_steps=8, async_staleness=(1, 2))
+CHECKPOINT_QUICK = dataclasses.replace(QUICK, gen_calls=1, async_steps=5, async_staleness=(1,))
+CHECKPOINT_PARTS = ("gen", "async")
+# The math task on a checkpoint: a GSM8K-like batch of P x G = 64 sequences, 128 new tokens each.
+# A few validation prompts only: train() scores them once before the first step.
+CHECKPOINT_DEFAULTS = {"task.name": "math", "task.val_size": 8, "rollout.prompts_per_step": 8,
+                       "rollout.max_new_tokens": 128}
 
 
 def base_config(**changes: Any) -> TrainConfig:
@@ -72,17 +88,27 @@ def base_config(**changes: Any) -> TrainConfig:
 # ---------------------------------------------------------------- isolation
 
 
-def _measured(function: Callable[..., dict], *args: Any) -> dict:
+def _exit_with(parent_pid: int) -> None:
+    # A killed bench leaves its pool worker behind, still running a timed run (a 1B model's, say) and
+    # holding the terminal's or a pipe's output open: it goes when it finds itself reparented.
+    while os.getppid() == parent_pid:
+        time.sleep(0.5)
+    os._exit(1)
+
+
+def _measured(parent_pid: int, function: Callable[..., dict], *args: Any) -> dict:
+    threading.Thread(target=_exit_with, args=(parent_pid,), name="stalerl-exit-with-parent", daemon=True).start()
     result = function(*args)
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     return result
 
 
 def isolated(function: Callable[..., dict], *args: Any) -> dict:
-    """Runs function(*args) in a fresh interpreter; its result gets the process's peak RSS."""
+    """Runs function(*args) in a fresh interpreter, which ends with this one; its result gets the
+    process's peak RSS."""
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
-        return pool.submit(_measured, function, *args).result()
+        return pool.submit(_measured, os.getpid(), function, *args).result()
 
 
 def median_of(runs: list[dict], key: str) -> float:
@@ -106,6 +132,9 @@ def train_run(config_data: dict, warmup: int) -> dict:
         "s_per_step": statistics.median(loop_s),
         "steps_per_s": len(rows) / sum(loop_s),
         "gen_s": statistics.median(row["gen_s"] for row in rows),
+        # what the rollout side spends per batch: sampling, scoring and loading the newest weights
+        "rollout_s": statistics.median(row["gen_s"] + row["reward_s"] + row["weight_sync_s"] for row in rows),
+        "weight_sync_s": statistics.median(row["weight_sync_s"] for row in rows),
         "train_s": statistics.median(row["train_s"] for row in rows),
         "wall_s": summary["wall_s"],
         "steps_timed": len(rows),
@@ -140,7 +169,7 @@ def generation_run(config_data: dict, calls: int) -> dict:
     @torch.no_grad()
     def plain_call(seed: int) -> int:  # what a user writes: tokenize, sample, decode
         torch.manual_seed(seed)
-        encoded = tokenizer(texts, return_tensors="pt", padding=True)
+        encoded = tokenizer(texts, return_tensors="pt", padding=True).to(model.device)
         sequences = model.generate(**encoded, do_sample=True, temperature=rollout.temperature, top_k=0, top_p=1.0,
                                    max_new_tokens=rollout.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
                                    eos_token_id=tokenizer.eos_token_id)
@@ -212,11 +241,11 @@ def bench_step(plan: Plan, tmp: Path, log: Callable[[str], None]) -> dict:
     return result
 
 
-def bench_generation(plan: Plan) -> dict:
-    runs = [isolated(generation_run, base_config().to_dict(), plan.gen_calls) for _ in range(plan.repeats)]
+def bench_generation(plan: Plan, model: dict) -> dict:
+    config = base_config(**model)
+    runs = [isolated(generation_run, config.to_dict(), plan.gen_calls) for _ in range(plan.repeats)]
     result = {name: {key: statistics.median(run[name][key] for run in runs) for key in ("s_per_call", "tokens_per_s")}
               for name in ("stalerl", "stalerl_whole_prompts", "plain_generate")}
-    config = base_config()
     result["batch"] = config.rollout.prompts_per_step * config.rollout.group_size
     result["max_new_tokens"] = config.rollout.max_new_tokens
     result["ratio_stalerl_over_plain"] = result["stalerl"]["tokens_per_s"] / result["plain_generate"]["tokens_per_s"]
@@ -225,14 +254,16 @@ def bench_generation(plan: Plan) -> dict:
     return result
 
 
-def bench_async(plan: Plan, tmp: Path) -> dict:
+def bench_async(plan: Plan, tmp: Path, model: dict) -> dict:
+    """The ideal overlap takes the rollout side's whole time per batch (sampling, reward, weight load)."""
     staleness = (0, *plan.async_staleness)
     runs: dict[int, list[dict]] = {s: [] for s in staleness}
     for repeat in range(plan.repeats):
         for s in staleness:  # alternating: S=0, 1, 2, 4, S=0, ...
-            config = base_config(steps=plan.async_steps, **{"staleness.staleness": s, "out": str(tmp / f"async-S{s}-r{repeat}")})
+            config = base_config(steps=plan.async_steps, **model,
+                                 **{"staleness.staleness": s, "out": str(tmp / f"async-S{s}-r{repeat}")})
             runs[s].append(isolated(train_run, config.to_dict(), WARMUP_STEPS))
-    t_gen, t_train = median_of(runs[0], "gen_s"), median_of(runs[0], "train_s")
+    t_gen, t_train = median_of(runs[0], "rollout_s"), median_of(runs[0], "train_s")
     ideal = (t_gen + t_train) / max(t_gen, t_train)
     sync_rate = median_of(runs[0], "steps_per_s")
     rows = []
@@ -242,6 +273,7 @@ def bench_async(plan: Plan, tmp: Path) -> dict:
         rows.append({"S": s, "steps_per_s": rate, "speedup": speedup, "fraction_of_ideal": speedup / ideal,
                      "share_of_ideal_gain": (speedup - 1) / (ideal - 1) if ideal > 1 else None})
     return {"t_gen_s": t_gen, "t_train_s": t_train, "ideal_overlap": ideal, "threads_per_process": 1,
+            "t_sample_s": median_of(runs[0], "gen_s"), "weight_sync_s": median_of(runs[0], "weight_sync_s"),
             "steps": plan.async_steps, "rows": rows}
 
 
@@ -311,26 +343,72 @@ def bench_memory(plan: Plan, tmp: Path) -> dict:
 PARTS = ("step", "gen", "async", "sweep", "memory")
 
 
+def checked_model_settings(checkpoint: str, data: str, settings: dict, parts: tuple[str, ...]) -> dict:
+    """The config changes that the gen and async parts run under; a clear error before any work."""
+    from stalerl.config import ConfigError
+    from stalerl.random_checkpoint import shape_of
+
+    if not checkpoint:
+        if data:
+            raise ConfigError("--data: needs --model (the embedded default has its own task)")
+        base_config(**settings)
+        return dict(settings)
+    try:
+        shape_of(checkpoint)
+    except ValueError as error:
+        raise ConfigError(f"--model: {error}") from None
+    if not data or not Path(data).is_file():
+        raise ConfigError(f"--data: {'file not found: ' + data if data else 'a checkpoint needs a JSONL or Parquet file'}")
+    if any(part not in CHECKPOINT_PARTS for part in parts):
+        raise ConfigError(f"--parts: with --model only {','.join(CHECKPOINT_PARTS)} run (the others time the "
+                          f"embedded default)")
+    model = CHECKPOINT_DEFAULTS | {"model.name_or_path": checkpoint, "task.data": data} | settings
+    base_config(**model)
+    return model
+
+
+def make_random_checkpoint(shape: str, path: str, data: str) -> dict:
+    from stalerl.random_checkpoint import save_random_checkpoint
+
+    save_random_checkpoint(shape, Path(path), Path(data))
+    return {}
+
+
 def run_bench(out: Path, quick: bool, plan: Plan | None = None, parts: tuple[str, ...] = PARTS,
-              log: Callable[[str], None] = print) -> dict:
-    """Runs the suite, writes out/bench.json and returns it."""
+              log: Callable[[str], None] = print, checkpoint: str = "", data: str = "",
+              settings: dict | None = None) -> dict:
+    """Runs the suite, writes out/bench.json and returns it.
+
+    checkpoint: time the gen and async parts on this Hugging Face checkpoint directory (or
+    random:SHAPE) and the math task in `data`; settings: config changes for those parts.
+    """
     import torch
     import transformers
 
     from stalerl.bench_trl import trl_version
+    from stalerl.random_checkpoint import shape_of
 
-    plan = plan or (QUICK if quick else FULL)
+    model = checked_model_settings(checkpoint, data, settings or {}, parts)
+    plan = plan or ((CHECKPOINT_QUICK if quick else CHECKPOINT) if checkpoint else (QUICK if quick else FULL))
     out.mkdir(parents=True, exist_ok=True)
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     report: dict[str, Any] = {
         "quick": quick, "plan": dataclasses.asdict(plan),
         "machine": {"cpus": os.cpu_count(), "load_avg_before": os.getloadavg(), "python": platform.python_version(),
-                    "torch": torch.__version__, "transformers": transformers.__version__, "trl": trl_version()},
+                    "torch": torch.__version__, "transformers": transformers.__version__, "trl": trl_version(),
+                    "gpu": gpu},
+        "model": {"checkpoint": checkpoint or "embedded default", "settings": model},
     }
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="stalerl-bench-") as tmp_name:
         tmp = Path(tmp_name)
-        steps = {"step": lambda: bench_step(plan, tmp, log), "gen": lambda: bench_generation(plan),
-                 "async": lambda: bench_async(plan, tmp), "sweep": lambda: bench_sweep(plan, tmp),
+        shape = shape_of(checkpoint)
+        if shape:  # made in a child process, so that this one holds no GPU memory
+            model["model.name_or_path"] = str(tmp / f"random-{shape}")
+            isolated(make_random_checkpoint, shape, model["model.name_or_path"], data)
+            log(f"bench: random {shape} checkpoint written in {time.perf_counter() - started:.0f} s")
+        steps = {"step": lambda: bench_step(plan, tmp, log), "gen": lambda: bench_generation(plan, model),
+                 "async": lambda: bench_async(plan, tmp, model), "sweep": lambda: bench_sweep(plan, tmp),
                  "memory": lambda: bench_memory(plan, tmp)}
         for part in parts:
             part_start = time.perf_counter()
@@ -344,9 +422,11 @@ def run_bench(out: Path, quick: bool, plan: Plan | None = None, parts: tuple[str
 
 
 def format_table(report: dict) -> str:
+    machine = report["machine"]
     lines = [f"stalerl bench ({'quick' if report['quick'] else 'full'}, {report['plan']['repeats']} repeat(s), "
-             f"medians; {report['machine']['cpus']} CPUs, load {report['machine']['load_avg_before'][0]:.1f} -> "
-             f"{report['machine']['load_avg_after'][0]:.1f})"]
+             f"medians; {machine['cpus']} CPUs, load {machine['load_avg_before'][0]:.1f} -> "
+             f"{machine['load_avg_after'][0]:.1f}; GPU {machine['gpu'] or 'none'})",
+             f"model {report['model']['checkpoint']}"]
     if "step" in report:
         step = report["step"]
         ours = step["stalerl"]
@@ -368,7 +448,8 @@ def format_table(report: dict) -> str:
         pipe = report["async"]
         cells = ", ".join(f"S={row['S']} {row['steps_per_s']:.2f}/s {row['speedup']:.2f}x "
                           f"({row['fraction_of_ideal']:.0%} of ideal)" for row in pipe["rows"])
-        lines.append(f"async ideal {pipe['ideal_overlap']:.2f}x (t_gen {pipe['t_gen_s']:.3f} s, "
+        lines.append(f"async ideal {pipe['ideal_overlap']:.2f}x (t_gen {pipe['t_gen_s']:.3f} s, of which sampling "
+                     f"{pipe['t_sample_s']:.3f} s and weight sync {pipe['weight_sync_s'] * 1e3:.1f} ms; "
                      f"t_train {pipe['t_train_s']:.3f} s): {cells}")
     if "sweep" in report:
         sweep = report["sweep"]
@@ -395,18 +476,27 @@ def add_bench_parser(subparsers: Any) -> None:
     parser = subparsers.add_parser("bench", help="speed and memory side by side with TRL and plain transformers")
     parser.add_argument("--out", required=True, help="directory for bench.json")
     parser.add_argument("--quick", action="store_true", help="a smoke version: tiny step counts, one repeat (~1.5 min on 2 cores)")
-    parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
+    parser.add_argument("--parts", default="", help=f"comma-separated subset of {','.join(PARTS)} "
+                        f"(default: all; with --model: {','.join(CHECKPOINT_PARTS)})")
+    parser.add_argument("--model", default="", help="time gen and async on this Hugging Face checkpoint directory, "
+                        "or random:llama-3.2-1b (that shape, random weights), on a GPU where there is one")
+    parser.add_argument("--data", default="", help="with --model: the math task's JSONL or Parquet file")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config field for the gen and async runs, e.g. --set rollout.max_new_tokens=256 "
+                        "(repeatable; step, sweep and memory keep their fixed settings)")
 
 
 def run_bench_command(args: Any) -> int:
-    from stalerl.config import ConfigError
+    from stalerl.config import ConfigError, parse_assignment
 
     parts = tuple(part.strip() for part in args.parts.split(",") if part.strip())
     unknown = [part for part in parts if part not in PARTS]
-    if unknown or not parts:
-        raise ConfigError(f"--parts: unknown {unknown[0]!r} (known: {', '.join(PARTS)})" if unknown
-                          else "--parts: name at least one part")
-    report = run_bench(Path(args.out), args.quick, parts=parts, log=lambda text: print(text, flush=True))
+    if unknown:
+        raise ConfigError(f"--parts: unknown {unknown[0]!r} (known: {', '.join(PARTS)})")
+    settings = dict(parse_assignment(text) for text in args.set)
+    report = run_bench(Path(args.out), args.quick, parts=parts or (CHECKPOINT_PARTS if args.model else PARTS),
+                       log=lambda text: print(text, flush=True), checkpoint=args.model, data=args.data,
+                       settings=settings)
     print(format_table(report))
     print(f"report: {Path(args.out) / 'bench.json'}")
     return 0

@@ -9,17 +9,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from stalerl.bench import add_bench_parser, run_bench_command
-from stalerl.config import ConfigError, TrainConfig, load_config, override, validate
-
-
-def _parse_assignment(text: str) -> tuple[str, Any]:
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise ConfigError(f"--set expects KEY=VALUE, got {text!r}")
-    return key.strip(), yaml.safe_load(value)
+from stalerl.config import ConfigError, TrainConfig, load_config, override, parse_assignment, validate
 
 
 def build_train_config(args: argparse.Namespace) -> TrainConfig:
@@ -28,7 +19,7 @@ def build_train_config(args: argparse.Namespace) -> TrainConfig:
     if args.resume and args.out:
         raise ConfigError("--resume RUN goes on in RUN: leave out --out")
     config = load_config(args.config) if args.config else _saved_config(args.resume) if args.resume else TrainConfig()
-    overrides = dict(_parse_assignment(text) for text in args.set)
+    overrides = dict(parse_assignment(text) for text in args.set)
     flags = {
         "staleness.staleness": args.staleness,
         "staleness.mode": args.mode,
@@ -149,7 +140,7 @@ def run_sweep_command(args: argparse.Namespace) -> int:
     from stalerl.lab.sweep import cell_configs, run_sweep
 
     base = load_config(args.config) if args.config else TrainConfig()
-    overrides = dict(_parse_assignment(text) for text in args.set)
+    overrides = dict(parse_assignment(text) for text in args.set)
     overrides.update({k: v for k, v in {"steps": args.steps, "staleness.mode": args.mode}.items() if v is not None})
     overrides.update({"threads": 1, "tensorboard": False})
     base = override(base, overrides)
@@ -240,7 +231,7 @@ def run_bias(args: argparse.Namespace) -> int:
         _print_bias_fits(report)
         return 0
     base = load_config(args.config) if args.config else TrainConfig()
-    base = validate(override(base, dict(_parse_assignment(text) for text in args.set)))
+    base = validate(override(base, dict(parse_assignment(text) for text in args.set)))
     if args.anchors and args.lags and min(args.anchors) < max(args.lags):
         raise ConfigError(f"--anchors: every anchor must be >= the largest lag ({max(args.lags)})")
     if args.batches < 3:

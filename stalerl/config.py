@@ -289,6 +289,14 @@ def load_config(path: str | Path) -> TrainConfig:
         raise ConfigError(f"{path}: {error}") from None
 
 
+def parse_assignment(text: str) -> tuple[str, Any]:
+    """'KEY=VALUE' from the command line's --set; VALUE read as YAML (1e-4, true, a list)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"--set expects KEY=VALUE, got {text!r}")
+    return key.strip(), yaml.safe_load(value)
+
+
 def override(config: TrainConfig, dotted: dict[str, Any]) -> TrainConfig:
     """Returns `config` with dotted keys (``optim.lr``) replaced, type-checked like a file."""
     data = config.to_dict()

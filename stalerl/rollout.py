@@ -114,6 +114,8 @@ class TransformersEngine:
     def load_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> None:
         start = time.perf_counter()
         self.model.load_state_dict(state_dict)
+        if self.device.type == "cuda":  # the copies run asynchronously: wait, so that sync_s is their time
+            torch.cuda.synchronize(self.device)
         self.sync_s += time.perf_counter() - start
         self.version = version
 

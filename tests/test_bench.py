@@ -4,6 +4,7 @@ The TRL comparison runs only where TRL is installed (`pip install 'stalerl[bench
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -62,3 +63,88 @@ def test_bench_writes_a_complete_report(tmp_path):
 def test_bench_refuses_unknown_parts(tmp_path, capsys):
     assert main(["bench", "--out", str(tmp_path), "--parts", "step,warp"]) == 2
     assert "--parts: unknown 'warp'" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # a tiny random checkpoint, 4 fresh interpreters: about 20 s on 2 cores
+def test_bench_times_a_checkpoint_on_the_math_task(tmp_path):
+    from hf_checkpoint import SAMPLE
+
+    plan = TINY.__class__(**{**TINY.__dict__, "gen_calls": 1, "async_steps": 4, "async_staleness": (1,)})
+    report = run_bench(tmp_path, quick=True, plan=plan, parts=("gen", "async"), log=lambda text: None,
+                       checkpoint="random:tiny", data=str(SAMPLE), settings={"rollout.max_new_tokens": 8})
+    assert set(report) >= {"gen", "async", "model"} and "step" not in report
+    settings = report["model"]["settings"]
+    assert settings["task.name"] == "math" and settings["rollout.max_new_tokens"] == 8
+    assert report["gen"]["max_new_tokens"] == 8 and report["gen"]["plain_generate"]["tokens_per_s"] > 0
+    pipe = report["async"]
+    assert [row["S"] for row in pipe["rows"]] == [0, 1] and pipe["weight_sync_s"] > 0
+    assert pipe["t_gen_s"] >= pipe["t_sample_s"] > 0  # the rollout side: sampling, reward, weight load
+    assert all(math.isfinite(x) for x in _numbers(report))
+    assert "model random:tiny" in format_table(report)
+
+
+SAMPLE_FILE = str(Path(__file__).resolve().parent.parent / "data" / "gsm8k_sample.jsonl")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "random:llama-9b", "--data", SAMPLE_FILE], "--model: unknown random shape 'llama-9b'"),
+    (["--model", "random:tiny"], "--data: a checkpoint needs"),
+    (["--model", "random:tiny", "--data", "no/such.jsonl"], "--data: file not found: no/such.jsonl"),
+    (["--model", "random:tiny", "--data", SAMPLE_FILE, "--parts", "step"], "--parts: with --model only"),
+    (["--data", SAMPLE_FILE], "--data: needs --model"),
+    (["--set", "rollout.group_size=0"], "rollout.group_size"),
+])
+def test_bench_refuses_bad_model_arguments_before_any_work(tmp_path, capsys, argv, message):
+    assert main(["bench", "--out", str(tmp_path / "out"), *argv]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_llama_1b_shape_has_the_released_models_parameter_count():
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from stalerl.random_checkpoint import SHAPES
+
+    with torch.device("meta"):
+        model = LlamaForCausalLM(LlamaConfig(**SHAPES["llama-3.2-1b"]))
+    assert sum(p.numel() for p in model.parameters()) == 1_235_814_400  # Llama-3.2-1B, embeddings tied
+
+
+def _report_pid_then_sleep(path: str) -> dict:
+    import os
+    import time
+
+    Path(path).write_text(str(os.getpid()))
+    time.sleep(120)
+    return {}
+
+
+def test_a_timed_run_ends_when_the_bench_is_killed(tmp_path):
+    """`timeout stalerl bench ... | tee log` must not hang on a worker that outlives its parent."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    pid_file = tmp_path / "worker.pid"
+    script = ("import sys; sys.path.insert(0, sys.argv[2]); from stalerl.bench import isolated; "
+              "from test_bench import _report_pid_then_sleep; isolated(_report_pid_then_sleep, sys.argv[1])")
+    bench = subprocess.Popen([sys.executable, "-c", script, str(pid_file), str(Path(__file__).parent)])
+    deadline = time.monotonic() + 60
+    while not (pid_file.exists() and pid_file.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    worker = int(pid_file.read_text())
+    bench.send_signal(signal.SIGKILL)
+    bench.wait()
+    stat = Path(f"/proc/{worker}/stat")
+    while time.monotonic() < deadline:
+        try:  # gone, or a zombie that the reaper has not collected yet
+            if stat.read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                return
+        except (FileNotFoundError, ProcessLookupError):
+            return
+        time.sleep(0.2)
+    os.kill(worker, signal.SIGKILL)
+    raise AssertionError("the timed run's process outlived the killed bench by a minute")
