@@ -346,6 +346,7 @@ PARTS = ("step", "gen", "async", "sweep", "memory")
 def checked_model_settings(checkpoint: str, data: str, settings: dict, parts: tuple[str, ...]) -> dict:
     """The config changes that the gen and async parts run under; a clear error before any work."""
     from stalerl.config import ConfigError
+    from stalerl.policy import is_missing_directory
     from stalerl.random_checkpoint import shape_of
 
     if not checkpoint:
@@ -354,9 +355,11 @@ def checked_model_settings(checkpoint: str, data: str, settings: dict, parts: tu
         base_config(**settings)
         return dict(settings)
     try:
-        shape_of(checkpoint)
+        shape = shape_of(checkpoint)
     except ValueError as error:
         raise ConfigError(f"--model: {error}") from None
+    if not shape and is_missing_directory(checkpoint):
+        raise ConfigError(f"--model: directory not found: {checkpoint}")
     if not data or not Path(data).is_file():
         raise ConfigError(f"--data: {'file not found: ' + data if data else 'a checkpoint needs a JSONL or Parquet file'}")
     if any(part not in CHECKPOINT_PARTS for part in parts):

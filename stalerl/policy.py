@@ -59,8 +59,7 @@ def build_policy(config: TrainConfig) -> tuple[PreTrainedModel, PreTrainedTokeni
 
 def load_pretrained(config: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     path = config.name_or_path
-    looks_local = path.startswith((".", "/", "~")) or Path(path).exists()
-    if looks_local and not Path(path).expanduser().is_dir():
+    if is_missing_directory(path):
         raise ConfigError(f"model.name_or_path: directory not found: {path}")
     device = resolve_device(config)
     hf_logging.disable_progress_bar()
@@ -83,6 +82,12 @@ def load_pretrained(config: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTok
         enable_activation_checkpointing(model)
         model.config.use_cache = False  # the learner's forward needs no KV cache; generate() asks for one
     return model, tokenizer
+
+
+def is_missing_directory(path: str) -> bool:
+    """A path that is meant as a local directory (not a hub name) and is not one."""
+    looks_local = path.startswith((".", "/", "~")) or Path(path).exists()
+    return looks_local and not Path(path).expanduser().is_dir()
 
 
 def enable_activation_checkpointing(model: PreTrainedModel) -> None:

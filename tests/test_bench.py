@@ -89,6 +89,7 @@ SAMPLE_FILE = str(Path(__file__).resolve().parent.parent / "data" / "gsm8k_sampl
 @pytest.mark.parametrize("argv, message", [
     (["--model", "random:llama-9b", "--data", SAMPLE_FILE], "--model: unknown random shape 'llama-9b'"),
     (["--model", "random:tiny"], "--data: a checkpoint needs"),
+    (["--model", "./no/such/checkpoint", "--data", SAMPLE_FILE], "--model: directory not found: ./no/such"),
     (["--model", "random:tiny", "--data", "no/such.jsonl"], "--data: file not found: no/such.jsonl"),
     (["--model", "random:tiny", "--data", SAMPLE_FILE, "--parts", "step"], "--parts: with --model only"),
     (["--data", SAMPLE_FILE], "--data: needs --model"),
