@@ -141,8 +141,12 @@ def train_run(config_data: dict, warmup: int) -> dict:
     }
 
 
-def generation_run(config_data: dict, calls: int) -> dict:
-    """The same batch through stalerl's engine and a plain sampled generate, alternating; tokens/s."""
+def generation_run(config_data: dict, calls: int, static_cache: bool = False) -> dict:
+    """The same batch through stalerl's engine and a plain sampled generate, alternating; tokens/s.
+
+    static_cache: both with a static KV cache instead (compiled decoding on a GPU); the first,
+    untimed call of each then includes the compilation, reported as first_call_s.
+    """
     import numpy as np
     import torch
 
@@ -155,16 +159,12 @@ def generation_run(config_data: dict, calls: int) -> dict:
     model, tokenizer, _ = build_policy(config)
     task = build_task(config, tokenizer)
     rollout = config.rollout
-    engine = build_rollout_engine(config, model, tokenizer)
-    whole_engine = build_rollout_engine(override(config, {"model.share_prompt_prefix": False}), model, tokenizer)
     prompts = task.sample_prompts(np.random.default_rng([config.seed, 0]), rollout.prompts_per_step)
     texts = [prompt.text for prompt in prompts for _ in range(rollout.group_size)]
 
-    def stalerl_call(seed: int) -> int:
-        return int(engine.generate(texts, noise_seed=seed).response_mask_N_L.sum())
-
-    def whole_prompts_call(seed: int) -> int:  # every row's prompt prefilled, as plain generate does
-        return int(whole_engine.generate(texts, noise_seed=seed).response_mask_N_L.sum())
+    def engine_call(changes: dict) -> Callable[[int], int]:
+        engine = build_rollout_engine(override(config, changes), model, tokenizer)
+        return lambda seed: int(engine.generate(texts, noise_seed=seed).response_mask_N_L.sum())
 
     @torch.no_grad()
     def plain_call(seed: int) -> int:  # what a user writes: tokenize, sample, decode
@@ -172,23 +172,34 @@ def generation_run(config_data: dict, calls: int) -> dict:
         encoded = tokenizer(texts, return_tensors="pt", padding=True).to(model.device)
         sequences = model.generate(**encoded, do_sample=True, temperature=rollout.temperature, top_k=0, top_p=1.0,
                                    max_new_tokens=rollout.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                                   eos_token_id=tokenizer.eos_token_id)
+                                   eos_token_id=tokenizer.eos_token_id,
+                                   cache_implementation="static" if static_cache else None)
         response = sequences[:, encoded["input_ids"].shape[1]:]
         tokenizer.batch_decode(response, skip_special_tokens=True)
         is_eos = response == tokenizer.eos_token_id  # real tokens: up to and including the first eos
         return int((is_eos.long().cumsum(dim=1) - is_eos.long() == 0).sum())
 
     model.eval()
-    calls_by_name = {"stalerl": stalerl_call, "stalerl_whole_prompts": whole_prompts_call, "plain_generate": plain_call}
+    if static_cache:
+        calls_by_name = {"stalerl_static_cache": engine_call({"rollout.static_cache": True}),
+                         "plain_generate_static_cache": plain_call}
+    else:  # the engine as configured; with every row's prompt prefilled, as plain generate does
+        calls_by_name = {"stalerl": engine_call({}),
+                         "stalerl_whole_prompts": engine_call({"model.share_prompt_prefix": False}),
+                         "plain_generate": plain_call}
     timings: dict[str, list[tuple[float, int]]] = {name: [] for name in calls_by_name}
+    first_call_s = {}
     for call in range(calls + 1):  # call 0 warms them up
         for name, function in calls_by_name.items():
             start = time.perf_counter()
             tokens = function(1000 + call)
             if call:
                 timings[name].append((time.perf_counter() - start, tokens))
+            else:
+                first_call_s[name] = time.perf_counter() - start
     return {name: {"s_per_call": statistics.median(s for s, _ in rows),
-                   "tokens_per_s": sum(t for _, t in rows) / sum(s for s, _ in rows)}
+                   "tokens_per_s": sum(t for _, t in rows) / sum(s for s, _ in rows),
+                   "first_call_s": first_call_s[name]}
             for name, rows in timings.items()}
 
 
@@ -241,16 +252,32 @@ def bench_step(plan: Plan, tmp: Path, log: Callable[[str], None]) -> dict:
     return result
 
 
-def bench_generation(plan: Plan, model: dict) -> dict:
+def bench_generation(plan: Plan, model: dict, on_gpu: bool) -> dict:
+    """On a GPU also both sides with a static KV cache, where transformers compiles the decoding
+    step (rollout.static_cache); a failure there is reported, not fatal."""
     config = base_config(**model)
     runs = [isolated(generation_run, config.to_dict(), plan.gen_calls) for _ in range(plan.repeats)]
-    result = {name: {key: statistics.median(run[name][key] for run in runs) for key in ("s_per_call", "tokens_per_s")}
-              for name in ("stalerl", "stalerl_whole_prompts", "plain_generate")}
+    names = ["stalerl", "stalerl_whole_prompts", "plain_generate"]
+    if on_gpu:
+        try:
+            static = [isolated(generation_run, config.to_dict(), plan.gen_calls, True) for _ in range(plan.repeats)]
+            runs = [{**run, **static_run} for run, static_run in zip(runs, static)]
+            names += ["stalerl_static_cache", "plain_generate_static_cache"]
+        except Exception as error:  # noqa: BLE001 - the dynamic-cache figures stand without it
+            runs = [{**run, "static_cache_error": f"{type(error).__name__}: {error}"} for run in runs]
+    result = {name: {key: statistics.median(run[name][key] for run in runs)
+                     for key in ("s_per_call", "tokens_per_s", "first_call_s")} for name in names}
     result["batch"] = config.rollout.prompts_per_step * config.rollout.group_size
     result["max_new_tokens"] = config.rollout.max_new_tokens
     result["ratio_stalerl_over_plain"] = result["stalerl"]["tokens_per_s"] / result["plain_generate"]["tokens_per_s"]
     result["ratio_whole_prompts_over_plain"] = (result["stalerl_whole_prompts"]["tokens_per_s"]
                                                 / result["plain_generate"]["tokens_per_s"])
+    if "stalerl_static_cache" in result:
+        static_rate = result["stalerl_static_cache"]["tokens_per_s"]
+        result["ratio_static_over_plain_static"] = static_rate / result["plain_generate_static_cache"]["tokens_per_s"]
+        result["ratio_static_over_stalerl"] = static_rate / result["stalerl"]["tokens_per_s"]
+    if "static_cache_error" in runs[0]:
+        result["static_cache_error"] = runs[0]["static_cache_error"]
     return result
 
 
@@ -271,7 +298,9 @@ def bench_async(plan: Plan, tmp: Path, model: dict) -> dict:
         rate = median_of(runs[s], "steps_per_s")
         speedup = rate / sync_rate
         rows.append({"S": s, "steps_per_s": rate, "speedup": speedup, "fraction_of_ideal": speedup / ideal,
-                     "share_of_ideal_gain": (speedup - 1) / (ideal - 1) if ideal > 1 else None})
+                     "share_of_ideal_gain": (speedup - 1) / (ideal - 1) if ideal > 1 else None,
+                     # each side's time while they overlap: what the overlap cost them
+                     "rollout_s": median_of(runs[s], "rollout_s"), "train_s": median_of(runs[s], "train_s")})
     return {"t_gen_s": t_gen, "t_train_s": t_train, "ideal_overlap": ideal, "threads_per_process": 1,
             "t_sample_s": median_of(runs[0], "gen_s"), "weight_sync_s": median_of(runs[0], "weight_sync_s"),
             "steps": plan.async_steps, "rows": rows}
@@ -410,7 +439,7 @@ def run_bench(out: Path, quick: bool, plan: Plan | None = None, parts: tuple[str
             model["model.name_or_path"] = str(tmp / f"random-{shape}")
             isolated(make_random_checkpoint, shape, model["model.name_or_path"], data)
             log(f"bench: random {shape} checkpoint written in {time.perf_counter() - started:.0f} s")
-        steps = {"step": lambda: bench_step(plan, tmp, log), "gen": lambda: bench_generation(plan, model),
+        steps = {"step": lambda: bench_step(plan, tmp, log), "gen": lambda: bench_generation(plan, model, gpu is not None),
                  "async": lambda: bench_async(plan, tmp, model), "sweep": lambda: bench_sweep(plan, tmp),
                  "memory": lambda: bench_memory(plan, tmp)}
         for part in parts:
@@ -447,6 +476,13 @@ def format_table(report: dict) -> str:
         lines.append(f"gen   stalerl engine {gen['stalerl']['tokens_per_s']:.0f} tokens/s | plain generate "
                      f"{gen['plain_generate']['tokens_per_s']:.0f} tokens/s | ratio {gen['ratio_stalerl_over_plain']:.2f}x "
                      f"(prompts prefilled whole: {gen['ratio_whole_prompts_over_plain']:.2f}x)")
+        if "stalerl_static_cache" in gen:
+            lines.append(f"      static cache (compiled decoding): stalerl engine {gen['stalerl_static_cache']['tokens_per_s']:.0f} "
+                         f"tokens/s, first call {gen['stalerl_static_cache']['first_call_s']:.0f} s | plain generate "
+                         f"{gen['plain_generate_static_cache']['tokens_per_s']:.0f} tokens/s | ratio "
+                         f"{gen['ratio_static_over_plain_static']:.2f}x; {gen['ratio_static_over_stalerl']:.2f}x the dynamic-cache engine")
+        elif "static_cache_error" in gen:
+            lines.append(f"      static cache (compiled decoding) failed: {gen['static_cache_error']}")
     if "async" in report:
         pipe = report["async"]
         cells = ", ".join(f"S={row['S']} {row['steps_per_s']:.2f}/s {row['speedup']:.2f}x "

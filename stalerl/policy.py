@@ -139,4 +139,4 @@ def build_rollout_engine(config: TrainConfig, model: PreTrainedModel,
             share_prompts=config.model.share_prompt_prefix,
         )
     return TransformersEngine(copy.deepcopy(model), tokenizer, rollout.max_new_tokens, rollout.temperature,
-                              config.model.share_prompt_prefix)
+                              config.model.share_prompt_prefix, rollout.static_cache)

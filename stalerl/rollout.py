@@ -1,7 +1,8 @@
 """The rollout engine: sampling groups of responses with their behavior log-probs and policy version.
 
 Generation is transformers' own ``generate`` with its KV cache, prefilled once per distinct prompt
-of a group (prefix.py). Sampling is done as greedy decoding of Gumbel-perturbed logits
+of a group (prefix.py), or with a static cache that transformers compiles on a GPU
+(rollout.static_cache). Sampling is done as greedy decoding of Gumbel-perturbed logits
 (argmax(logits / T + Gumbel) is an exact sample of softmax(logits / T)):
 the noise comes from an explicit ``torch.Generator`` seeded per batch, so a batch is reproducible
 from (seed, batch index) whatever else runs in the process, and two policies can be sampled with
@@ -20,6 +21,8 @@ from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList,
 
 from stalerl.prefix import cache_argument, response_logits, shared_prompt_cache
 from stalerl.tasks import Prompt, Task
+
+STATIC_CACHE_STEP = 64  # tokens: the static KV cache's length is a multiple of this
 
 
 @dataclass
@@ -92,9 +95,11 @@ class TransformersEngine:
         max_new_tokens: int,
         temperature: float = 1.0,
         share_prompts: bool = True,
+        static_cache: bool = False,
     ):
         self.model = model.eval()
         self.share_prompts = share_prompts  # a group's prompt prefilled once (prefix.py)
+        self.static_cache = static_cache  # see RolloutConfig.static_cache
         self.tokenizer = tokenizer
         self.temperature = temperature
         self.version = 0
@@ -109,6 +114,7 @@ class TransformersEngine:
             output_logits=True,
             return_dict_in_generate=True,
             use_cache=True,
+            cache_implementation="static" if static_cache else None,
         )
 
     def load_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> None:
@@ -138,8 +144,14 @@ class TransformersEngine:
         encoded_U = {key: value.to(self.device)
                      for key, value in self.tokenizer(distinct, return_tensors="pt", padding=True).items()}
         encoded = {key: value[rows_N] for key, value in encoded_U.items()}
+        prompt_width = encoded["input_ids"].shape[1]
         prefilled = {}
-        if self.share_prompts and len(distinct) < len(prompts) and encoded_U["input_ids"].shape[1] > 1:
+        if self.static_cache:
+            # The cache only grows, in whole steps: a batch whose prompt is a few tokens longer
+            # reuses the compiled graph instead of compiling another.
+            needed = prompt_width + self.generation_config.max_new_tokens
+            self.generation_config.max_cache_len = -(-needed // STATIC_CACHE_STEP) * STATIC_CACHE_STEP
+        elif self.share_prompts and len(distinct) < len(prompts) and encoded_U["input_ids"].shape[1] > 1:
             # All but the last prompt column, once per distinct prompt; generate() runs the rest.
             cache, _ = shared_prompt_cache(self.model, encoded_U["input_ids"][:, :-1],
                                            encoded_U["attention_mask"][:, :-1], rows_N.to(self.device))
@@ -151,7 +163,6 @@ class TransformersEngine:
         output = self.model.generate(
             **encoded, **prefilled, generation_config=self.generation_config, logits_processor=processors
         )
-        prompt_width = encoded["input_ids"].shape[1]
         tokens_N_T = output.sequences
         response_N_L = tokens_N_T[:, prompt_width:]
         # output.logits are the raw logits, before the processors: the behavior distribution

@@ -26,6 +26,12 @@ def test_bad_values_name_the_key(key, value, message):
         validate(override(TrainConfig(), {key: value}))
 
 
+def test_static_cache_is_for_the_transformers_engine():
+    with pytest.raises(ConfigError, match="rollout.static_cache: is for the transformers engine"):
+        validate(override(TrainConfig(), {"rollout.engine": "vllm", "rollout.static_cache": True,
+                                          "model.name_or_path": "some/checkpoint"}))
+
+
 def test_unknown_key_in_file_names_key_and_file(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("optim:\n  lr: 1e-3\n  learning_rate: 2\n")
