@@ -105,3 +105,14 @@ def test_a_static_cache_samples_what_the_dynamic_cache_samples(tmp_path):
     short = static.generate(prompts[-4:], noise_seed=3)  # a smaller batch, shorter prompts: same cache length
     assert torch.equal(short.tokens_N_T, dynamic.generate(prompts[-4:], noise_seed=3).tokens_N_T)
     assert static.generation_config.max_cache_len == STATIC_CACHE_STEP
+    # new weights reach the static engine: CUDA graphs read the parameters in place, so no stale copy may stay
+    before = static.generate(prompts, noise_seed=4)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    for engine in (static, dynamic):
+        engine.load_weights(model.state_dict(), version=1)
+    a, b = static.generate(prompts, noise_seed=4), dynamic.generate(prompts, noise_seed=4)
+    assert torch.equal(a.tokens_N_T, b.tokens_N_T) and a.completions == b.completions
+    assert torch.allclose(a.behavior_logprobs_N_L, b.behavior_logprobs_N_L, atol=1e-5)
+    assert not torch.allclose(a.behavior_logprobs_N_L, before.behavior_logprobs_N_L, atol=1e-3)
