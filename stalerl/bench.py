@@ -252,13 +252,13 @@ def bench_step(plan: Plan, tmp: Path, log: Callable[[str], None]) -> dict:
     return result
 
 
-def bench_generation(plan: Plan, model: dict, on_gpu: bool) -> dict:
-    """On a GPU also both sides with a static KV cache, where transformers compiles the decoding
-    step (rollout.static_cache); a failure there is reported, not fatal."""
+def bench_generation(plan: Plan, model: dict, with_static_cache: bool) -> dict:
+    """with_static_cache (a model on a GPU): also both sides with a static KV cache, where
+    transformers compiles the decoding step (rollout.static_cache); a failure there is reported."""
     config = base_config(**model)
     runs = [isolated(generation_run, config.to_dict(), plan.gen_calls) for _ in range(plan.repeats)]
     names = ["stalerl", "stalerl_whole_prompts", "plain_generate"]
-    if on_gpu:
+    if with_static_cache:
         try:
             static = [isolated(generation_run, config.to_dict(), plan.gen_calls, True) for _ in range(plan.repeats)]
             runs = [{**run, **static_run} for run, static_run in zip(runs, static)]
@@ -399,6 +399,13 @@ def checked_model_settings(checkpoint: str, data: str, settings: dict, parts: tu
     return model
 
 
+def on_gpu(model: dict) -> bool:
+    """Whether the gen and async runs put the model on a GPU (the embedded default stays on CPU)."""
+    from stalerl.policy import resolve_device
+
+    return resolve_device(base_config(**model).model).type == "cuda"
+
+
 def make_random_checkpoint(shape: str, path: str, data: str) -> dict:
     from stalerl.random_checkpoint import save_random_checkpoint
 
@@ -439,7 +446,7 @@ def run_bench(out: Path, quick: bool, plan: Plan | None = None, parts: tuple[str
             model["model.name_or_path"] = str(tmp / f"random-{shape}")
             isolated(make_random_checkpoint, shape, model["model.name_or_path"], data)
             log(f"bench: random {shape} checkpoint written in {time.perf_counter() - started:.0f} s")
-        steps = {"step": lambda: bench_step(plan, tmp, log), "gen": lambda: bench_generation(plan, model, gpu is not None),
+        steps = {"step": lambda: bench_step(plan, tmp, log), "gen": lambda: bench_generation(plan, model, on_gpu(model)),
                  "async": lambda: bench_async(plan, tmp, model), "sweep": lambda: bench_sweep(plan, tmp),
                  "memory": lambda: bench_memory(plan, tmp)}
         for part in parts:

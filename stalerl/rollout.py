@@ -147,8 +147,8 @@ class TransformersEngine:
         prompt_width = encoded["input_ids"].shape[1]
         prefilled = {}
         if self.static_cache:
-            # The cache only grows, in whole steps: a batch whose prompt is a few tokens longer
-            # reuses the compiled graph instead of compiling another.
+            # In whole steps (and transformers keeps the largest length asked for): a batch whose
+            # prompt is a few tokens longer reuses the compiled graph instead of compiling another.
             needed = prompt_width + self.generation_config.max_new_tokens
             self.generation_config.max_cache_len = -(-needed // STATIC_CACHE_STEP) * STATIC_CACHE_STEP
         elif self.share_prompts and len(distinct) < len(prompts) and encoded_U["input_ids"].shape[1] > 1:

@@ -7,8 +7,9 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 
-from stalerl.bench import QUICK, bench_generation, checked_model_settings, format_table, run_bench
+from stalerl.bench import QUICK, bench_generation, checked_model_settings, format_table, on_gpu, run_bench
 from stalerl.bench_trl import trl_version
 from stalerl.cli import main
 
@@ -85,13 +86,14 @@ def test_bench_times_a_checkpoint_on_the_math_task(tmp_path):
 
 @pytest.mark.slow  # 2 fresh interpreters with a tiny checkpoint: about 15 s on 2 cores
 def test_the_static_cache_variants_are_timed_side_by_side(tmp_path):
-    """What the gen part adds on a GPU (on_gpu=True), run here on CPU where transformers does not compile."""
+    """What the gen part adds for a model on a GPU, run here on CPU where transformers does not compile."""
     from hf_checkpoint import save_tiny_checkpoint
 
     checkpoint = save_tiny_checkpoint(tmp_path / "tiny", hidden_size=48)
     model = checked_model_settings(str(checkpoint), SAMPLE_FILE, {"rollout.max_new_tokens": 8}, ("gen",))
     plan = TINY.__class__(**{**TINY.__dict__, "gen_calls": 1})
-    gen = bench_generation(plan, model, on_gpu=True)
+    assert on_gpu(model) == torch.cuda.is_available() and not on_gpu({})  # the embedded default stays on CPU
+    gen = bench_generation(plan, model, with_static_cache=True)
     for name in ("stalerl", "plain_generate", "stalerl_static_cache", "plain_generate_static_cache"):
         assert gen[name]["tokens_per_s"] > 0 and gen[name]["first_call_s"] > 0
     assert gen["ratio_static_over_plain_static"] > 0 and gen["ratio_static_over_stalerl"] > 0
