@@ -10,7 +10,7 @@ from hf_checkpoint import save_tiny_checkpoint
 from stalerl.config import TrainConfig
 from stalerl.policy import enable_activation_checkpointing
 from stalerl.prefix import can_share, prompt_groups
-from stalerl.rollout import TransformersEngine, policy_logprobs
+from stalerl.rollout import STATIC_CACHE_STEP, TransformersEngine, policy_logprobs
 from stalerl.warmstart import warm_started_policy
 
 
@@ -55,18 +55,46 @@ def test_shared_prompt_logprobs_and_gradient_equal_the_whole_forward(which, requ
     assert float((shared_grad - whole_grad).norm() / whole_grad.norm()) < 1e-4
 
 
+def assert_same_samples(first, second, prompts, seeds=(1, 2, None)):
+    """Both engines give the same samples for the same noise (by default sampled twice, then greedy)."""
+    for seed in seeds:
+        a, b = first.generate(prompts, noise_seed=seed), second.generate(prompts, noise_seed=seed)
+        assert torch.equal(a.tokens_N_T, b.tokens_N_T)
+        assert torch.equal(a.attention_mask_N_T, b.attention_mask_N_T)
+        assert a.completions == b.completions
+        assert torch.allclose(a.behavior_logprobs_N_L, b.behavior_logprobs_N_L, atol=1e-5)
+
+
 @pytest.mark.parametrize("which", ["policy", "bpe_policy"])
 def test_prefilled_generation_samples_what_plain_generation_samples(which, request):
     model, tokenizer = request.getfixturevalue(which)
     prompts = [text for text in (GROUPS if which == "policy" else BPE_GROUPS) for _ in range(8)]
     shared = TransformersEngine(copy.deepcopy(model), tokenizer, 6, 1.0, share_prompts=True)
     plain = TransformersEngine(copy.deepcopy(model), tokenizer, 6, 1.0, share_prompts=False)
-    for seed in (1, 2, None):  # sampled twice, then greedy
-        a, b = shared.generate(prompts, noise_seed=seed), plain.generate(prompts, noise_seed=seed)
-        assert torch.equal(a.tokens_N_T, b.tokens_N_T)
-        assert torch.equal(a.attention_mask_N_T, b.attention_mask_N_T)
-        assert a.completions == b.completions
-        assert torch.allclose(a.behavior_logprobs_N_L, b.behavior_logprobs_N_L, atol=1e-5)
+    assert_same_samples(shared, plain, prompts)
+
+
+def test_a_static_cache_samples_what_the_dynamic_cache_samples(bpe_policy):
+    """rollout.static_cache (compiled decoding on a GPU) changes the cache, not the samples; on CPU
+    transformers does not compile, so this checks the cache and the padding, not CUDA graphs."""
+    model, tokenizer = copy.deepcopy(bpe_policy[0]), bpe_policy[1]  # its weights change below
+    prompts = [text for text in BPE_GROUPS for _ in range(4)]  # left padding differs by group
+    static = TransformersEngine(copy.deepcopy(model), tokenizer, 6, static_cache=True)
+    dynamic = TransformersEngine(copy.deepcopy(model), tokenizer, 6, share_prompts=False)
+    assert_same_samples(static, dynamic, prompts)
+    assert static.generation_config.max_cache_len == STATIC_CACHE_STEP  # prompt + 6 tokens, rounded up
+    assert_same_samples(static, dynamic, prompts[-4:], seeds=[3])  # a smaller batch, shorter prompts
+    assert static.generation_config.max_cache_len == STATIC_CACHE_STEP
+    # new weights reach the static engine: CUDA graphs read the parameters in place, so no stale copy may stay
+    before = static.generate(prompts, noise_seed=4)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    for engine in (static, dynamic):
+        engine.load_weights(model.state_dict(), version=1)
+    assert_same_samples(static, dynamic, prompts, seeds=[4])
+    after = static.generate(prompts, noise_seed=4)
+    assert not torch.allclose(after.behavior_logprobs_N_L, before.behavior_logprobs_N_L, atol=1e-3)
 
 
 def test_groups_found_in_any_row_order_and_single_token_responses(policy):
