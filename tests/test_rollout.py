@@ -83,4 +83,3 @@ def test_addition_task_reward_and_split():
     assert task.reward(prompt, "421", finished=True) == 0.0
     rng = np.random.default_rng(0)
     assert all(p in task.train for p in task.sample_prompts(rng, 10))
-
