@@ -85,6 +85,30 @@ class GumbelNoise(LogitsProcessor):
         return scores / self.temperature + gumbel.to(scores.device, scores.dtype)
 
 
+class SampledTokens(LogitsProcessor):
+    """The last logits processor: Gumbel noise on the logits (none: greedy), and a record, step by
+    step, of the token greedy decoding then takes and its behavior log-prob log softmax(logits / T).
+
+    One float a row and step, where keeping every step's logits (output_logits) would hold
+    N x L x V floats: 134 GB for 512 rows of 512 tokens over Llama-3's 128,256-token vocabulary.
+    """
+
+    def __init__(self, temperature: float, noise: GumbelNoise | None):
+        self.temperature = temperature
+        self.noise = noise
+        self.tokens: list[torch.Tensor] = []  # [N] a step
+        self.logprobs: list[torch.Tensor] = []  # [N] a step
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        # scores are the raw logits: the behavior distribution is softmax(logits / T) with or without noise
+        chosen = scores if self.noise is None else self.noise(input_ids, scores)
+        token_N = chosen.argmax(dim=-1)  # what greedy decoding takes from what this returns
+        logprobs_N_V = torch.log_softmax(scores.float() / self.temperature, dim=-1)
+        self.tokens.append(token_N)
+        self.logprobs.append(logprobs_N_V.gather(-1, token_N[:, None]).squeeze(-1))
+        return chosen
+
+
 class TransformersEngine:
     """Generates with a private copy of the policy; the learner's weights reach it via load_weights."""
 
@@ -106,13 +130,11 @@ class TransformersEngine:
         self.sync_s = 0.0  # weight-sync time since the last batch (the worker reads and resets it)
         self.device = next(model.parameters()).device
         self.generation_config = GenerationConfig(
-            do_sample=False,  # sampling happens in GumbelNoise; greedy when no noise is given
+            do_sample=False,  # sampling happens in SampledTokens; greedy when no noise is given
             max_new_tokens=max_new_tokens,
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=tokenizer.eos_token_id,
             bos_token_id=tokenizer.bos_token_id,
-            output_logits=True,
-            return_dict_in_generate=True,
             use_cache=True,
             cache_implementation="static" if static_cache else None,
         )
@@ -156,24 +178,31 @@ class TransformersEngine:
             cache, _ = shared_prompt_cache(self.model, encoded_U["input_ids"][:, :-1],
                                            encoded_U["attention_mask"][:, :-1], rows_N.to(self.device))
             prefilled[cache_argument(self.model)] = cache
-        processors = LogitsProcessorList()
+        noise = None
         if noise_seed is not None:
-            generator = torch.Generator(device=self.device).manual_seed(noise_seed)
-            processors.append(GumbelNoise(generator, self.temperature))
-        output = self.model.generate(
-            **encoded, **prefilled, generation_config=self.generation_config, logits_processor=processors
-        )
-        tokens_N_T = output.sequences
+            noise = GumbelNoise(torch.Generator(device=self.device).manual_seed(noise_seed), self.temperature)
+        sampled = SampledTokens(self.temperature, noise)
+        # generate() fills what our GenerationConfig leaves unset from the checkpoint's own
+        # generation_config.json; a repetition penalty there would make mu something other than
+        # softmax(logits / T). While we generate the model has none (and then gets its own back).
+        checkpoint_settings, self.model.generation_config = self.model.generation_config, GenerationConfig()
+        try:
+            tokens_N_T = self.model.generate(**encoded, **prefilled, generation_config=self.generation_config,
+                                             logits_processor=LogitsProcessorList([sampled]))
+        finally:
+            self.model.generation_config = checkpoint_settings
         response_N_L = tokens_N_T[:, prompt_width:]
-        # output.logits are the raw logits, before the processors: the behavior distribution
-        # is softmax(logits / T) whether or not noise was added.
-        logits_N_L_V = torch.stack(output.logits, dim=1).float() / self.temperature
-        logprobs_N_L = torch.log_softmax(logits_N_L_V, dim=-1).gather(-1, response_N_L[..., None]).squeeze(-1)
 
         is_eos_N_L = response_N_L == self.tokenizer.eos_token_id
         # A position is part of the response if no end-of-sequence came strictly before it.
         eos_before_N_L = (is_eos_N_L.long().cumsum(dim=1) - is_eos_N_L.long()) > 0
         response_mask_N_L = ~eos_before_N_L
+        logprobs_N_L = torch.stack(sampled.logprobs, dim=1)
+        picked_N_L = torch.stack(sampled.tokens, dim=1)
+        if picked_N_L.shape != response_N_L.shape or not torch.equal(picked_N_L[response_mask_N_L],
+                                                                     response_N_L[response_mask_N_L]):
+            raise RuntimeError("generate() did not take the tokens that SampledTokens picked (another logits "
+                               "processor ran after it?): their behavior log-probs would be wrong")
         finished_N = is_eos_N_L.any(dim=1)
         attention_mask_N_T = torch.cat([encoded["attention_mask"], response_mask_N_L.long()], dim=1)
         completions = self.tokenizer.batch_decode(  # one call into the tokenizer, not one a row

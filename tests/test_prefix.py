@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from hf_checkpoint import save_tiny_checkpoint
 from stalerl.config import TrainConfig
@@ -72,6 +72,24 @@ def test_prefilled_generation_samples_what_plain_generation_samples(which, reque
     shared = TransformersEngine(copy.deepcopy(model), tokenizer, 6, 1.0, share_prompts=True)
     plain = TransformersEngine(copy.deepcopy(model), tokenizer, 6, 1.0, share_prompts=False)
     assert_same_samples(shared, plain, prompts)
+
+
+def test_a_checkpoints_generation_config_does_not_change_the_samples(bpe_policy):
+    """generate() would fill unset settings from the checkpoint's generation_config.json (here tokens
+    suppressed, a repetition penalty): mu must stay softmax(logits / T), as the learner computes it."""
+    model, tokenizer = bpe_policy
+    configured = copy.deepcopy(model)
+    settings = GenerationConfig(do_sample=True, temperature=0.3, repetition_penalty=1.5,
+                                suppress_tokens=list(range(0, len(tokenizer), 2)))
+    configured.generation_config = settings
+    prompts = [text for text in BPE_GROUPS for _ in range(4)]
+    engine = TransformersEngine(configured, tokenizer, 8, 1.0)
+    assert_same_samples(engine, TransformersEngine(copy.deepcopy(model), tokenizer, 8, 1.0), prompts)
+    assert configured.generation_config is settings  # the checkpoint's own settings are given back
+    generation = engine.generate(prompts, noise_seed=5)
+    learner_logprobs, _ = policy_logprobs(model, generation, 1.0)
+    mask = generation.response_mask_N_L
+    assert torch.allclose(learner_logprobs[mask], generation.behavior_logprobs_N_L[mask], atol=1e-4)
 
 
 def test_a_static_cache_samples_what_the_dynamic_cache_samples(bpe_policy):
