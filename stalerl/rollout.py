@@ -11,7 +11,9 @@ the same noise (common random numbers, used by the bias probe).
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -109,6 +111,25 @@ class SampledTokens(LogitsProcessor):
         return chosen
 
 
+@contextlib.contextmanager
+def checkpoint_settings_hidden(model: PreTrainedModel) -> Iterator[None]:
+    """generate() fills what our GenerationConfig leaves unset from the checkpoint's own
+    generation_config.json: a repetition penalty or suppressed tokens there would make mu something
+    other than softmax(logits / T). Inside, the model has none; after, it gets its own back. peft's
+    generate copies its wrapper's settings into the base model, so both are swapped."""
+    models = [model]
+    if hasattr(model, "get_base_model") and model.get_base_model() is not model:
+        models.append(model.get_base_model())
+    saved = [each.generation_config for each in models]
+    for each in models:
+        each.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        for each, settings in zip(models, saved):
+            each.generation_config = settings
+
+
 class TransformersEngine:
     """Generates with a private copy of the policy; the learner's weights reach it via load_weights."""
 
@@ -182,15 +203,9 @@ class TransformersEngine:
         if noise_seed is not None:
             noise = GumbelNoise(torch.Generator(device=self.device).manual_seed(noise_seed), self.temperature)
         sampled = SampledTokens(self.temperature, noise)
-        # generate() fills what our GenerationConfig leaves unset from the checkpoint's own
-        # generation_config.json; a repetition penalty there would make mu something other than
-        # softmax(logits / T). While we generate the model has none (and then gets its own back).
-        checkpoint_settings, self.model.generation_config = self.model.generation_config, GenerationConfig()
-        try:
+        with checkpoint_settings_hidden(self.model):
             tokens_N_T = self.model.generate(**encoded, **prefilled, generation_config=self.generation_config,
                                              logits_processor=LogitsProcessorList([sampled]))
-        finally:
-            self.model.generation_config = checkpoint_settings
         response_N_L = tokens_N_T[:, prompt_width:]
 
         is_eos_N_L = response_N_L == self.tokenizer.eos_token_id

@@ -7,8 +7,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from hf_checkpoint import save_tiny_checkpoint
-from stalerl.config import TrainConfig
-from stalerl.policy import enable_activation_checkpointing
+from stalerl.config import ModelConfig, TrainConfig
+from stalerl.policy import add_lora, enable_activation_checkpointing
 from stalerl.prefix import can_share, prompt_groups
 from stalerl.rollout import STATIC_CACHE_STEP, TransformersEngine, policy_logprobs
 from stalerl.warmstart import warm_started_policy
@@ -74,7 +74,8 @@ def test_prefilled_generation_samples_what_plain_generation_samples(which, reque
     assert_same_samples(shared, plain, prompts)
 
 
-def test_a_checkpoints_generation_config_does_not_change_the_samples(bpe_policy):
+@pytest.mark.parametrize("lora", [False, True])
+def test_a_checkpoints_generation_config_does_not_change_the_samples(bpe_policy, lora):
     """generate() would fill unset settings from the checkpoint's generation_config.json (here tokens
     suppressed, a repetition penalty): mu must stay softmax(logits / T), as the learner computes it."""
     model, tokenizer = bpe_policy
@@ -82,10 +83,15 @@ def test_a_checkpoints_generation_config_does_not_change_the_samples(bpe_policy)
     settings = GenerationConfig(do_sample=True, temperature=0.3, repetition_penalty=1.5,
                                 suppress_tokens=list(range(0, len(tokenizer), 2)))
     configured.generation_config = settings
+    if lora:  # fresh adapters leave the outputs as they were; peft's generate has its own config copy
+        pytest.importorskip("peft")
+        configured = add_lora(configured, ModelConfig(lora_rank=4))
     prompts = [text for text in BPE_GROUPS for _ in range(4)]
     engine = TransformersEngine(configured, tokenizer, 8, 1.0)
     assert_same_samples(engine, TransformersEngine(copy.deepcopy(model), tokenizer, 8, 1.0), prompts)
-    assert configured.generation_config is settings  # the checkpoint's own settings are given back
+    # the checkpoint's own settings are given back (to save_pretrained with the final model)
+    assert configured.generation_config is settings
+    assert getattr(configured, "get_base_model", lambda: configured)().generation_config is settings
     generation = engine.generate(prompts, noise_seed=5)
     learner_logprobs, _ = policy_logprobs(model, generation, 1.0)
     mask = generation.response_mask_N_L
