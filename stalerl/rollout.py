@@ -82,9 +82,13 @@ class GumbelNoise(LogitsProcessor):
         self.temperature = temperature
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        uniform = torch.rand(scores.shape, generator=self.generator, device=self.generator.device)
+        return self.perturb(scores / self.temperature)
+
+    def perturb(self, scaled: torch.Tensor) -> torch.Tensor:
+        """logits / T (already divided) plus Gumbel noise."""
+        uniform = torch.rand(scaled.shape, generator=self.generator, device=self.generator.device)
         gumbel = -torch.log(-torch.log(uniform.clamp_(min=1e-20, max=1.0 - 1e-7)))
-        return scores / self.temperature + gumbel.to(scores.device, scores.dtype)
+        return scaled + gumbel.to(scaled.device, scaled.dtype)
 
 
 class SampledTokens(LogitsProcessor):
@@ -103,9 +107,10 @@ class SampledTokens(LogitsProcessor):
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         # scores are the raw logits: the behavior distribution is softmax(logits / T) with or without noise
-        chosen = scores if self.noise is None else self.noise(input_ids, scores)
+        scaled = scores.float() / self.temperature
+        chosen = scores if self.noise is None else self.noise.perturb(scaled)
         token_N = chosen.argmax(dim=-1)  # what greedy decoding takes from what this returns
-        logprobs_N_V = torch.log_softmax(scores.float() / self.temperature, dim=-1)
+        logprobs_N_V = torch.log_softmax(scaled, dim=-1)
         self.tokens.append(token_N)
         self.logprobs.append(logprobs_N_V.gather(-1, token_N[:, None]).squeeze(-1))
         return chosen
