@@ -9,16 +9,17 @@ from typing import Callable
 import torch
 from transformers import PreTrainedModel
 
-from stalerl.config import LossConfig, OptimConfig
+from stalerl.config import LossConfig, OptimConfig, RolloutConfig
 from stalerl.loss import group_advantages, grpo_loss
+from stalerl.optimizer import MasterWeightAdamW
 from stalerl.prefix import activation_checkpointing
 from stalerl.rollout import Generation, RolloutBatch, policy_logprobs
 
 
-def make_optimizer(model: PreTrainedModel, optim: OptimConfig) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(
-        model.parameters(), lr=optim.lr, betas=(optim.beta1, optim.beta2), weight_decay=optim.weight_decay
-    )
+def make_optimizer(model: PreTrainedModel, optim: OptimConfig) -> MasterWeightAdamW:
+    """AdamW (frozen parameters get no gradient, so no state); fp32 masters for bf16 ones (optimizer.py)."""
+    return MasterWeightAdamW(model.parameters(), lr=optim.lr, betas=(optim.beta1, optim.beta2),
+                             weight_decay=optim.weight_decay)
 
 
 def learner_step(
@@ -27,7 +28,7 @@ def learner_step(
     batch: RolloutBatch,
     loss_config: LossConfig,
     optim: OptimConfig,
-    temperature: float,
+    rollout: RolloutConfig,
     reference: PreTrainedModel | None = None,
     choose_lr: Callable[[dict[str, float]], float] | None = None,
     share_prompts: bool = True,
@@ -37,15 +38,17 @@ def learner_step(
     `choose_lr`, if given, sees the batch statistics (lag-independent ones such as `ess_frac`) after
     the backward pass and returns this step's learning rate (the stabilizers in stabilizers.py).
     """
-    surrogate = surrogate_gradient(model, batch, loss_config, optim.micro_batch_size, temperature, reference,
+    surrogate = surrogate_gradient(model, batch, loss_config, optim.micro_batch_size, rollout, reference,
                                    share_prompts)
     logprobs_N_L, entropy_N_L, mask_N_L = surrogate.logprobs_N_L, surrogate.entropy_N_L, surrogate.mask_N_L
     behavior_logprobs_N_L = batch.generation.behavior_logprobs_N_L.to(mask_N_L.device)
     tokens = float(mask_N_L.sum().clamp(min=1))
+    in_loss_N = mask_N_L.any(dim=1)  # False for a sample dropped for its failed reward (task.on_reward_error)
 
     max_norm = optim.grad_clip if optim.grad_clip > 0 else float("inf")
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-    ess_frac = effective_sample_fraction(logprobs_N_L, behavior_logprobs_N_L, mask_N_L)
+    ess_frac = effective_sample_fraction(logprobs_N_L[in_loss_N], behavior_logprobs_N_L[in_loss_N],
+                                         mask_N_L[in_loss_N])
     lr = choose_lr({"ess_frac": ess_frac}) if choose_lr is not None else optim.lr
     for group in optimizer.param_groups:
         group["lr"] = lr
@@ -68,7 +71,7 @@ def learner_step(
         "ratio_max": surrogate.ratio_max,
         "entropy": float((entropy_N_L * mask_f_N_L).sum() / tokens),
         "grad_norm": float(grad_norm),
-        "response_len": float(mask_f_N_L.sum(dim=1).mean()),
+        "response_len": float(mask_f_N_L.sum(dim=1)[in_loss_N].mean()) if in_loss_N.any() else 0.0,
         # |log pi_theta - log mu| per token. At lag 0 it is the sampler/learner numeric mismatch
         # (kernels, dtype); at lag s it also holds the policy change over s steps.
         "logprob_mismatch": float((mismatch * mask_f_N_L).sum() / tokens),
@@ -99,7 +102,7 @@ def surrogate_gradient(
     batch: RolloutBatch,
     loss_config: LossConfig,
     micro_batch_size: int,
-    temperature: float,
+    rollout: RolloutConfig,
     reference: PreTrainedModel | None = None,
     share_prompts: bool = True,
 ) -> Surrogate:
@@ -116,10 +119,12 @@ def surrogate_gradient(
         advantages_N = valid_group_advantages(rewards_P_G, valid_P_G, loss_config.scale_by_std).reshape(-1)
         mask_N_L = mask_N_L & batch.valid_N.to(device)[:, None]
     advantages_N = advantages_N.to(device)
-    count, width = mask_N_L.shape
+    count = mask_N_L.shape[0]
     micro = micro_batch_size or count
     tokens = float(mask_N_L.sum().clamp(min=1))
-    normalizer = loss_config.constant_normalizer or float(count * width)
+    sequences = float(mask_N_L.any(dim=1).sum().clamp(min=1))
+    # Dr. GRPO's constant: the same for every batch, whatever its samples' lengths
+    normalizer = loss_config.constant_normalizer or float(count * rollout.max_new_tokens)
 
     # Gradient accumulation over micro-batches of rows. Each part's loss is re-weighted so that the
     # parts sum to the whole-batch loss exactly: token_mean by the part's share of the batch's tokens,
@@ -135,11 +140,11 @@ def surrogate_gradient(
         rows = slice(start, start + micro)
         part = rows_of(generation, rows, device)
         part_mask_n_L = mask_N_L[rows]
-        logprobs_n_L, entropy_n_L = policy_logprobs(model, part, temperature, share_prompts)
+        logprobs_n_L, entropy_n_L = policy_logprobs(model, part, rollout.temperature, share_prompts)
         ref_logprobs_n_L = None
         if reference is not None:
             with torch.no_grad():
-                ref_logprobs_n_L, _ = policy_logprobs(reference, part, temperature, share_prompts)
+                ref_logprobs_n_L, _ = policy_logprobs(reference, part, rollout.temperature, share_prompts)
         part_loss, stats = grpo_loss(
             logprobs_n_L,
             part.behavior_logprobs_N_L,
@@ -153,8 +158,8 @@ def surrogate_gradient(
             kl_beta=loss_config.kl_beta,
         )
         token_share = float(part_mask_n_L.sum()) / tokens
-        weight = {"token_mean": token_share, "sequence_mean": part_mask_n_L.shape[0] / count}.get(
-            loss_config.aggregation, 1.0)
+        sequence_share = float(part_mask_n_L.any(dim=1).sum()) / sequences
+        weight = {"token_mean": token_share, "sequence_mean": sequence_share}.get(loss_config.aggregation, 1.0)
         (part_loss * weight).backward()
         loss_value += float(part_loss.detach()) * weight
         clip_frac += stats.clip_frac * token_share
@@ -184,7 +189,7 @@ def rows_of(generation: Generation, rows: slice, device: torch.device) -> Genera
 def valid_group_advantages(rewards_P_G: torch.Tensor, valid_P_G: torch.Tensor, scale_by_std: bool,
                            eps: float = 1e-6) -> torch.Tensor:
     """group_advantages over each group's valid samples only; 0 for invalid ones and for groups
-    with fewer than 2 valid samples (no baseline, no signal)."""
+    with fewer than 2 valid samples or whose valid rewards are all equal (no baseline, no signal)."""
     valid_f_P_G = valid_P_G.float()
     count_P_1 = valid_f_P_G.sum(dim=1, keepdim=True)
     mean_P_1 = (rewards_P_G * valid_f_P_G).sum(dim=1, keepdim=True) / count_P_1.clamp(min=1)
@@ -192,7 +197,9 @@ def valid_group_advantages(rewards_P_G: torch.Tensor, valid_P_G: torch.Tensor, s
     if scale_by_std:
         std_P_1 = ((centered_P_G**2).sum(dim=1, keepdim=True) / (count_P_1 - 1).clamp(min=1)).sqrt()
         centered_P_G = centered_P_G / (std_P_1 + eps)
-    return centered_P_G * (count_P_1 >= 2)
+    highest_P_1 = rewards_P_G.masked_fill(~valid_P_G, -math.inf).amax(dim=1, keepdim=True)
+    lowest_P_1 = rewards_P_G.masked_fill(~valid_P_G, math.inf).amin(dim=1, keepdim=True)
+    return centered_P_G * ((count_P_1 >= 2) & (highest_P_1 > lowest_P_1))
 
 
 def effective_sample_fraction(

@@ -18,12 +18,15 @@ def group_advantages(rewards_P_G: torch.Tensor, scale_by_std: bool = True, eps: 
     """A_i = (R_i - mean R) / (std R + eps) within each group; Dr. GRPO drops the division.
 
     std is the sample standard deviation (n - 1), as in DeepSeekMath's GRPO and TRL.
-    A group whose rewards are all equal gets zero advantages: it carries no signal.
+    A group whose rewards are all equal gets exactly zero advantages: it carries no signal. (The
+    float mean of 8 x 0.7 is not 0.7, and dividing that rounding error by std + eps ~ 1e-6 would
+    give the whole group one sign.)
     """
     centered_P_G = rewards_P_G - rewards_P_G.mean(dim=1, keepdim=True)
-    if not scale_by_std:
-        return centered_P_G
-    return centered_P_G / (rewards_P_G.std(dim=1, keepdim=True) + eps)
+    if scale_by_std:
+        centered_P_G = centered_P_G / (rewards_P_G.std(dim=1, keepdim=True) + eps)
+    signal_P_1 = rewards_P_G.amax(dim=1, keepdim=True) > rewards_P_G.amin(dim=1, keepdim=True)
+    return centered_P_G * signal_P_1
 
 
 @dataclass(frozen=True)
@@ -56,8 +59,8 @@ def grpo_loss(
     `behavior_logprobs_N_L` are log mu(y_t | x, y_<t), recorded when the rollout was sampled by the
     (possibly stale) policy; they are treated as constants. `mask_N_L` marks real response tokens.
     Aggregation: 'token_mean' divides the token sum by the number of tokens in the batch,
-    'sequence_mean' averages each sequence's token mean, 'constant' divides the token sum by
-    `constant_normalizer` (Dr. GRPO), which must then be positive.
+    'sequence_mean' averages each sequence's token mean over the sequences with a token in the mask,
+    'constant' divides the token sum by `constant_normalizer` (Dr. GRPO), which must then be positive.
     """
     mask_N_L = mask_N_L.to(logprobs_N_L.dtype)
     log_ratio_N_L = logprobs_N_L - behavior_logprobs_N_L.detach()
@@ -76,9 +79,10 @@ def grpo_loss(
 
     if aggregation == "token_mean":
         loss = (per_token_N_L * mask_N_L).sum() / mask_N_L.sum().clamp(min=1)
-    elif aggregation == "sequence_mean":
-        per_sequence_N = (per_token_N_L * mask_N_L).sum(dim=1) / mask_N_L.sum(dim=1).clamp(min=1)
-        loss = per_sequence_N.mean()
+    elif aggregation == "sequence_mean":  # over the sequences in the loss: a dropped one has no tokens
+        tokens_N = mask_N_L.sum(dim=1)
+        per_sequence_N = (per_token_N_L * mask_N_L).sum(dim=1) / tokens_N.clamp(min=1)
+        loss = per_sequence_N.sum() / (tokens_N > 0).sum().clamp(min=1)
     elif aggregation == "constant":
         if constant_normalizer <= 0:
             raise ValueError("aggregation 'constant' needs constant_normalizer > 0")

@@ -5,13 +5,16 @@ from __future__ import annotations
 import json
 import math
 from collections import deque
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from stalerl.optimizer import master_values
+
 # Within-cycle drift ||theta_t - theta_{t-S}|| needs the last S parameter vectors; keep them only
-# while they are small (the embedded model), never for a billion-parameter checkpoint.
+# while they are small (the embedded model, LoRA adapters), never for a billion-parameter checkpoint.
 MAX_CYCLE_HISTORY_FLOATS = 64_000_000
 
 
@@ -19,58 +22,163 @@ def flat_parameters(model: torch.nn.Module) -> torch.Tensor:
     return torch.cat([p.detach().reshape(-1).float() for p in model.parameters()])
 
 
-class UpdateTracker:
-    """Measures each update d_t = theta_{t+1} - theta_t against the previous one and theta_0."""
+def lora_modules(model: torch.nn.Module) -> list[tuple[torch.nn.Module, str]]:
+    """(module, adapter) for every active peft LoRA adapter: W = W0 + scaling * B @ A."""
+    if not hasattr(model, "peft_config"):
+        return []
+    return [(module, adapter) for module in model.modules()
+            if isinstance(getattr(module, "lora_A", None), torch.nn.ModuleDict)
+            for adapter in module.active_adapters if adapter in module.lora_A]
 
-    def __init__(self, model: torch.nn.Module, staleness: int):
-        self.theta_0 = flat_parameters(model)
-        self.previous = self.theta_0.clone()
-        self.previous_update: torch.Tensor | None = None
+
+@dataclass
+class Snapshot:
+    """What update geometry needs of a policy: the trainable parameters outside LoRA adapters,
+    flattened (fp32 masters where the optimizer keeps them), and each LoRA module's (B, A)."""
+
+    dense: torch.Tensor  # [D]
+    factors: list[tuple[torch.Tensor, torch.Tensor]]  # per module: (B [out, r], A [r, in])
+
+    def numel(self) -> int:
+        return self.dense.numel() + sum(b.numel() + a.numel() for b, a in self.factors)
+
+
+@dataclass
+class Delta:
+    """theta - theta' on the weights the policy uses: the dense part, and per LoRA module the merged
+    W - W' = P @ Q (rank 2r, never formed: inner products go through r x r Gram matrices)."""
+
+    dense: torch.Tensor  # [D]
+    low_rank: list[tuple[torch.Tensor, torch.Tensor]]  # per module: (P [out, 2r], Q [2r, in]), float64
+
+    def dot(self, other: Delta) -> float:
+        total = float(self.dense @ other.dense)
+        for (p_1, q_1), (p_2, q_2) in zip(self.low_rank, other.low_rank):
+            total += float(((p_1.T @ p_2) * (q_1 @ q_2.T)).sum())  # <P1 Q1, P2 Q2> = tr(P1'P2 Q2 Q1')
+        return total
+
+    def norm(self) -> float:
+        if not self.low_rank:
+            return float(self.dense.norm())
+        return math.sqrt(max(self.dot(self), 0.0))
+
+
+def difference(new: Snapshot, old: Snapshot, scales: list[float]) -> Delta:
+    # B1 A1 - B0 A0 = (B1 - B0) A1 + B0 (A1 - A0): factors that are small where the change is, so
+    # the Gram products hold no cancellation between large terms.
+    low_rank = [(torch.cat([b_1 - b_0, b_0], dim=1).double() * scale, torch.cat([a_1, a_1 - a_0], dim=0).double())
+                for (b_1, a_1), (b_0, a_0), scale in zip(new.factors, old.factors, scales)]
+    return Delta(new.dense - old.dense, low_rank)
+
+
+class UpdateTracker:
+    """Measures each update d_t = theta_{t+1} - theta_t against the previous one and theta_0.
+
+    theta is what the policy computes with: with LoRA, the merged weights W0 + s B A (the frozen
+    base cancels), not the adapters' own coordinates. Under MasterWeightAdamW, the fp32 masters.
+    """
+
+    def __init__(self, model: torch.nn.Module, staleness: int, optimizer: torch.optim.Optimizer | None = None):
+        self.optimizer = optimizer
+        lora = lora_modules(model)
+        self.scales = [float(module.scaling[adapter]) for module, adapter in lora]
+        adapter_weights = {id(w) for module, adapter in lora
+                           for w in (module.lora_A[adapter].weight, module.lora_B[adapter].weight)}
+        self.dense_parameters = [p for p in model.parameters() if p.requires_grad and id(p) not in adapter_weights]
+        self.adapters = [(module.lora_B[adapter].weight, module.lora_A[adapter].weight) for module, adapter in lora]
+        self.theta_0 = self.snapshot()
+        self.previous = self.theta_0
+        self.previous_update: Delta | None = None
         self.path_length = 0.0  # sum of ||d_k||: the cumulative learner drift T * eta * G_upd
         keep_history = 0 < staleness and staleness * self.theta_0.numel() <= MAX_CYCLE_HISTORY_FLOATS
-        self.history: deque[torch.Tensor] | None = deque(maxlen=staleness) if keep_history else None
+        self.history: deque[Snapshot] | None = deque(maxlen=staleness) if keep_history else None
         if self.history is not None:
             self.history.append(self.theta_0)
 
+    @property
+    def trainable_count(self) -> int:
+        return self.theta_0.numel()
+
+    def snapshot(self) -> Snapshot:
+        values = master_values(self.dense_parameters, self.optimizer)
+        dense = torch.cat([v.detach().reshape(-1).float() for v in values]) if values else torch.zeros(0)
+        factors = [tuple(v.detach().float().clone() for v in master_values(pair, self.optimizer))
+                   for pair in self.adapters]
+        return Snapshot(dense, factors)
+
+    def write_dense(self, dense: torch.Tensor) -> None:
+        """Sets the dense parameters (and their masters) to `dense`; the stabilizer GAC uses it."""
+        offset = 0
+        masters = master_values(self.dense_parameters, self.optimizer)
+        with torch.no_grad():
+            for parameter, master in zip(self.dense_parameters, masters):
+                values = dense[offset : offset + parameter.numel()].view_as(parameter)
+                master.copy_(values)
+                if master is not parameter:
+                    parameter.copy_(values)  # rounded to the parameter's precision
+                offset += parameter.numel()
+
     def after_step(self, model: torch.nn.Module) -> dict[str, float | None]:
-        current = flat_parameters(model)
-        update = current - self.previous
-        update_norm = float(update.norm())
+        current = self.snapshot()
+        update = difference(current, self.previous, self.scales)
+        update_norm = update.norm()
         cos_sim = None
         if self.previous_update is not None:
-            denominator = update_norm * float(self.previous_update.norm())
-            cos_sim = float(update @ self.previous_update) / denominator if denominator > 0 else 0.0
-            cos_sim = min(1.0, max(-1.0, cos_sim))  # rounding can step just outside [-1, 1]
+            denominator = update_norm * self.previous_update.norm()
+            if denominator > 0:  # no direction where an update was skipped (zero): undefined, null
+                cos_sim = min(1.0, max(-1.0, update.dot(self.previous_update) / denominator))  # rounding
         cycle_drift = None
-        if self.history is not None:
-            cycle_drift = float((current - self.history[0]).norm())  # history[0] is theta_{t+1-S}
+        if self.history is not None:  # history[0] is theta_{t+1-S}
+            cycle_drift = difference(current, self.history[0], self.scales).norm()
             self.history.append(current)
         self.previous, self.previous_update = current, update
         self.path_length += update_norm
         return {
             "grad_cos_sim": cos_sim,
             "update_norm": update_norm,
-            "drift": float((current - self.theta_0).norm()),
+            "drift": difference(current, self.theta_0, self.scales).norm(),
             "path_length": self.path_length,
             "cycle_drift": cycle_drift,
         }
 
     def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """(tensors, plain data) for a checkpoint; `restore` takes them back."""
-        tensors = {"theta_0": self.theta_0, "previous": self.previous}
+        tensors: dict[str, torch.Tensor] = {}
+        _put(tensors, "theta_0", self.theta_0.dense, self.theta_0.factors)
+        _put(tensors, "previous", self.previous.dense, self.previous.factors)
         if self.previous_update is not None:
-            tensors["previous_update"] = self.previous_update
+            _put(tensors, "previous_update", self.previous_update.dense, self.previous_update.low_rank)
         for index, theta in enumerate(self.history or []):
-            tensors[f"history.{index}"] = theta
+            _put(tensors, f"history.{index}", theta.dense, theta.factors)
         return tensors, {"path_length": self.path_length, "history": len(self.history or [])}
 
     def restore(self, tensors: dict[str, torch.Tensor], data: dict[str, Any]) -> None:
-        self.theta_0, self.previous = tensors["theta_0"], tensors["previous"]
-        self.previous_update = tensors.get("previous_update")
+        def snapshot(name: str) -> Snapshot:
+            return Snapshot(*_take(tensors, name, len(self.adapters)))
+
+        theta_0 = snapshot("theta_0")
+        if theta_0.numel() != self.theta_0.numel():
+            raise ValueError(f"the checkpoint's update-geometry state has {theta_0.numel()} values where this "
+                             f"model has {self.theta_0.numel()} (a LoRA run checkpointed by stalerl before 0.x?)")
+        self.theta_0, self.previous = theta_0, snapshot("previous")
+        self.previous_update = Delta(*_take(tensors, "previous_update", len(self.adapters))) \
+            if "previous_update" in tensors else None
         self.path_length = data["path_length"]
         if self.history is not None:
             self.history.clear()
-            self.history.extend(tensors[f"history.{index}"] for index in range(data["history"]))
+            self.history.extend(snapshot(f"history.{index}") for index in range(data["history"]))
+
+
+def _put(tensors: dict[str, torch.Tensor], name: str, dense: torch.Tensor,
+         pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    tensors[name] = dense  # the name alone: a checkpoint of a model without LoRA reads as before
+    for index, (left, right) in enumerate(pairs):
+        tensors[f"{name}.lora.{index}.left"], tensors[f"{name}.lora.{index}.right"] = left, right
+
+
+def _take(tensors: dict[str, torch.Tensor], name: str, modules: int) -> tuple[torch.Tensor, list]:
+    return tensors[name], [(tensors[f"{name}.lora.{i}.left"], tensors[f"{name}.lora.{i}.right"])
+                           for i in range(modules)]
 
 
 def _clean(value: Any) -> Any:

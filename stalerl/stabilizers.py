@@ -19,7 +19,7 @@ import math
 import torch
 
 from stalerl.config import StabilizerConfig
-from stalerl.metrics import UpdateTracker, flat_parameters
+from stalerl.metrics import UpdateTracker
 
 
 class LearningRateControl:
@@ -59,13 +59,15 @@ class LearningRateControl:
 
 
 @torch.no_grad()
-def align_update(model: torch.nn.Module, tracker: UpdateTracker, threshold: float) -> dict[str, float | None]:
-    """GAC-style projection of the update just made; returns the cosine before and after."""
+def align_update(tracker: UpdateTracker, threshold: float) -> dict[str, float | None]:
+    """GAC-style projection of the update just made; returns the cosine before and after.
+    It acts on the trainable parameters (their fp32 masters); config.validate refuses it with LoRA,
+    whose merged update is not a vector of the adapters' coordinates."""
     previous_update = tracker.previous_update
     if previous_update is None:
         return {"gac_cos_before": None, "gac_projected": 0.0}
-    update = flat_parameters(model) - tracker.previous
-    direction = previous_update / previous_update.norm().clamp(min=1e-30)
+    update = tracker.snapshot().dense - tracker.previous.dense
+    direction = previous_update.dense / previous_update.dense.norm().clamp(min=1e-30)
     along = float(update @ direction)
     orthogonal = update - along * direction
     cos_before = along / max(float(update.norm()), 1e-30)
@@ -73,10 +75,5 @@ def align_update(model: torch.nn.Module, tracker: UpdateTracker, threshold: floa
         return {"gac_cos_before": cos_before, "gac_projected": 0.0}
     # Keep the orthogonal part; shrink the aligned part to a' with a' / sqrt(a'^2 + |r|^2) = threshold.
     along_new = threshold * float(orthogonal.norm()) / math.sqrt(1.0 - threshold**2)
-    new_parameters = tracker.previous + orthogonal + along_new * direction
-    offset = 0
-    for parameter in model.parameters():
-        count = parameter.numel()
-        parameter.copy_(new_parameters[offset : offset + count].view_as(parameter))
-        offset += count
+    tracker.write_dense(tracker.previous.dense + orthogonal + along_new * direction)
     return {"gac_cos_before": cos_before, "gac_projected": 1.0}

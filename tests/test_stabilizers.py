@@ -36,10 +36,10 @@ def test_gac_projection_caps_the_cosine_and_keeps_the_orthogonal_part():
     tracker.after_step(model)
     with torch.no_grad():
         model.weight.copy_(torch.tensor([[3.0, 0.5]]))  # d_1 = (2, 0.5): cos = 0.97
-    info = align_update(model, tracker, threshold=0.8)
+    info = align_update(tracker, threshold=0.8)
     assert info["gac_projected"] == 1.0 and info["gac_cos_before"] == pytest.approx(2 / math.hypot(2, 0.5))
     update = model.weight.detach()[0] - torch.tensor([1.0, 0.0])
     assert update[1].item() == pytest.approx(0.5)  # orthogonal part kept
     assert (update[0] / update.norm()).item() == pytest.approx(0.8)  # cosine now at the threshold
-    low = align_update(model, tracker, threshold=0.9)  # already below: untouched
+    low = align_update(tracker, threshold=0.9)  # already below: untouched
     assert low["gac_projected"] == 0.0
