@@ -26,9 +26,8 @@ $stalerl sweep -S 16 --lr 1e-3 --seeds 1 $grid --out "$out/seed1/probe" --set co
 $stalerl advise "$out/seed1/probe" --staleness 0,4,16 --steps 200 --json "$out/seed1/probe/advise.json"
 
 # 4. Stabilizers at a base rate where the fixed one collapses: R_batch as `advise` measured it on
-# the sweep, and 0.9 (the earlier clip-fraction estimate) for comparison.
-r_batch=$(python3 -c "import json, sys; print(round(json.load(open(sys.argv[1]))['r_batch']['value'], 2))" \
-          "$out/advise.json")
+# the sweep when section 4 of docs/lab.md was run, and 0.9 (the earlier clip-fraction estimate).
+r_batch=2.33  # advise's R_batch then, with the earlier (late) T_c; it now gives 1.47 (docs/lab.md)
 $stalerl sweep --staleness 4,16 --lr 1e-3 --stabilizers none,staleness,ess,gac $grid --out "$out/sweep" \
     --set stabilizer.r_batch="$r_batch"
 $stalerl sweep --staleness 4,16 --lr 1e-3 --stabilizers staleness $grid --out "$out/stab-r0.9" \

@@ -78,7 +78,8 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--num-workers", type=int, help="ray: rollout-worker actors")
     parser.add_argument("--ray-address", help="ray: join this cluster; default: a private Ray on 127.0.0.1")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="any config field by dotted name, e.g. --set loss.eps_high=0.28 (repeatable)")
+                        help="any config field by dotted name, e.g. --set loss.eps_high=0.28 (repeatable); "
+                             "text fields (task.prompt_template, ...) take the value as typed")
     parser.add_argument("--no-progress", action="store_true", help="no live progress bar")
     parser.add_argument("--resume", metavar="RUN", help="go on with the unfinished run in RUN from its newest valid "
                         "checkpoint, with its config.yaml (other options must agree with it)")
@@ -175,7 +176,8 @@ def add_lab_parsers(subparsers: argparse._SubParsersAction) -> None:
     plot = subparsers.add_parser("plot", help="figures in the paper's layout for a sweep directory")
     plot.add_argument("directory")
 
-    bias = subparsers.add_parser("bias", help="surrogate-gradient bias probe ||b_t(S)|| vs S and eta")
+    bias = subparsers.add_parser("bias", help="surrogate-gradient bias probe ||b_t(S)|| vs S and eta, on the "
+                                 "config's model (on model.device) and task")
     bias.add_argument("--lr", type=_list(float), default=[1e-4, 3e-4, 1e-3])
     bias.add_argument("--anchors", type=_list(int), default=[32], help="anchor steps t")
     bias.add_argument("--lags", type=_list(int), default=[0, 1, 2, 4, 8, 16])

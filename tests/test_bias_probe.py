@@ -31,3 +31,46 @@ def test_bias_probe_refuses_bad_settings(tmp_path, capsys):
     assert "--anchors" in capsys.readouterr().err
     assert main(["bias", "--batches", "2", "--out", str(tmp_path / "b")]) == 2
     assert "--batches" in capsys.readouterr().err
+
+
+def test_bias_probe_refuses_a_model_it_cannot_build(tmp_path, capsys):
+    """The probe measured the embedded tiny model on addition whatever model and task were asked for."""
+    import torch
+    from hf_checkpoint import SAMPLE
+
+    out = tmp_path / "b"
+    common = ["bias", "--anchors", "1", "--lags", "1", "--batches", "3", "--lr", "1e-3", "--out", str(out)]
+    math = ["--set", f"model.name_or_path={tmp_path / 'missing'}", "--set", "task.name=math",
+            "--set", "task.val_size=4"]
+    assert main(common + math + ["--set", f"task.data={tmp_path / 'missing.jsonl'}"]) == 2  # data first: no model read
+    assert capsys.readouterr().err == f"stalerl: error: task.data: file not found: {tmp_path / 'missing.jsonl'}\n"
+    assert main(common + math + ["--set", f"task.data={SAMPLE}"]) == 2
+    missing = tmp_path / "missing"
+    assert capsys.readouterr().err == f"stalerl: error: model.name_or_path: directory not found: {missing}\n"
+    if not torch.cuda.is_available():
+        assert main(common + ["--set", "model.device=cuda"]) == 2
+        assert "model.device: cuda asked for but no CUDA GPU is visible" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_bias_probe_measures_the_configured_model_and_task(tmp_path, capsys):
+    from hf_checkpoint import SAMPLE, save_tiny_checkpoint
+
+    from stalerl.model import count_parameters
+    from transformers import AutoModelForCausalLM
+
+    model = save_tiny_checkpoint(tmp_path / "model")
+    out = tmp_path / "bias"
+    argv = ["bias", "--anchors", "1", "--lags", "0,1", "--batches", "3", "--lr", "1e-3", "--out", str(out),
+            "--set", f"model.name_or_path={model}", "--set", "task.name=math", "--set", f"task.data={SAMPLE}",
+            "--set", "task.val_size=4", "--set", "rollout.prompts_per_step=2", "--set", "rollout.group_size=2",
+            "--set", "rollout.max_new_tokens=4"]
+    assert main(argv) == 0
+    report = json.loads((out / "bias.json").read_text())
+    settings = report["settings"]
+    assert settings["model"] == str(model) and settings["task"] == "math" and settings["device"] == "cpu"
+    assert settings["parameters"] == count_parameters(AutoModelForCausalLM.from_pretrained(model))
+    assert {p["lag"] for p in report["points"]} == {0, 1}
+    capsys.readouterr()
+    assert main(["bias", "--anchors", "1", "--lags", "1", "--batches", "3", "--out", str(out)]) == 2  # other model
+    assert "holds a probe of model" in capsys.readouterr().err

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from stalerl.lab.bias import linear_regime_end, pairwise_bias, BiasPoint
-from stalerl.lab.law import HORIZON, STALE, advise, collapse_table, fit_drift, fit_loglog, law_constants
-from stalerl.lab.runs import RunRecord
+from stalerl.lab.law import (HORIZON, STALE, advise, clip_onset_drift, collapse_table, estimate_g_upd, fit_drift,
+                             fit_loglog, first_crossing_drift, law_constants)
+from stalerl.lab.runs import RunRecord, load_run
 
 
 def synthetic_run(staleness, lr, steps, c=300.0, beta=1.0, alpha=1.0, r_crit=10.0, r_batch=float("inf")):
@@ -55,7 +56,8 @@ def test_ballistic_drift_gives_the_laws_horizon_limit():
     table = collapse_table(runs)
     # T_c = R_crit / (eta G_upd): T_c * eta is constant and T_c ~ eta^-1.
     assert table["by_staleness"][0]["tc_eta"]["value"] == pytest.approx(10.0 / 300.0, rel=0.2)
-    assert table["tc_vs_eta_all"]["slope"] == pytest.approx(-1.0, abs=0.05)
+    assert table["tc_vs_eta"]["slope"] == pytest.approx(-1.0, abs=0.05)  # within S
+    assert table["tc_vs_s"] is None  # one S > 0: no S exponent to fit
     advice = advise(runs, constants, staleness=0, horizon=300)
     assert advice.active == HORIZON
     law = 10.0 / (300 * 300.0)
@@ -103,6 +105,83 @@ def test_a_probe_with_one_stable_rate_assumes_drift_proportional_to_eta_and_says
     assert flat.boundary_lr is None and any("does not grow with eta" in m for m in flat.missing)
     nothing = advise([synthetic_run(4, 1e-2, 100)], law_constants([synthetic_run(4, 1e-2, 100)]), 4, 100)
     assert nothing.boundary_lr is None and any(m.startswith("the drift") for m in nothing.missing)
+
+
+def collapsed_record(staleness, lr, version, stabilizer=None):
+    """A run known only by its summary: collapsed at policy `version` (None: did not)."""
+    config = {"staleness": {"staleness": staleness}, "optim": {"lr": lr}, "seed": 0, "stabilizer": stabilizer or {}}
+    summary = {"collapse_step": None if version is None else version + staleness, "collapse_version": version,
+               "steps": 200}
+    return RunRecord(Path("."), config, summary, [])
+
+
+def test_tc_against_s_is_fitted_at_fixed_eta():
+    """T_c = 0.01 / eta versions at every S, and S = 16 also collapses at the smaller 5e-4: pooled over
+    learning rates, T_c against S had slope 0.31 (eta's effect); at fixed eta it is 0."""
+    runs = [collapsed_record(4, lr, round(0.01 / lr) if lr >= 1e-3 else None) for lr in (5e-4, 1e-3, 3e-3)]
+    runs += [collapsed_record(16, lr, round(0.01 / lr)) for lr in (5e-4, 1e-3, 3e-3)]
+    table = collapse_table(runs)
+    assert table["tc_vs_s"]["slope"] == pytest.approx(0.0, abs=0.1)
+    assert table["tc_vs_s"]["eta_slope"]["slope"] == pytest.approx(-1.0, abs=0.1)
+    assert table["by_lr"]["0.001"]["tc_vs_s"]["slope"] == pytest.approx(0.0)
+    assert table["by_lr"]["0.0005"]["tc_vs_s"] is None  # one S collapsed there
+    assert table["tc_vs_eta"]["slope"] == pytest.approx(-1.0, abs=0.1)
+
+
+def test_a_collapse_at_version_0_counts_but_has_no_logarithm():
+    runs = [collapsed_record(0, 1e-4, None), collapsed_record(0, 1e-3, 0), collapsed_record(0, 3e-3, 4),
+            collapsed_record(0, 1e-2, 1)]
+    row = collapse_table(runs)["by_staleness"][0]
+    assert row["smallest_collapsing_lr"] == 1e-3 and row["largest_stable_lr"] == 1e-4
+    assert row["collapsed"] == 3 and row["at_version_0"] == 1
+    assert row["tc_eta"]["count"] == 2 and row["tc_vs_eta"]["points"] == 2
+
+
+def test_g_upd_comes_from_the_fixed_learning_rate_runs_only():
+    runs = [synthetic_run(0, lr, 100) for lr in (1e-4, 2e-4)]
+    capped = synthetic_run(4, 1e-3, 100, c=30.0)  # a stabilizer's run: a tenth of the update size
+    capped.config["stabilizer"] = {"lr_control": "staleness"}
+    assert estimate_g_upd(runs + [capped]).value == pytest.approx(300.0)
+    assert estimate_g_upd(runs + [capped]).count == 2
+
+
+def test_clip_onset_reads_the_drift_the_clipped_step_saw():
+    """The clip fraction of step t compares theta_t with data from theta_{t-S}: the gap is the cycle
+    drift logged at step t - 1 (a row's geometry is after its update). Ballistic, 0.1 a step, S = 8:
+    the clip fires at step 3, where the gap is 0.3."""
+    staleness, theta = 8, (lambda k: 0.1 * k)
+    rows = [{"step": t, "drift": theta(t + 1), "cycle_drift": theta(t + 1) - theta(max(t + 1 - staleness, 0)),
+             "clip_frac": 1.0 if theta(t) - theta(max(t - staleness, 0)) > 0.25 else 0.0} for t in range(20)]
+    run = RunRecord(Path("."), {"staleness": {"staleness": staleness}, "optim": {"lr": 1e-3}, "seed": 0,
+                                "stabilizer": {}}, {"collapse_step": None, "steps": 20}, rows)
+    assert first_crossing_drift(run, 0.5, window=1) == pytest.approx(0.3)
+    for row in rows:
+        row["clip_frac"] = 1.0  # clipping from step 0, at theta_0 on theta_0's data: drift 0
+    assert first_crossing_drift(run, 0.5, window=1) == 0.0
+    assert clip_onset_drift([run], 0.5).value == 0.0
+
+
+def test_a_run_directory_is_read_with_the_current_collapse_definition(tmp_path):
+    """summary.json written by the earlier definition (trailing average: step 14, version 10 at S = 4);
+    the lab recomputes T_c from metrics.jsonl with the run's collapse settings: step 7, version 3."""
+    import json
+
+    import yaml
+
+    from stalerl.config import TrainConfig, override
+
+    config = override(TrainConfig(), {"staleness.staleness": 4, "optim.lr": 1e-3, "steps": 60})
+    rows = [{"step": t, "version": max(t - 4, 0), "train_reward": 0.2 if max(t - 4, 0) < 3 else 0.0,
+             "drift": 0.5 * (t + 1), "path_length": 0.5 * (t + 1), "g_upd": 500.0, "cycle_drift": 1.0}
+            for t in range(60)]
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config.to_dict()))
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    (tmp_path / "summary.json").write_text(json.dumps({"collapse_step": 14, "collapse_version": 10, "steps": 60,
+                                                       "drift_at_collapse": 7.5}))
+    run = load_run(tmp_path)
+    assert (run.collapse_step, run.collapse_version) == (7, 3)
+    assert run.summary["drift_at_collapse"] == 1.5 and run.summary["path_length_at_collapse"] == 1.5  # theta_3
+    assert law_constants([run]).r_batch.value == 1.0
 
 
 def test_pairwise_bias_finds_a_planted_bias_under_noise():

@@ -69,3 +69,112 @@ def test_figures_of_a_sweep_with_stabilizer_runs_only(tmp_path, monkeypatch):
     monkeypatch.setattr(plots, "load_runs", lambda directory: [run(4, "none"), run(4, "staleness")])
     assert {path.name for path in plots.sweep_figures(tmp_path)} == {"sweep.png", "per_s.png", "collapse.png",
                                                                      "stabilizers.png"}
+
+
+def fabricated_cell(directory, config, finished=True):
+    """A cell's run directory as train() leaves it, without training: config.yaml, metrics, summary."""
+    from stalerl.config import save_config
+
+    directory.mkdir(parents=True)
+    save_config(config, directory / "config.yaml")
+    rows = [{"step": t, "version": t, "train_reward": 0.3, "drift": 0.1 * t, "path_length": 0.1 * t, "g_upd": 100.0}
+            for t in range(config.steps)]
+    (directory / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    if finished:
+        (directory / "summary.json").write_text(json.dumps({
+            "steps": config.steps, "collapse_step": None, "best_val_reward": 0.3, "final_val_reward": 0.3,
+            "initial_val_reward": 0.3, "g_upd_median": 100.0, "drift_at_collapse": None, "wall_s": 12.5}))
+    return sorted(path.name for path in directory.iterdir())
+
+
+def test_a_cell_of_another_config_is_refused_and_kept(tmp_path, capsys):
+    """A finished cell was reused by its name alone, and an unfinished one of another config deleted."""
+    from stalerl.config import TrainConfig, override
+    from stalerl.lab.sweep import cell_configs
+
+    out = tmp_path / "sweep"
+    argv = ["sweep", "--staleness", "0,2", "--lr", "1e-3", "--steps", "12", "--out", str(out), "--no-progress",
+            "--no-figures"]
+    other = override(TrainConfig(), {"steps": 40, "staleness.mode": "bounded", "threads": 1, "tensorboard": False})
+    (_, finished), (_, unfinished) = cell_configs(other, out, [0, 2], [1e-3], [0], ["none"])
+    kept = {"S0-lr0.001-seed0": fabricated_cell(out / "S0-lr0.001-seed0", finished),
+            "S2-lr0.001-seed0": fabricated_cell(out / "S2-lr0.001-seed0", unfinished, finished=False)}
+    assert main(argv) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and error.startswith("stalerl: error: sweep cell S0-lr0.001-seed0: ")
+    assert "steps: 40 -> 12, staleness.mode: 'bounded' -> 'exact'" in error and "1 more cell" in error
+    for name, files in kept.items():  # nothing deleted, nothing run
+        assert sorted(path.name for path in (out / name).iterdir()) == files
+    assert not (out / "sweep.json").exists()
+
+    (out / "S0-lr0.001-seed0").rename(tmp_path / "moved")
+    (out / "S0-lr0.001-seed0").mkdir()
+    (out / "S0-lr0.001-seed0" / "notes.txt").write_text("mine")  # not a run: refused, not deleted
+    assert main(argv) == 2
+    assert "S0-lr0.001-seed0" in capsys.readouterr().err and (out / "S0-lr0.001-seed0" / "notes.txt").is_file()
+
+
+def test_a_finished_cell_of_this_config_is_reused(tmp_path, capsys):
+    """The same config up to settings a fixed-lr run never reads (the staleness cap's R_batch)."""
+    from stalerl.config import TrainConfig, override
+    from stalerl.lab.sweep import cell_configs
+
+    out = tmp_path / "sweep"
+    base = override(TrainConfig(), {"steps": 12, "threads": 1, "tensorboard": False})
+    (_, config), = cell_configs(base, out, [0], [1e-3], [0], ["none"])
+    fabricated_cell(out / "S0-lr0.001-seed0", config)
+    assert main(["sweep", "-S", "0", "--lr", "1e-3", "--steps", "12", "--out", str(out), "--no-progress",
+                 "--no-figures", "--set", "stabilizer.r_batch=2.33"]) == 0
+    row, = json.loads((out / "sweep.json").read_text())
+    assert row["wall_s"] == 12.5  # read from the cell, not run again
+
+
+def test_two_values_that_name_one_cell_are_refused(tmp_path, capsys):
+    assert main(["sweep", "-S", "0", "--lr", "1e-4,0.0001", "--out", str(tmp_path / "s"), "--no-progress"]) == 2
+    assert "S0-lr0.0001-seed0" in capsys.readouterr().err and not (tmp_path / "s").exists()
+
+
+def test_collapse_figure_draws_collapsed_versions(tmp_path):
+    """T_c in collapse.png is the collapsed policy version (what advise fits), not the learner step, and
+    a collapse at version 0 is drawn."""
+    from stalerl.lab.plots import collapse_figure, collapse_points
+    from stalerl.lab.runs import RunRecord
+
+    def run(staleness, lr, version):
+        config = {"staleness": {"staleness": staleness}, "optim": {"lr": lr}, "seed": 0, "stabilizer": {}}
+        summary = {"collapse_step": None if version is None else version + staleness, "collapse_version": version,
+                   "steps": 50}
+        metrics = [{"step": t, "version": max(t - staleness, 0), "train_reward": 0.1} for t in range(50)]
+        return RunRecord(tmp_path, config, summary, metrics)
+
+    runs = [run(0, 1e-3, 0), run(16, 1e-3, 3), run(4, 1e-3, 2), run(16, 1e-4, None)]
+    points = collapse_points(runs)
+    assert points["by_eta"][0] == ([1e-3], [0]) and points["by_eta"][16] == ([1e-3], [3])
+    assert points["censored"][16] == ([1e-4], [33])  # the newest version the run saw
+    assert points["by_s"][1e-3] == ([4, 16], [2, 3])
+    assert collapse_figure(runs, tmp_path / "collapse.png").stat().st_size > 10_000
+
+
+def test_vllm_cells_get_a_fresh_process_each(tmp_path, monkeypatch):
+    """vLLM in process keeps its GPU memory after its engine closes: one cell per worker process."""
+    import concurrent.futures
+
+    from stalerl.config import TrainConfig, override, validate
+    from stalerl.lab import sweep
+
+    pools = []
+
+    class Recorder(concurrent.futures.ProcessPoolExecutor):
+        def __init__(self, **options):
+            pools.append(options)
+            raise RuntimeError("recorded")
+
+    monkeypatch.setattr(sweep.concurrent.futures, "ProcessPoolExecutor", Recorder)
+    for engine, expected in (("transformers", None), ("vllm", 1)):
+        base = validate(override(TrainConfig(), {"model.name_or_path": "some/checkpoint", "rollout.engine": engine}))
+        cells = sweep.cell_configs(base, tmp_path / engine, [0], [1e-4], [0], ["none"])
+        try:
+            sweep.run_sweep(cells, tmp_path / engine, workers=1, progress=False)
+        except RuntimeError:
+            pass
+        assert pools[-1].get("max_tasks_per_child") == expected

@@ -38,7 +38,9 @@ def advise_directory(directory: Path, staleness: list[int] | None, horizon: int 
 
 
 def print_report(report: dict[str, Any]) -> None:
-    print(f"constants from {report['runs']} run(s), {report['steps_run']} learner steps:")
+    left_out = report.get("stabilizer_runs_left_out", 0)
+    print(f"constants from {report['runs']} fixed-learning-rate run(s), {report['steps_run']} learner steps"
+          + (f" ({left_out} stabilizer run(s) left out):" if left_out else ":"))
     for key, name in (("g_upd", "G_upd"), ("r_crit", "R_crit"), ("r_batch", "R_batch")):
         print(_format(report[key], name))
     for key, fit in report["drift_fits"].items():
@@ -54,11 +56,16 @@ def print_report(report: dict[str, Any]) -> None:
         print(f"  {fit['what']}: ~ eta^{slope} over {fit['runs']} stable run(s)")
     by_s = report["collapse"]["by_staleness"]
     if by_s:
-        print("observed: S  largest stable lr  smallest collapsing lr  T_c*eta (median)")
+        print("observed: S  largest stable lr  smallest collapsing lr  T_c*eta (median; T_c: collapsed version)")
         for s, row in by_s.items():
             tc = row["tc_eta"]["value"] if row["tc_eta"] else None
             print(f"  {s:>8}  {row['largest_stable_lr'] or '-':>17}  {row['smallest_collapsing_lr'] or '-':>22}  "
                   f"{'-' if tc is None else f'{tc:.4g}'}")
+    for key, name in (("tc_vs_eta", "T_c ~ eta^b within each S"), ("tc_vs_s", "T_c ~ S^c at fixed eta (S > 0)")):
+        fit = report["collapse"].get(key)
+        if fit is not None:
+            interval = "" if math.isnan(fit["slope_low"]) else f" [{fit['slope_low']:.2f}, {fit['slope_high']:.2f}]"
+            print(f"  {name}: {fit['slope']:.2f}{interval} ({fit['points']} collapsed runs)")
     for advice in report["advice"]:
         head = f"S={advice['staleness']}, T={advice['horizon']}:"
         if advice["boundary_lr"] is None:

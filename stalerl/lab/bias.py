@@ -14,6 +14,11 @@ the cross-fitted <mean d^A, mean d^B> over all splits -- which is unbiased: inde
 E<d_i, d_j> = ||b||^2, while the naive ||mean d||^2 adds trace(Cov d) / M. Its standard error is
 the jackknife over batches; the noise floor reported next to each estimate is 2 standard errors,
 and an estimate below it is flagged.
+
+The policy and the task are the run's (model.name_or_path or the embedded tiny model, on
+model.device; task.*), built as train() builds them. Sampling is always the transformers engine:
+its shared Gumbel noise is what makes the stale and the fresh batch common-random-number pairs.
+Memory: 2M flat gradients of the model's size (M = --batches) are held at once.
 """
 
 from __future__ import annotations
@@ -29,13 +34,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from stalerl.config import TrainConfig
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from stalerl.config import ConfigError, TrainConfig
+from stalerl.data import build_task, check_task_inputs
+from stalerl.guards import check_prompt_lengths
 from stalerl.lab.law import fit_loglog
 from stalerl.learner import learner_step, make_optimizer, surrogate_gradient
 from stalerl.metrics import flat_parameters
-from stalerl.rollout import RolloutBatch, RolloutWorker, TransformersEngine
-from stalerl.tasks import AdditionTask
-from stalerl.warmstart import warm_started_policy
+from stalerl.model import count_parameters
+from stalerl.policy import build_policy, check_hardware
+from stalerl.rollout import RolloutBatch
+from stalerl.tasks import Task
+from stalerl.train import build_rollout_worker
 
 
 @dataclass(frozen=True)
@@ -69,53 +80,81 @@ def pairwise_bias(diffs_M_P: torch.Tensor) -> tuple[float, float, float]:
     return estimate, se, total / m**2
 
 
-def flat_surrogate_gradient(model: torch.nn.Module, batch: RolloutBatch, config: TrainConfig) -> torch.Tensor:
+def flat_surrogate_gradient(model: torch.nn.Module, batch: RolloutBatch, config: TrainConfig,
+                            reference: PreTrainedModel | None = None) -> torch.Tensor:
     """g_sur(theta; D): the learner's own gradient (learner.surrogate_gradient, before clipping), flattened."""
-    surrogate_gradient(model, batch, config.loss, config.optim.micro_batch_size, config.rollout.temperature,
+    surrogate_gradient(model, batch, config.loss, config.optim.micro_batch_size, config.rollout, reference,
                        share_prompts=config.model.share_prompt_prefix)
     return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float()
                       for p in model.parameters()])
 
 
-def trajectory(config: TrainConfig, lr: float, keep_steps: set[int]) -> dict[int, dict[str, torch.Tensor]]:
-    """On-policy (S = 0) training at `lr`; the parameters after each step in `keep_steps`."""
-    model, tokenizer, _ = warm_started_policy(config)
-    task = AdditionTask(config.task.max_operand, config.task.val_size)
+@dataclass
+class Policy:
+    """What the probe samples and differentiates: the run's policy, tokenizer and task, built once."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    task: Task
+    theta_0: dict[str, torch.Tensor]  # the starting weights, on the CPU; every trajectory starts here
+    reference: PreTrainedModel | None  # the KL reference (loss.kl_beta > 0), as train() keeps it
+
+
+def build_probe_policy(config: TrainConfig) -> Policy:
+    """The policy and task as train() builds them (policy.build_policy, data.build_task), on model.device."""
+    if config.rollout.engine != "transformers":
+        raise ConfigError("rollout.engine: the bias probe samples with the transformers engine (its shared Gumbel "
+                          "noise pairs the stale and the fresh batch); set rollout.engine=transformers")
+    check_hardware(config)  # e.g. model.device=cuda without a GPU: one line
+    check_task_inputs(config)  # a bad data line or reward spec: before the model loads
+    model, tokenizer, _ = build_policy(config)
+    task = build_task(config, tokenizer)
+    check_prompt_lengths(task, tokenizer, getattr(model.config, "max_position_embeddings", None),
+                         config.rollout.max_new_tokens)
+    reference = copy.deepcopy(model).requires_grad_(False) if config.loss.kl_beta > 0 else None
+    return Policy(model, tokenizer, task, _cpu_copy(model), reference)
+
+
+def _cpu_copy(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+
+def trajectory(config: TrainConfig, policy: Policy, lr: float,
+               keep_steps: set[int]) -> dict[int, dict[str, torch.Tensor]]:
+    """On-policy (S = 0) training at `lr` from theta_0; the parameters after each step in `keep_steps` (CPU)."""
+    model = policy.model
+    model.load_state_dict(policy.theta_0)
     optim = dataclasses.replace(config.optim, lr=lr)
     optimizer = make_optimizer(model, optim)
-    engine = TransformersEngine(model, tokenizer, config.rollout.max_new_tokens, config.rollout.temperature,
-                                config.model.share_prompt_prefix)
-    worker = RolloutWorker(engine, task, config.rollout.prompts_per_step, config.rollout.group_size, config.seed)
+    worker = build_rollout_worker(config, model, policy.tokenizer, policy.task)  # its own copy of the weights
     snapshots = {}
     for step in range(max(keep_steps) + 1):
         if step in keep_steps:
-            snapshots[step] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            snapshots[step] = _cpu_copy(model)
         if step < max(keep_steps):
-            learner_step(model, optimizer, worker.produce(step), config.loss, optim, config.rollout.temperature,
+            learner_step(model, optimizer, worker.produce(step), config.loss, optim, config.rollout, policy.reference,
                          share_prompts=config.model.share_prompt_prefix)
-            engine.version = step + 1
+            worker.engine.load_weights(model.state_dict(), version=step + 1)
     return snapshots
 
 
-def probe_anchor(config: TrainConfig, lr: float, anchor: int, lags: list[int], batches: int,
+def probe_anchor(config: TrainConfig, policy: Policy, lr: float, anchor: int, lags: list[int], batches: int,
                  snapshots: dict[int, dict[str, torch.Tensor]], probe_seed: int) -> list[BiasPoint]:
-    model, tokenizer, _ = warm_started_policy(config)
-    task = AdditionTask(config.task.max_operand, config.task.val_size)
+    model = policy.model
     model.load_state_dict(snapshots[anchor])
-    sampler = TransformersEngine(copy.deepcopy(model), tokenizer, config.rollout.max_new_tokens,
-                                 config.rollout.temperature, config.model.share_prompt_prefix)
     # Batch m's prompts and noise depend only on (probe_seed, m): common random numbers across lags.
-    worker = RolloutWorker(sampler, task, config.rollout.prompts_per_step, config.rollout.group_size, probe_seed)
-    fresh = [flat_surrogate_gradient(model, worker.produce(m), config) for m in range(batches)]
+    worker = build_rollout_worker(dataclasses.replace(config, seed=probe_seed), model, policy.tokenizer, policy.task)
+    sampler = worker.engine  # a copy of the anchor's weights; stale ones are loaded into it below
+    fresh = [flat_surrogate_gradient(model, worker.produce(m), config, policy.reference) for m in range(batches)]
     anchor_flat = flat_parameters(model)
     points = []
     for lag in lags:
         if lag == 0:  # stale == fresh, sample for sample: the bias is exactly zero
-            diffs_M_P = torch.zeros(batches, anchor_flat.numel())
+            diffs_M_P = torch.zeros(batches, anchor_flat.numel(), device=anchor_flat.device)
         else:
             sampler.load_weights(snapshots[anchor - lag], version=anchor - lag)
-            diffs_M_P = torch.stack([flat_surrogate_gradient(model, worker.produce(m), config) - fresh[m]
-                                     for m in range(batches)])
+            diffs_M_P = torch.stack([flat_surrogate_gradient(model, worker.produce(m), config, policy.reference)
+                                     - fresh[m] for m in range(batches)])
         estimate, se, naive = pairwise_bias(diffs_M_P)
         floor = math.sqrt(2 * se)
         points.append(BiasPoint(
@@ -220,13 +259,22 @@ def run_probe(config: TrainConfig, lrs: list[float], anchors: list[int], lags: l
         raise ValueError(f"every anchor must be >= the largest lag ({max(lags)}): got anchors {anchors}")
     if batches < 3:
         raise ValueError("--batches must be >= 3 for the jackknife")
+    what = {"model": config.model.name_or_path, "task": config.task.name}  # "": the embedded tiny model
+    if (out / "bias.json").is_file():  # a probe is grown only with points of the same policy and task
+        settings = json.loads((out / "bias.json").read_text()).get("settings", {})
+        earlier = {key: settings.get(key, default) for key, default in (("model", ""), ("task", "addition"))}
+        if earlier != what:
+            raise ConfigError(f"{out / 'bias.json'} holds a probe of model {earlier['model'] or 'embedded'!r}, "
+                              f"task {earlier['task']!r}, not of {what['model'] or 'embedded'!r}, {what['task']!r}; "
+                              f"use another --out")
+    policy = build_probe_policy(config)
     out.mkdir(parents=True, exist_ok=True)
     points: list[BiasPoint] = []
     for lr in lrs:
         keep = {anchor - lag for anchor in anchors for lag in lags} | set(anchors)
-        snapshots = trajectory(config, lr, keep)
+        snapshots = trajectory(config, policy, lr, keep)
         for anchor in anchors:
-            new = probe_anchor(config, lr, anchor, lags, batches, snapshots, probe_seed)
+            new = probe_anchor(config, policy, lr, anchor, lags, batches, snapshots, probe_seed)
             points.extend(new)
             if progress:
                 for p in new:
@@ -241,7 +289,9 @@ def run_probe(config: TrainConfig, lrs: list[float], anchors: list[int], lags: l
         points = [p for p in earlier if (p.lr, p.anchor, p.lag) not in measured] + points
     report = {"points": [asdict(p) for p in points], "fits": fit_exponents(points),
               "settings": {"lrs": sorted({p.lr for p in points}), "anchors": sorted({p.anchor for p in points}),
-                           "lags": sorted({p.lag for p in points}), "batches": batches}}
+                           "lags": sorted({p.lag for p in points}), "batches": batches, **what,
+                           "parameters": count_parameters(policy.model),
+                           "device": str(next(policy.model.parameters()).device)}}
     (out / "bias.json").write_text(json.dumps(report, indent=2))
     bias_figure(points, out / "bias.png")
     return report

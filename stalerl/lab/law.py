@@ -53,25 +53,27 @@ def _estimate(values: list[float], how: str) -> Estimate | None:
     return Estimate(float(np.median(values)), float(min(values)), float(max(values)), len(values), how)
 
 
+def _fixed(runs: list[RunRecord]) -> list[RunRecord]:
+    """The fixed-learning-rate runs: every constant comes from these, never from a stabilizer's run."""
+    return [run for run in runs if run.stabilizer == "none"]
+
+
 def estimate_g_upd(runs: list[RunRecord]) -> Estimate | None:
     per_run = []
-    for run in runs:
+    for run in _fixed(runs):
+        # The steps before T_c; at T_c = 0 the first one (the update made from theta_0's batch).
         end = run.collapse_step if run.collapse_step is not None else len(run.metrics)
         g = [v for v in run.series("g_upd")[: max(end, 1)] if v is not None]
         if g:
             per_run.append(float(np.median(g)))
-    return _estimate(per_run, "median over pre-collapse steps of ||d_t|| / eta_t, per run")
-
-
-def _fixed(runs: list[RunRecord]) -> list[RunRecord]:
-    return [run for run in runs if run.stabilizer == "none"]
+    return _estimate(per_run, "median over pre-collapse steps of ||d_t|| / eta_t, per fixed-lr run")
 
 
 def estimate_r_crit(runs: list[RunRecord]) -> Estimate | None:
     """||theta_v - theta_0|| of each collapsed version v past the first cycle (v > S): there the
     cumulative drift, not the within-cycle one alone, is what the policy had moved when it broke."""
     values = [run.metrics[run.collapse_version - 1]["drift"] for run in _fixed(runs)
-              if run.collapse_version and run.collapse_version > run.staleness]
+              if run.collapse_version is not None and run.collapse_version > run.staleness]
     return _estimate(values, "cumulative drift ||theta_v - theta_0|| of the collapsed version v, "
                              "per run that collapsed after its first cycle (v > S)")
 
@@ -80,7 +82,8 @@ def estimate_r_batch(runs: list[RunRecord]) -> Estimate | None:
     """The largest within-cycle drift a run with S > 0 reached up to its collapsed version."""
     values = []
     for run in _fixed(runs):
-        if run.staleness > 0 and run.collapse_version:
+        if run.staleness > 0 and run.collapse_version is not None:
+            # theta_1 .. theta_v; none when theta_0 itself is the collapsed version (v = 0)
             drifts = [d for d in run.series("cycle_drift")[: run.collapse_version] if d is not None]
             values.append(max(drifts, default=None))
     return _estimate(values, "largest within-cycle drift ||theta_t - theta_{t-S}|| up to the collapsed "
@@ -88,14 +91,19 @@ def estimate_r_batch(runs: list[RunRecord]) -> Estimate | None:
 
 
 def first_crossing_drift(run: RunRecord, clip_threshold: float, window: int = 5) -> float | None:
-    """Within-cycle drift at the first step where the clip fraction's moving average passes the threshold."""
+    """Within-cycle drift at the first step where the clip fraction's moving average passes the threshold.
+
+    The clip fraction of step t is measured at theta_t on data from theta_{t-S}, so the drift it saw
+    is ||theta_t - theta_{t-S}||: the cycle_drift logged at step t - 1 (each row's geometry is after
+    its update, theta_{t+1}), and 0 at step 0.
+    """
     drifts, clips = run.series("cycle_drift"), run.series("clip_frac")
     if run.staleness == 0 or any(d is None for d in drifts):
         return None
     smoothed = moving_average([c or 0.0 for c in clips], window)
     for step in range(len(smoothed)):
         if smoothed[step] > clip_threshold:
-            return float(drifts[step])
+            return float(drifts[step - 1]) if step > 0 else 0.0
     return None
 
 
@@ -194,35 +202,91 @@ def fit_loglog(x: list[float], y: list[float]) -> LogLogFit | None:
     return LogLogFit(float(slope), float(intercept), float(slope - half), float(slope + half), n)
 
 
-def collapse_table(runs: list[RunRecord]) -> dict[str, Any]:
-    """T_c * eta across eta (per S), the T_c-vs-eta and T_c-vs-S slopes, and the stable-eta boundary.
+def fit_log_linear(columns: dict[str, list[float]], groups: list[Any] | None, y: list[float]) -> dict[str, Any] | None:
+    """Least squares of log y on the logs of `columns` (one common slope each) plus one intercept per
+    value of `groups` (or a single intercept), with each slope's 95% interval (t distribution; nan
+    with no degree of freedom left). None when the slopes are not determined by the points."""
+    names = list(columns)
+    log_y = np.log(np.asarray(y, dtype=float))
+    design = [np.log(np.asarray(columns[name], dtype=float)) for name in names]
+    if groups is None:
+        design.append(np.ones(len(log_y)))
+    else:
+        design += [np.asarray([g == level for g in groups], dtype=float) for level in sorted(set(groups))]
+    matrix = np.column_stack(design)
+    n, parameters = matrix.shape
+    if n < parameters or np.linalg.matrix_rank(matrix) < parameters:
+        return None
+    coefficients, *_ = np.linalg.lstsq(matrix, log_y, rcond=None)
+    degrees = n - parameters
+    half = np.full(len(names), float("nan"))
+    if degrees > 0:
+        from scipy import stats
 
-    T_c here is the policy version that collapsed (collapse step minus the lag of its batch): the
-    training reward of step t is the reward of theta_{t-S}, so it shows a collapse S steps late.
+        residuals = log_y - matrix @ coefficients
+        covariance = residuals @ residuals / degrees * np.linalg.inv(matrix.T @ matrix)
+        half = stats.t.ppf(0.975, degrees) * np.sqrt(np.diag(covariance)[: len(names)])
+    slopes = {name: {"slope": float(coefficients[i]), "slope_low": float(coefficients[i] - half[i]),
+                     "slope_high": float(coefficients[i] + half[i])} for i, name in enumerate(names)}
+    return {"points": n, "slopes": slopes}
+
+
+def collapse_table(runs: list[RunRecord]) -> dict[str, Any]:
+    """T_c * eta across eta (per S), how T_c scales with eta and with S, and the stable-eta boundary.
+
+    T_c here is the policy version that collapsed (collapse.py: the version of the batch at the
+    collapse step; the training reward of step t is the reward of theta_{t-S}). The S and eta
+    dependences are separated: a sweep's collapsing learning rates differ between S values, so a
+    slope against S pooled over learning rates would carry eta's effect. T_c against S is fitted at
+    each learning rate, and jointly, log T_c = a + b log eta + c log S over the runs with S > 0;
+    T_c against eta at each S and with one intercept per S. A run whose collapsed version is 0 (its
+    starting policy's reward was already below the threshold) counts as collapsed, but has no
+    logarithm: it is left out of the fits and of the T_c * eta medians, and counted as at_version_0.
     """
     fixed = _fixed(runs)
-    collapsed = [run for run in fixed if run.collapse_step is not None]
+    collapsed = [run for run in fixed if run.collapse_version is not None]
+    timed = [run for run in collapsed if run.collapse_version > 0]  # the ones with a log T_c
     by_s: dict[int, dict[str, Any]] = {}
     for s in sorted({run.staleness for run in fixed}):
         at_s = [run for run in fixed if run.staleness == s]
-        hit = [run for run in at_s if run.collapse_step is not None]
+        hit = [run for run in at_s if run.collapse_version is not None]
+        timed_s = [run for run in hit if run.collapse_version > 0]
         stable_lrs = sorted({run.lr for run in at_s} - {run.lr for run in hit})
         collapsing_lrs = sorted({run.lr for run in hit})
         largest_stable = max([lr for lr in stable_lrs if not collapsing_lrs or lr < min(collapsing_lrs)], default=None)
-        tc_eta = [run.collapse_version * run.lr for run in hit if run.collapse_version]
+        tc_eta = [run.collapse_version * run.lr for run in timed_s]
         by_s[s] = {
             "largest_stable_lr": largest_stable,
             "smallest_collapsing_lr": min(collapsing_lrs, default=None),
+            "collapsed": len(hit),
+            "at_version_0": len(hit) - len(timed_s),
             "tc_eta": _estimate(tc_eta, "T_c * eta over collapsed runs").to_dict() if tc_eta else None,
-            "tc_vs_eta": _fit_dict(fit_loglog([run.lr for run in hit], [run.collapse_version for run in hit])),
+            "tc_vs_eta": _fit_dict(fit_loglog([run.lr for run in timed_s], [run.collapse_version for run in timed_s])),
         }
+    by_lr = {}
+    for lr in sorted({run.lr for run in timed if run.staleness > 0}):
+        at_lr = sorted((run for run in timed if run.lr == lr and run.staleness > 0), key=lambda run: run.staleness)
+        by_lr[f"{lr:g}"] = {
+            "tc": {str(run.staleness): run.collapse_version for run in at_lr},
+            "tc_vs_s": _fit_dict(fit_loglog([run.staleness for run in at_lr], [run.collapse_version for run in at_lr])),
+        }
+    stale = [run for run in timed if run.staleness > 0]
+    joint = fit_log_linear({"eta": [run.lr for run in stale], "S": [run.staleness for run in stale]}, None,
+                           [run.collapse_version for run in stale])
+    within_s = fit_log_linear({"eta": [run.lr for run in timed]}, [run.staleness for run in timed],
+                              [run.collapse_version for run in timed])
     boundary = {s: row["largest_stable_lr"] for s, row in by_s.items() if row["largest_stable_lr"]}
     return {
         "by_staleness": by_s,
-        "tc_vs_eta_all": _fit_dict(fit_loglog([run.lr for run in collapsed],
-                                              [run.collapse_version for run in collapsed])),
-        "tc_vs_s": _fit_dict(fit_loglog([max(run.staleness, 1) for run in collapsed if run.staleness > 0],
-                                        [run.collapse_version for run in collapsed if run.staleness > 0])),
+        "by_lr": by_lr,
+        # log T_c = a_S + b log eta: the eta exponent within each S, one intercept per S.
+        "tc_vs_eta": None if within_s is None else {
+            **within_s["slopes"]["eta"], "points": within_s["points"],
+            "how": "log T_c on log eta with one intercept per S, collapsed runs with T_c > 0"},
+        # log T_c = a + b log eta + c log S over S > 0: the S exponent at a fixed eta (and b beside it).
+        "tc_vs_s": None if joint is None else {
+            **joint["slopes"]["S"], "eta_slope": joint["slopes"]["eta"], "points": joint["points"],
+            "how": "log T_c on log eta and log S jointly, collapsed runs with S > 0 and T_c > 0"},
         "largest_stable_lr_vs_s": _fit_dict(fit_loglog([s for s in boundary if s > 0],
                                                        [boundary[s] for s in boundary if s > 0])),
     }
@@ -323,9 +387,11 @@ def law_report(runs: list[RunRecord], staleness: list[int], horizon: int, clip_t
     onset = clip_onset_drift(runs, clip_threshold)
     drift_fits = {f"T={horizon}": fit_drift(runs, "cumulative", horizon)}
     drift_fits |= {f"S={s}": fit_drift(runs, "first-cycle", s) for s in staleness if s > 0}
+    fixed = _fixed(runs)
     return {
-        "runs": len(runs),
-        "steps_run": sum(len(run.metrics) for run in runs),  # the compute the constants cost, in learner steps
+        "runs": len(fixed),  # the fixed-learning-rate runs every estimate below comes from
+        "steps_run": sum(len(run.metrics) for run in fixed),  # the compute the constants cost, in learner steps
+        "stabilizer_runs_left_out": len(runs) - len(fixed),
         "g_upd": constants.g_upd.to_dict() if constants.g_upd else None,
         "r_crit": constants.r_crit.to_dict() if constants.r_crit else None,
         "r_batch": constants.r_batch.to_dict() if constants.r_batch else None,

@@ -3,7 +3,7 @@
 * sweep.png:    columns = learning rate, curves = S; rows = training reward, Grad CosSim, validation
                 reward (the paper's Figures 1-2).
 * per_s.png:    one panel per (S, learning rate) of training reward (the paper's Figures 4-5).
-* collapse.png: collapse step T_c against eta and against S, log-log.
+* collapse.png: T_c (the collapsed policy version, as advise fits it) against eta and against S.
 * stabilizers.png: each stabilizer against the fixed learning rate at the same (S, base eta).
 """
 
@@ -100,34 +100,61 @@ def per_staleness_figure(runs: list[RunRecord], path: Path, seed: int | None = N
     return path
 
 
-def collapse_figure(runs: list[RunRecord], path: Path) -> Path | None:
+def horizon_version(run: RunRecord) -> int:
+    """The newest policy version whose reward a run saw: where a run that did not collapse is censored."""
+    return run.metrics[-1]["version"] if run.metrics and "version" in run.metrics[-1] \
+        else max(run.summary["steps"] - 1 - run.staleness, 0)
+
+
+def collapse_points(runs: list[RunRecord]) -> dict[str, dict]:
+    """What collapse.png draws, T_c as the collapsed policy version (what advise fits):
+    by_eta[S] = (lrs, versions) of the collapsed runs, censored[S] = (lrs, newest version seen) of the
+    others, by_s[lr] = (S values, versions) of the collapsed runs with S > 0. A collapse at version 0 is kept."""
     runs = fixed_lr_runs(runs)
-    if not runs:
-        return None
-    figure, (by_lr, by_s) = plt.subplots(1, 2, figsize=(9, 3.8))
-    staleness = sorted({r.staleness for r in runs})
-    colors = _colors(staleness)
-    for s in staleness:
-        hit = sorted((r for r in runs if r.staleness == s and r.collapse_step), key=lambda r: r.lr)
-        censored = [r for r in runs if r.staleness == s and r.collapse_step is None]
-        by_lr.plot([r.lr for r in hit], [r.collapse_step for r in hit], marker="o", color=colors[s], label=f"S={s}")
-        by_lr.scatter([r.lr for r in censored], [r.summary["steps"] for r in censored], marker="^",
-                      facecolors="none", edgecolors=colors[s])
-    lrs = sorted({r.lr for r in runs})
-    lr_colors = _colors(lrs)
-    for lr in lrs:
-        hit = sorted((r for r in runs if r.lr == lr and r.collapse_step and r.staleness > 0), key=lambda r: r.staleness)
+    by_eta, censored, by_s = {}, {}, {}
+    for s in sorted({r.staleness for r in runs}):
+        hit = sorted((r for r in runs if r.staleness == s and r.collapse_version is not None), key=lambda r: r.lr)
+        rest = [r for r in runs if r.staleness == s and r.collapse_version is None]
+        by_eta[s] = ([r.lr for r in hit], [r.collapse_version for r in hit])
+        censored[s] = ([r.lr for r in rest], [horizon_version(r) for r in rest])
+    for lr in sorted({r.lr for r in runs}):
+        hit = sorted((r for r in runs if r.lr == lr and r.collapse_version is not None and r.staleness > 0),
+                     key=lambda r: r.staleness)
         if hit:
-            by_s.plot([r.staleness for r in hit], [r.collapse_step for r in hit], marker="o", color=lr_colors[lr],
-                      label=f"lr={lr:g}")
+            by_s[lr] = ([r.staleness for r in hit], [r.collapse_version for r in hit])
+    return {"by_eta": by_eta, "censored": censored, "by_s": by_s}
+
+
+def collapse_figure(runs: list[RunRecord], path: Path) -> Path | None:
+    """collapse_points drawn; the y axis is logarithmic above 1 and linear below, so version 0 shows too."""
+    if not fixed_lr_runs(runs):
+        return None
+    points = collapse_points(runs)
+    figure, (by_lr, by_s) = plt.subplots(1, 2, figsize=(9, 3.8))
+    colors = _colors(list(points["by_eta"]))
+    for s, (lrs, versions) in points["by_eta"].items():
+        by_lr.plot(lrs, versions, marker="o", color=colors[s], label=f"S={s}")
+        by_lr.scatter(*points["censored"][s], marker="^", facecolors="none", edgecolors=colors[s])
+    lr_colors = _colors(sorted({r.lr for r in fixed_lr_runs(runs)}))
+    for lr, (staleness, versions) in points["by_s"].items():
+        by_s.plot(staleness, versions, marker="o", color=lr_colors[lr], label=f"lr={lr:g}")
     for ax, xlabel in ((by_lr, "learning rate eta"), (by_s, "staleness S")):
         ax.set_xscale("log")
-        ax.set_yscale("log")
+        ax.set_yscale("symlog", linthresh=1.0, linscale=0.5)
+        ax.set_ylim(bottom=0)
+        top = ax.get_ylim()[1]
+        ax.set_yticks([v for v in (0, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000) if v <= top])
+        ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.yaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         ax.set_xlabel(xlabel)
-        ax.set_ylabel("collapse step T_c")
+        ax.set_ylabel("T_c: collapsed policy version")
         ax.grid(True, which="both", alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
+    stale = sorted({s for staleness, _ in points["by_s"].values() for s in staleness})
+    if stale:
+        by_s.set_xticks(stale, [str(s) for s in stale])
+        by_s.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
     by_lr.set_title("T_c vs eta (open triangles: no collapse by T)")
     by_s.set_title("T_c vs S (S > 0)")
     figure.tight_layout()

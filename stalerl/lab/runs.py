@@ -1,14 +1,21 @@
-"""Reading run directories into records the lab's fits and figures use."""
+"""Reading run directories into records the lab's fits and figures use.
+
+The collapse fields of summary.json (collapse_step, collapse_version and what follows from them)
+are recomputed from metrics.jsonl with the run's own collapse settings and the current definition
+(collapse.py), so a run written before that definition changed is read the way a new one is.
+"""
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from stalerl.collapse import collapse_summary
+from stalerl.config import CollapseConfig
 from stalerl.metrics import read_metrics
 
 
@@ -60,14 +67,21 @@ def is_finished(run_dir: Path) -> bool:
     return (run_dir / "summary.json").is_file()
 
 
+def recomputed_summary(config: dict[str, Any], summary: dict[str, Any],
+                       metrics: list[dict[str, Any]]) -> dict[str, Any]:
+    """summary.json with its collapse fields recomputed from the metrics rows (collapse.collapse_summary)."""
+    if not metrics:
+        return summary
+    settings = {**asdict(CollapseConfig()), **config.get("collapse", {})}
+    return {**summary, **collapse_summary(metrics, settings["window"], settings["threshold"], settings["min_tail"])}
+
+
 def load_run(run_dir: Path) -> RunRecord:
     run_dir = Path(run_dir)
-    return RunRecord(
-        path=run_dir,
-        config=yaml.safe_load((run_dir / "config.yaml").read_text()),
-        summary=json.loads((run_dir / "summary.json").read_text()),
-        metrics=read_metrics(run_dir),
-    )
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    metrics = read_metrics(run_dir)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    return RunRecord(path=run_dir, config=config, summary=recomputed_summary(config, summary, metrics), metrics=metrics)
 
 
 def load_runs(directory: Path) -> list[RunRecord]:

@@ -4,7 +4,10 @@
 
 One run directory per cell under DIR; a finished cell (its summary.json exists) is not rerun and an
 unfinished one goes on from its newest checkpoint (or starts over without one), so an interrupted
-sweep resumes by running the command again. DIR/sweep.json is the table of cells.
+sweep resumes by running the command again. A cell is reused only if its saved config.yaml is the
+one asked for: before any cell runs, a directory that holds a run of another config (or something
+that is not a run) is refused with a one-line error naming the cell and the setting, and it is never
+deleted. DIR/sweep.json is the table of cells.
 Each run is a separate process with one torch thread, so cells do not fight over the cores.
 """
 
@@ -14,13 +17,14 @@ import concurrent.futures
 import json
 import multiprocessing
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
-from stalerl.config import ConfigError, TrainConfig, override, validate
+from stalerl.config import ConfigError, TrainConfig, load_config, override, validate
 from stalerl.lab.runs import is_finished, load_run
 
 # Stabilizer name -> config overrides. 'gac' caps the cosine between consecutive updates.
@@ -59,7 +63,17 @@ def cell_configs(base: TrainConfig, out: Path, staleness: list[int], lrs: list[f
                     changes = {"staleness.staleness": s, "optim.lr": lr, "seed": seed,
                                "out": str(out / cell.name), "progress": False, **STABILIZERS[stabilizer]}
                     cells.append((cell, validate(override(base, changes))))
+    names: dict[str, Cell] = {}
+    for cell, _ in cells:
+        if cell.name in names:  # e.g. --lr 1e-4,0.0001: two cells, one directory
+            raise ConfigError(f"two cells would share the directory {out / cell.name} ({_describe(names[cell.name])} "
+                              f"and {_describe(cell)}); give each value once")
+        names[cell.name] = cell
     return cells
+
+
+def _describe(cell: Cell) -> str:
+    return f"S={cell.staleness} lr={cell.lr!r} seed={cell.seed} stabilizer={cell.stabilizer}"
 
 
 def run_cell(config_data: dict[str, Any], resume: bool = False) -> dict[str, Any]:
@@ -68,6 +82,36 @@ def run_cell(config_data: dict[str, Any], resume: bool = False) -> dict[str, Any
     from stalerl.train import train
 
     return train(from_dict(TrainConfig, config_data), resume=resume)
+
+
+# Settings a fixed-lr run never reads (the staleness-aware cap's), ignored when a saved cell is
+# compared, so that `--stabilizers none,staleness --set stabilizer.r_batch=X` reuses the fixed cells.
+UNUSED_WITHOUT_STALENESS_CAP = ("stabilizer.k", "stabilizer.r_batch")
+
+
+def saved_config(cell: Cell, config: TrainConfig) -> TrainConfig | None:
+    """The config a cell's directory already holds, if it is the one asked for; None for no directory
+    (or an empty one). Raises ConfigError, in one line, when it holds anything else."""
+    from stalerl.checkpoint import config_difference
+
+    run_dir = Path(config.out)
+    if not run_dir.exists() or (run_dir.is_dir() and not any(run_dir.iterdir())):
+        return None
+    if not (run_dir / "config.yaml").is_file():
+        raise ConfigError(f"sweep cell {cell.name}: {run_dir} exists but holds no run (no config.yaml); "
+                          f"move it away or use another --out")
+    try:
+        saved = load_config(run_dir / "config.yaml")
+    except ConfigError as error:
+        raise ConfigError(f"sweep cell {cell.name}: {error}") from None
+    ignore = ("out", "progress")
+    if saved.stabilizer.lr_control != "staleness" and config.stabilizer.lr_control != "staleness":
+        ignore += UNUSED_WITHOUT_STALENESS_CAP
+    difference = config_difference(saved, config, ignore)
+    if difference:
+        raise ConfigError(f"sweep cell {cell.name}: {run_dir} holds a run of another config ({difference}); "
+                          f"use another --out, or move that directory away")
+    return override(saved, {"out": config.out, "progress": config.progress})
 
 
 def can_resume(run_dir: Path, config: TrainConfig) -> bool:
@@ -79,6 +123,28 @@ def can_resume(run_dir: Path, config: TrainConfig) -> bool:
         return newest_valid(run_dir) is not None
     except ConfigError:
         return False
+
+
+def plan_cells(cells: list[tuple[Cell, TrainConfig]]) -> list[tuple[Cell, TrainConfig, str]]:
+    """(cell, config, what to do: "done", "resume" or "start") for every cell, before any runs: a cell
+    whose directory holds another config stops the whole sweep here (saved_config)."""
+    plan, problems = [], []
+    for cell, config in cells:
+        try:
+            saved = saved_config(cell, config)
+        except ConfigError as error:
+            problems.append(str(error))
+            continue
+        if saved is None:
+            plan.append((cell, config, "start"))
+        elif is_finished(Path(config.out)):
+            plan.append((cell, saved, "done"))
+        else:  # an unfinished run of this config: from its checkpoint, or redone from the start
+            plan.append((cell, saved, "resume" if can_resume(Path(config.out), saved) else "start"))
+    if problems:
+        more = f" (and {len(problems) - 1} more cell(s) like it)" if len(problems) > 1 else ""
+        raise ConfigError(problems[0] + more)
+    return plan
 
 
 def sweep_row(cell: Cell, summary: dict[str, Any], run_dir: Path) -> dict[str, Any]:
@@ -97,19 +163,20 @@ def sweep_row(cell: Cell, summary: dict[str, Any], run_dir: Path) -> dict[str, A
 def run_sweep(cells: list[tuple[Cell, TrainConfig]], out: Path, workers: int, progress: bool = True,
               runtime: str = "local", ray_address: str | None = None, cpus_per_run: float = 1.0) -> list[dict]:
     """Runs the unfinished cells: `workers` local processes, or Ray tasks of `cpus_per_run` CPUs each."""
+    plan = plan_cells(cells)
     out.mkdir(parents=True, exist_ok=True)
     rows: dict[str, dict] = {}
     todo = []
-    for cell, config in cells:
+    for cell, config, action in plan:
         run_dir = Path(config.out)
-        if is_finished(run_dir):
+        if action == "done":  # collapse fields as the lab reads them now (runs.recomputed_summary)
             rows[cell.name] = sweep_row(cell, load_run(run_dir).summary, run_dir)
-        elif can_resume(run_dir, config):
-            todo.append((cell, config, True))
-        else:
-            if run_dir.exists():  # an interrupted cell without a usable checkpoint: redone from the start
-                shutil.rmtree(run_dir)
-            todo.append((cell, config, False))
+            continue
+        if action == "start" and run_dir.exists():
+            # Empty, or an interrupted run of this very config without a usable checkpoint (plan_cells
+            # has checked the config.yaml): redone from the start.
+            shutil.rmtree(run_dir)
+        todo.append((cell, config, action == "resume"))
     bar = tqdm(total=len(cells), initial=len(rows), desc="sweep", disable=not progress, dynamic_ncols=True)
     if runtime == "ray" and any(not resume for _, _, resume in todo):
         # Fresh cells go to Ray; a cell with a checkpoint resumes in the local pool below.
@@ -118,7 +185,13 @@ def run_sweep(cells: list[tuple[Cell, TrainConfig]], out: Path, workers: int, pr
         bar.update(sum(not resume for _, _, resume in todo))
         todo = [item for item in todo if item[2]]
     context = multiprocessing.get_context("spawn")  # fresh interpreters: no inherited torch threads
-    with concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+    # vLLM in process does not give its GPU memory back when its engine closes (vllm#21073): a worker
+    # process runs one such cell, and the next cell gets a fresh one.
+    one_cell_each = any(config.rollout.engine == "vllm" for _, config, _ in todo)
+    if one_cell_each and sys.version_info < (3, 11):
+        raise ConfigError("rollout.engine: a sweep of vLLM cells needs Python 3.11 or newer (a fresh process per cell)")
+    options = {"max_tasks_per_child": 1} if one_cell_each else {}
+    with concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=context, **options) as pool:
         futures = {pool.submit(run_cell, config.to_dict(), resume): (cell, config) for cell, config, resume in todo}
         for future in concurrent.futures.as_completed(futures):
             cell, config = futures[future]
