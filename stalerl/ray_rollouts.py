@@ -19,6 +19,10 @@ leaving them in place for the run to go on; bounded mode returns the batches don
 next unconsumed one, and whatever was done beyond a gap or is in flight is made again on resume.
 ``RayRollouts(..., start=state)`` restarts from such a state with the learner's theta_V.
 
+GPUs: each actor asks Ray for ``worker_gpus`` (runtime.worker_gpus; a fraction shares one GPU), so
+Ray places it on a GPU node and sets its CUDA_VISIBLE_DEVICES. An actor that asks for none is not
+narrowed by Ray (2.49 and later): it sees every GPU of its node and uses the first.
+
 Faults: a batch whose actor died (killed process, raised exception) or did not answer within
 ``worker_timeout_s`` (the actor is then killed: ``ray.get(timeout=...)`` alone would not stop it) is
 regenerated under the same index on a fresh actor, so exact mode stays exact and no batch is
@@ -45,6 +49,7 @@ if TYPE_CHECKING:
 
 MAX_ATTEMPTS_PER_BATCH = 3  # a batch that fails this often is a bug, not a fault: the run stops
 POLL_S = 0.01  # how often the collector re-lists in-flight batches (new dispatches join its wait)
+CLOSE_S = 30.0  # how long close() waits for idle actors to shut their engines down before killing them
 
 
 class RolloutActor:
@@ -54,6 +59,8 @@ class RolloutActor:
         if threads:
             torch.set_num_threads(threads)  # actors share cores; one torch thread each by default
         self.worker = build_worker()
+        if torch.cuda.is_initialized():  # the builder's leftovers (a policy the engine copied) go back to the GPU
+            torch.cuda.empty_cache()
         self.worker_id = worker_id
         self.loaded: int | None = None  # the version in the engine; None until the first weights arrive
 
@@ -69,6 +76,10 @@ class RolloutActor:
         batch = self.worker.produce(batch_index)
         batch.extras["worker"] = self.worker_id
         return batch
+
+    def close(self) -> None:
+        """Shuts the engine down (vLLM's GPU memory) before the actor is killed."""
+        self.worker.engine.close()
 
 
 @dataclass
@@ -104,6 +115,7 @@ class RayRollouts:
         total_batches: int,
         num_workers: int,
         worker_cpus: float = 1.0,
+        worker_gpus: float = 0.0,
         worker_timeout_s: float = 300.0,
         threads: int = 1,
         start: PipelineState | None = None,
@@ -114,7 +126,7 @@ class RayRollouts:
         self.mode, self.staleness, self.total_batches = mode, staleness, total_batches
         self.worker_timeout_s = worker_timeout_s
         self._actor_class = ray.remote(RolloutActor)
-        self._worker_cpus = worker_cpus
+        self._worker_cpus, self._worker_gpus = worker_cpus, worker_gpus
         self._build_worker, self._threads = build_worker, threads
         self._tag = uuid.uuid4().hex[:8]  # actor names are unique per run, so tests can find them
         self._generation = itertools.count()
@@ -147,8 +159,8 @@ class RayRollouts:
     def _start_actor(self, slot: _Slot) -> None:
         name = f"stalerl-rollout-{self._tag}-w{slot.worker_id}-{next(self._generation)}"
         # max_restarts=0: a dead actor is replaced here, where its lost batch is accounted for.
-        slot.actor = self._actor_class.options(name=name, num_cpus=self._worker_cpus, max_restarts=0).remote(
-            self._build_worker, slot.worker_id, self._threads)
+        slot.actor = self._actor_class.options(name=name, num_cpus=self._worker_cpus, num_gpus=self._worker_gpus,
+                                               max_restarts=0).remote(self._build_worker, slot.worker_id, self._threads)
         # The slot takes work once the constructor is done, so start-up never counts as a hang.
         self._starting[slot.actor.ready.remote()] = slot
 
@@ -316,6 +328,11 @@ class RayRollouts:
             self._closed = True
             self._lock.notify_all()
         self._collector.join(timeout=60)
+        # Idle actors shut their engines down first; busy or starting ones are just killed (a process
+        # that exits frees all of its GPU memory, even what an in-process vLLM keeps).
+        closing = [slot.actor.close.remote() for slot in self._idle]
+        if closing:
+            ray.wait(closing, num_returns=len(closing), timeout=CLOSE_S)
         for slot in self._slots:
             ray.kill(slot.actor, no_restart=True)
         self._weights.clear()
@@ -355,6 +372,6 @@ def rollouts_for_config(config, initial_weights: dict[str, torch.Tensor], start:
     return RayRollouts(
         functools.partial(build_rollout_worker_from_config, config), initial_weights,
         config.staleness.mode, config.staleness.staleness, total_batches=config.steps,
-        num_workers=runtime.num_workers, worker_cpus=runtime.worker_cpus,
+        num_workers=runtime.num_workers, worker_cpus=runtime.worker_cpus, worker_gpus=runtime.worker_gpus,
         worker_timeout_s=runtime.worker_timeout_s, threads=config.threads, start=start,
     )

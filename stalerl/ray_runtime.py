@@ -6,11 +6,13 @@
 The learner is an actor: ``train(config)``, unchanged, runs inside it; with ``runtime.runtime: ray``
 it takes its rollouts from ``RayRollouts`` (ray_rollouts.py) instead of the local thread. An actor,
 not the driver, so that on a cluster the learner gets the resources it asks for (a GPU node) and
-the driver can stay on a head node; the learner writes the run directory on the node it runs on
-(use a shared filesystem for ``--out`` on a multi-node cluster). Checkpoints are written as in the
-local runtime (``RayRollouts.snapshot``), and ``--resume`` goes on from them on Ray. A learner failure
-ends the run: its actor's error is raised here with the newest checkpoint and the ``--resume``
-command that continues from it, and the rollout actors it owns die with it.
+the driver can stay on a head node. GPUs are asked for by runtime.learner_gpus and
+runtime.worker_gpus; an actor that asks for none is placed anywhere and uses the first GPU it sees.
+The learner writes the run directory on the node it runs on (use a shared filesystem for ``--out``
+on a multi-node cluster). Checkpoints are written as in the local runtime
+(``RayRollouts.snapshot``), and ``--resume`` goes on from them on Ray. A learner failure ends the
+run: its actor's error is raised here with the newest checkpoint and the ``--resume`` command that
+continues from it, and the rollout actors it owns die with it.
 """
 
 from __future__ import annotations
@@ -25,18 +27,24 @@ from stalerl.config import ConfigError, TrainConfig, validate
 from stalerl.guards import RunStopped, resume_hint
 
 
-def local_init_kwargs(num_cpus: float) -> dict[str, Any]:
-    """ray.init arguments for a private, single-machine Ray: no dashboard, sized to the actors asked for."""
-    return {"include_dashboard": False, "num_cpus": max(os.cpu_count() or 1, int(num_cpus + 0.999)),
-            "log_to_driver": True}
+def local_init_kwargs(num_cpus: float, num_gpus: int | None = None) -> dict[str, Any]:
+    """ray.init arguments for a private, single-machine Ray: no dashboard, sized to the actors asked for.
+
+    CPUs are logical (at least the machine's count, so fractions of a core fit); GPUs are the ones Ray
+    finds unless `num_gpus` says otherwise (a test gives a CPU machine GPUs to schedule with)."""
+    kwargs = {"include_dashboard": False, "num_cpus": max(os.cpu_count() or 1, int(num_cpus + 0.999)),
+              "log_to_driver": True}
+    if num_gpus is not None:
+        kwargs["num_gpus"] = num_gpus
+    return kwargs
 
 
 @contextlib.contextmanager
-def ray_session(address: str = "", num_cpus: float = 1.0) -> Iterator[None]:
+def ray_session(address: str = "", num_cpus: float = 1.0, num_gpus: int | None = None) -> Iterator[None]:
     """Joins `address`, or starts a local Ray bound to 127.0.0.1 and shuts it down on exit.
 
     A Ray already initialised in this process (a test's fixture, an enclosing session) is used
-    as it is and left running.
+    as it is and left running. `num_gpus`: see local_init_kwargs.
     """
     import ray
     import ray._private.ray_constants as ray_constants
@@ -54,7 +62,7 @@ def ray_session(address: str = "", num_cpus: float = 1.0) -> Iterator[None]:
         os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
         enabled, ray_constants.ENABLE_RAY_CLUSTER = ray_constants.ENABLE_RAY_CLUSTER, False
         try:
-            ray.init(**local_init_kwargs(num_cpus))
+            ray.init(**local_init_kwargs(num_cpus, num_gpus))
         finally:
             ray_constants.ENABLE_RAY_CLUSTER = enabled
             if previous is None:
@@ -72,11 +80,17 @@ def _check_resources(config: TrainConfig) -> None:
     import ray
 
     runtime = config.runtime
+    cluster = ray.cluster_resources()
     needed = runtime.learner_cpus + runtime.num_workers * runtime.worker_cpus
-    available = ray.cluster_resources().get("CPU", 0.0)
+    available = cluster.get("CPU", 0.0)
     if needed > available:
         raise ConfigError(f"runtime.num_workers: {runtime.num_workers} workers x {runtime.worker_cpus} CPU + "
                           f"learner {runtime.learner_cpus} CPU need {needed:g} CPUs; the cluster has {available:g}")
+    needed = runtime.learner_gpus + runtime.num_workers * runtime.worker_gpus
+    available = cluster.get("GPU", 0.0)
+    if needed > available:
+        raise ConfigError(f"runtime.worker_gpus: {runtime.num_workers} workers x {runtime.worker_gpus:g} GPU + "
+                          f"learner {runtime.learner_gpus:g} GPU need {needed:g} GPUs; the cluster has {available:g}")
 
 
 class LearnerFailed(RuntimeError):
@@ -113,7 +127,8 @@ def train_on_ray(config: TrainConfig, resume: bool = False) -> dict[str, Any]:
     with ray_session(runtime.ray_address, runtime.learner_cpus + runtime.num_workers * runtime.worker_cpus):
         _check_resources(config)
         name = f"stalerl-learner-{uuid.uuid4().hex[:8]}"
-        learner = ray.remote(LearnerActor).options(name=name, num_cpus=runtime.learner_cpus, max_restarts=0).remote()
+        learner = ray.remote(LearnerActor).options(name=name, num_cpus=runtime.learner_cpus,
+                                                   num_gpus=runtime.learner_gpus, max_restarts=0).remote()
         try:
             return ray.get(learner.train.remote(config, resume))
         except ray.exceptions.RayTaskError as error:  # train raised
@@ -137,9 +152,19 @@ def _train_task(config: TrainConfig) -> dict[str, Any]:
         return {"out": config.out, "error": f"{type(error).__name__}: {error}"}
 
 
+def train_task_options(config: TrainConfig, cpus_per_run: float) -> dict[str, Any]:
+    """The Ray task options of one sweep cell: its CPUs, the GPUs its learner asks for, and a fresh
+    worker process for a cell that may hold a GPU, since vLLM in process cannot be torn down fully
+    (vllm#21073): a reused worker could not start the next cell's vLLM."""
+    fresh_process = config.rollout.engine == "vllm" or config.runtime.learner_gpus > 0
+    return {"num_cpus": cpus_per_run, "num_gpus": config.runtime.learner_gpus, "max_retries": 0,
+            "max_calls": 1 if fresh_process else 0}  # max_calls 0: a worker process runs any number
+
+
 def run_configs_on_ray(configs: list[TrainConfig], cpus_per_run: float, address: str | None = None
                        ) -> list[dict[str, Any]]:
-    """Runs `train(config)` for each config as a Ray task asking for `cpus_per_run` CPUs.
+    """Runs `train(config)` for each config as a Ray task asking for `cpus_per_run` CPUs (and
+    runtime.learner_gpus GPUs; train_task_options).
 
     Returns the summaries in the order of `configs`; a run that raised gives ``{"out", "error"}``.
     Without `address`, a local Ray on 127.0.0.1 sized for the runs is started and shut down.
@@ -152,5 +177,17 @@ def run_configs_on_ray(configs: list[TrainConfig], cpus_per_run: float, address:
         raise ConfigError("cpus_per_run: must be > 0")
     configs = [validate(config) for config in configs]
     with ray_session(address or "", num_cpus=cpus_per_run):
-        task = ray.remote(_train_task).options(num_cpus=cpus_per_run, max_retries=0)
-        return ray.get([task.remote(config) for config in configs])
+        gpus = max((config.runtime.learner_gpus for config in configs), default=0)
+        available = ray.cluster_resources().get("GPU", 0.0)
+        if gpus > available:  # its task would wait forever
+            raise ConfigError(f"runtime.learner_gpus: a sweep cell asks for {gpus:g} GPUs; "
+                              f"the cluster has {available:g}")
+        tasks: dict[tuple, Any] = {}  # one remote function per set of options (max_calls cannot be an .options())
+        refs = []
+        for config in configs:
+            options = train_task_options(config, cpus_per_run)
+            key = tuple(sorted(options.items()))
+            if key not in tasks:
+                tasks[key] = ray.remote(**options)(_train_task)
+            refs.append(tasks[key].remote(config))
+        return ray.get(refs)

@@ -73,6 +73,8 @@ class RolloutEngine(Protocol):
 
     def score(self, generation: Generation) -> torch.Tensor: ...  # [N, L] log mu by the learner's forward
 
+    def close(self) -> None: ...  # frees what the engine holds outside Python's reach (vLLM's GPU memory)
+
 
 class GumbelNoise(LogitsProcessor):
     """Adds Gumbel noise from a private generator to logits / temperature (see module doc)."""
@@ -164,6 +166,9 @@ class TransformersEngine:
             use_cache=True,
             cache_implementation="static" if static_cache else None,
         )
+
+    def close(self) -> None:
+        """Nothing to free: the policy copy goes with the engine."""
 
     def load_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> None:
         start = time.perf_counter()

@@ -227,6 +227,8 @@ class ThreadedRollouts:
         self._stop.set()
         self._mailbox.close()
         self._thread.join(timeout=60)
+        if not self._thread.is_alive():  # a thread still generating keeps its engine
+            self.engine.close()
 
     def report(self) -> dict:
         return {"runtime": "local", "num_workers": 1, "lost_batches": 0}  # a thread is not restarted

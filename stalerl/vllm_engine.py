@@ -4,7 +4,18 @@
 
 vLLM runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), so a new policy version is
 loaded into the running engine by calling the model's own ``load_weights`` on the worker through
-``LLM.collective_rpc``: no restart, no serialisation, no file. Each sync is timed (``weight_sync_s``).
+``LLM.collective_rpc``: no restart, no serialisation, no file. Each sync is timed (``weight_sync_s``)
+and ends by emptying vLLM's prefix cache: its cached prompt KV was computed by the old weights, and
+reusing it would sample version k+1 partly with version k's attention keys and values (vllm#9744).
+
+The sampling contract is the transformers engine's (rollout.py, ``Generation``): mu is
+softmax(logits / T) alone, and a response ends only at the tokenizer's end-of-sequence. vLLM would
+otherwise stop on every id in the checkpoint's ``generation_config.json`` too (Llama-3.2-Instruct
+lists three), and ``generation_config="vllm"`` does not remove those (vLLM still reads the file for
+its stop ids), so each request ignores vLLM's own EOS handling and stops on the tokenizer's EOS as
+its one stop token. ``finished`` is read from the last token, not from vLLM's finish reason (older
+versions report "length" for an EOS sampled at exactly max_tokens), and completions are decoded by
+the same tokenizer call as the transformers engine's.
 
 Behavior log-probs are vLLM's per-token log-probs of the sampled tokens (``SamplingParams.logprobs``)
 *after* temperature scaling (``logprobs_mode="processed_logprobs"``), i.e. log mu at temperature T.
@@ -13,13 +24,18 @@ Their gap to the learner's recomputation is the sampler/learner numeric mismatch
 ``sampler_mismatch`` at any lag; the recomputation then runs on a private transformers copy of the
 behavior weights kept beside vLLM (twice the weight memory).
 
+``close()`` shuts the engine down and frees what vLLM lets go of; in process it does not give back
+all of it (vllm#21073), so a process that needs another vLLM afterwards should be a fresh one (the
+Ray runtime's actors and sweep tasks are).
+
 Written against vLLM's V1 ``LLM`` API; it runs only on a CUDA machine and is covered by the tests
-marked ``gpu``, which skip elsewhere.
+marked ``gpu``, which skip elsewhere (the plumbing is tested on CPU against a stub ``vllm``).
 """
 
 from __future__ import annotations
 
 import copy
+import gc
 import importlib.util
 import os
 import time
@@ -29,6 +45,9 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from stalerl.config import ConfigError
 from stalerl.rollout import Generation, policy_logprobs
+
+IN_PROCESS = "VLLM_ENABLE_V1_MULTIPROCESSING"
+_open_engines = 0  # VLLMEngines alive in this process: they share vLLM's process-wide parallel state
 
 
 def check_vllm_usable(device: str) -> None:
@@ -41,6 +60,14 @@ def check_vllm_usable(device: str) -> None:
                           "use rollout.engine=transformers (runs on CPU)")
     if importlib.util.find_spec("vllm") is None:
         raise ConfigError("rollout.engine: vllm is not installed; pip install 'stalerl[vllm]'")
+    check_in_process()
+
+
+def check_in_process() -> None:
+    """The weight sync hands CUDA tensors to vLLM's worker by reference: the engine must run here."""
+    if os.environ.get(IN_PROCESS, "0") != "0":
+        raise ConfigError(f"rollout.engine: vllm runs in process (weights synced by reference), but "
+                          f"{IN_PROCESS}={os.environ[IN_PROCESS]}; unset it or set it to 0")
 
 
 def _load_weights_on_worker(worker, weights: list[tuple[str, torch.Tensor]]) -> int:
@@ -66,7 +93,9 @@ class VLLMEngine:
         seed: int = 0,
         share_prompts: bool = True,
     ):
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process: weights by reference
+        global _open_engines
+        check_in_process()
+        os.environ[IN_PROCESS] = "0"  # read when the engine starts: EngineCore in this process
         from vllm import LLM
 
         self.llm = LLM(
@@ -77,8 +106,10 @@ class VLLMEngine:
             trust_remote_code=trust_remote_code,
             seed=seed,
             logprobs_mode="processed_logprobs",  # log-probs of softmax(logits / T), the behavior policy
-            enable_prefix_caching=True,  # a group's G samples share their prompt
+            enable_prefix_caching=True,  # a group's G samples share their prompt (emptied at each sync)
+            generation_config="vllm",  # no sampling defaults from the checkpoint (stop ids: see generate)
         )
+        _open_engines += 1
         self.tokenizer = tokenizer
         self.max_new_tokens = max_new_tokens
         self.temperature = temperature
@@ -93,9 +124,15 @@ class VLLMEngine:
         start = time.perf_counter()
         weights = [(name, tensor.to(self.device)) for name, tensor in state_dict.items()]
         self.llm.collective_rpc(_load_weights_on_worker, args=(weights,))
+        # Prompt KV cached under the old weights must not be reused (vllm#9744). vLLM refuses while
+        # requests run; none do between batches. Some versions return None (no verdict), only False fails.
+        if self.llm.reset_prefix_cache() is False:
+            raise RuntimeError(f"vLLM did not reset its prefix cache after loading version {version}: "
+                               "its cached prompts would be sampled with the old weights")
         if self.scoring_model is not None:
             self.scoring_model.load_state_dict(state_dict)
-        torch.cuda.synchronize()
+        if self.device.type == "cuda":  # the copies run asynchronously: wait, so that sync_s is their time
+            torch.cuda.synchronize(self.device)
         self.sync_s += time.perf_counter() - start
         self.version = version
 
@@ -119,6 +156,10 @@ class VLLMEngine:
                 max_tokens=self.max_new_tokens,
                 logprobs=0,  # the sampled token's log-prob only
                 seed=None if greedy else (noise_seed + i) % 2**63,  # per-sample seed: reproducible batches
+                # Stop at the tokenizer's EOS and nowhere else, as the transformers engine does: vLLM's
+                # own EOS handling would add the checkpoint's generation_config.json ids to the stops.
+                ignore_eos=True,
+                stop_token_ids=[self.tokenizer.eos_token_id],
             )
             for i in range(len(prompts))
         ]
@@ -129,16 +170,19 @@ class VLLMEngine:
 
     def _to_generation(self, prompt_ids: list[list[int]], completions: list) -> Generation:
         """vLLM's ragged outputs -> the left-padded prompt block + right-padded responses layout."""
-        pad_id = self.tokenizer.pad_token_id
+        pad_id, eos_id = self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
+        responses = []
+        for completion in completions:  # up to and including the first EOS (Generation's contract)
+            response = list(completion.token_ids)
+            responses.append(response[: response.index(eos_id) + 1] if eos_id in response else response)
         prompt_width = max(len(ids) for ids in prompt_ids)
-        length = max(1, max(len(c.token_ids) for c in completions))
+        length = max(1, max(len(response) for response in responses))
         count = len(prompt_ids)
         tokens_N_T = torch.full((count, prompt_width + length), pad_id, dtype=torch.long)
         attention_mask_N_T = torch.zeros((count, prompt_width + length), dtype=torch.long)
         behavior_logprobs_N_L = torch.zeros((count, length))
         finished_N = torch.zeros(count, dtype=torch.bool)
-        for i, (ids, completion) in enumerate(zip(prompt_ids, completions)):
-            response = list(completion.token_ids)
+        for i, (ids, response, completion) in enumerate(zip(prompt_ids, responses, completions)):
             tokens_N_T[i, prompt_width - len(ids): prompt_width] = torch.tensor(ids)
             attention_mask_N_T[i, prompt_width - len(ids): prompt_width] = 1
             if response:
@@ -146,7 +190,7 @@ class VLLMEngine:
                 attention_mask_N_T[i, prompt_width: prompt_width + len(response)] = 1
                 behavior_logprobs_N_L[i, : len(response)] = torch.tensor(
                     [step[token].logprob for step, token in zip(completion.logprobs, response)])
-            finished_N[i] = completion.finish_reason == "stop"
+                finished_N[i] = response[-1] == eos_id  # not finish_reason: see the module doc
         response_mask_N_L = attention_mask_N_T[:, prompt_width:].bool()
         return Generation(
             tokens_N_T=tokens_N_T.to(self.device),
@@ -154,5 +198,26 @@ class VLLMEngine:
             response_mask_N_L=response_mask_N_L.to(self.device),
             behavior_logprobs_N_L=behavior_logprobs_N_L.to(self.device),
             finished_N=finished_N,
-            completions=[completion.text for completion in completions],
+            # The transformers engine's decoding, EOS and special tokens removed.
+            completions=self.tokenizer.batch_decode(responses, skip_special_tokens=True),
         )
+
+    def close(self) -> None:
+        """Shuts vLLM down and frees the GPU memory it lets go of in this process (module doc).
+
+        The process-wide parallel state (torch.distributed, vLLM's groups) is torn down only with
+        the last engine of the process: another engine still running uses it."""
+        global _open_engines
+        if self.llm is None:
+            return
+        self.llm.llm_engine.engine_core.shutdown()  # executor and worker: model and KV cache
+        self.llm = None
+        self.scoring_model = None
+        _open_engines -= 1
+        if _open_engines == 0:
+            from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+            cleanup_dist_env_and_memory()  # destroy_model_parallel, destroy_distributed_environment, gc, empty_cache
+        else:
+            gc.collect()
+            torch.cuda.empty_cache()

@@ -2,12 +2,14 @@
 and checkpoints: a killed learner leaves one, and --resume goes on from it.
 
 One private Ray (127.0.0.1, no dashboard) for the module; actors ask for a fraction of a CPU so
-that 2 workers and a learner fit CI's 2 cores.
+that 2 workers and a learner fit CI's 2 cores. The Ray is told it has 2 GPUs, so that placing actors
+and tasks on GPUs is tested on CPU machines too (nothing here runs CUDA).
 """
 
 import dataclasses
 import functools
 import json
+import os
 import sys
 import threading
 import time
@@ -23,7 +25,8 @@ from stalerl.checkpoint import list_checkpoints  # noqa: E402
 from stalerl.config import ConfigError, RuntimeConfig, StalenessConfig, TrainConfig, validate  # noqa: E402
 from stalerl.metrics import read_metrics  # noqa: E402
 from stalerl.ray_rollouts import RayRollouts  # noqa: E402
-from stalerl.ray_runtime import local_init_kwargs, ray_session, run_configs_on_ray, train_on_ray  # noqa: E402
+from stalerl.ray_runtime import (local_init_kwargs, ray_session, run_configs_on_ray, train_on_ray,  # noqa: E402
+                                 train_task_options)
 from stalerl.staleness import PipelineState, RolloutWorkerError, check_lag  # noqa: E402
 from stalerl.train import train  # noqa: E402
 
@@ -31,11 +34,12 @@ from stalerl.train import train  # noqa: E402
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 SAMPLES_PER_BATCH = 8  # 2 prompts x 4 samples
+FAKE_GPUS = 2  # the module's Ray schedules on these; no CUDA behind them
 
 
 @pytest.fixture(scope="module")
 def local_ray(warm_start_cache):
-    with ray_session(num_cpus=2):  # after the cache fixture: actors inherit STALERL_CACHE
+    with ray_session(num_cpus=2, num_gpus=FAKE_GPUS):  # after the cache fixture: actors inherit STALERL_CACHE
         yield
     assert not ray.is_initialized()
 
@@ -86,6 +90,31 @@ def test_runtime_config_errors_name_the_key():
         validate(TrainConfig(runtime=RuntimeConfig(runtime="ray", num_workers=0)))
     with pytest.raises(ConfigError, match="runtime.worker_timeout_s"):
         validate(TrainConfig(runtime=RuntimeConfig(runtime="ray", worker_timeout_s=0)))
+
+
+@pytest.mark.parametrize("runtime, rollout, message", [
+    ({"worker_gpus": -0.5}, {}, "runtime.worker_gpus: must be >= 0: a fraction of one GPU, or whole GPUs"),
+    ({"learner_gpus": 1.5}, {}, "runtime.learner_gpus: must be >= 0: a fraction of one GPU, or whole GPUs"),
+    ({}, {"engine": "vllm"}, r"runtime.worker_gpus: rollout.engine=vllm on Ray needs a GPU share per rollout actor"),
+    ({"worker_gpus": 0.5}, {"engine": "vllm", "vllm_gpu_memory_utilization": 0.5},
+     r"runtime.worker_gpus: 0.5 of a GPU lets Ray put other actors on it, .* make that < 0.5"),
+])
+def test_gpu_requests_are_checked_before_any_work(runtime, rollout, message):
+    config = TrainConfig(runtime=RuntimeConfig(runtime="ray", **runtime), model=dataclasses.replace(
+        TrainConfig().model, name_or_path="some/checkpoint"))
+    with pytest.raises(ConfigError, match=message):
+        validate(dataclasses.replace(config, rollout=dataclasses.replace(config.rollout, **rollout)))
+
+
+def test_gpu_requests_that_fit_are_valid():
+    validate(TrainConfig(runtime=RuntimeConfig(runtime="ray", worker_gpus=2, learner_gpus=0.25)))
+    config = TrainConfig(runtime=RuntimeConfig(runtime="ray", worker_gpus=0.5),
+                         model=dataclasses.replace(TrainConfig().model, name_or_path="some/checkpoint"))
+    validate(dataclasses.replace(config, rollout=dataclasses.replace(
+        config.rollout, engine="vllm", vllm_gpu_memory_utilization=0.4)))
+    local = dataclasses.replace(config, runtime=RuntimeConfig(), rollout=dataclasses.replace(config.rollout,
+                                                                                              engine="vllm"))
+    validate(local)  # the local runtime asks Ray for nothing
 
 
 def test_missing_ray_is_a_config_error(monkeypatch):
@@ -144,7 +173,10 @@ def test_a_killed_rollout_worker_is_replaced_and_its_batch_regenerated(local_ray
     def kill_one_worker_mid_run():
         deadline = time.time() + 120
         while time.time() < deadline:
-            if metrics_path.exists() and len(metrics_path.read_text().splitlines()) >= 5:
+            # Complete lines only; both actors must be past their constructor, or the kill only
+            # restarts a starting actor, which loses no batch (a busy machine starts one late).
+            lines = metrics_path.read_text().split("\n")[:-1] if metrics_path.exists() else []
+            if len(lines) >= 5 and {json.loads(line)["worker"] for line in lines} == {0, 1}:
                 name = next(n for n in ray.util.list_named_actors()
                             if n.startswith("stalerl-rollout-") and n not in earlier_actors)
                 ray.kill(ray.get_actor(name), no_restart=True)
@@ -176,6 +208,34 @@ def test_bad_input_in_the_learner_actor_stays_a_config_error(local_ray, tmp_path
     (tmp_path / "taken" / "metrics.jsonl").write_text("")
     with pytest.raises(ConfigError, match="already holds a run"):  # raised in the learner actor
         train_on_ray(config)
+
+
+def test_the_learner_and_rollout_actors_hold_the_gpus_they_ask_for(local_ray, tmp_path):
+    config = ray_config(tmp_path, "gpus", "exact", 1, steps=6, learner_gpus=1, worker_gpus=0.5)
+    fewest_free = [float(FAKE_GPUS)]
+    done = threading.Event()
+
+    def watch():
+        while not done.is_set() and fewest_free[0] > 0:  # a resource all taken is left out of available_resources
+            fewest_free[0] = min(fewest_free[0], ray.available_resources().get("GPU", 0.0))
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        assert train_on_ray(config)["steps"] == 6
+    finally:
+        done.set()
+        watcher.join()
+    assert fewest_free[0] == 0  # the learner's 1 GPU and the two actors' 0.5 each, held together
+
+
+def test_more_gpus_than_the_cluster_has_is_refused_before_any_actor_starts(local_ray, tmp_path):
+    config = ray_config(tmp_path, "too-many", "exact", 1, steps=2, learner_gpus=1, worker_gpus=1)
+    with pytest.raises(ConfigError, match=r"runtime.worker_gpus: 2 workers x 1 GPU \+ learner 1 GPU need 3 GPUs; "
+                                          r"the cluster has 2$"):
+        train_on_ray(config)
+    assert not (tmp_path / "too-many").exists()
 
 
 def kill_the_learner_after(run_dir: Path, checkpoint: bool = True) -> threading.Thread:
@@ -292,6 +352,21 @@ def test_run_configs_on_ray_returns_each_runs_summary(local_ray, tmp_path):
     assert summaries[1]["out"] == str(tmp_path / "cell1") and "already holds a run" in summaries[1]["error"]
 
 
+def test_sweep_cells_that_may_hold_a_gpu_get_their_gpus_and_a_fresh_process(local_ray, tmp_path):
+    plain = dataclasses.replace(ray_config(tmp_path, "vllm-cell", "exact", 0, steps=3), runtime=RuntimeConfig())
+    vllm = dataclasses.replace(plain, model=dataclasses.replace(plain.model, name_or_path="some/checkpoint"),
+                               rollout=dataclasses.replace(plain.rollout, engine="vllm"),
+                               runtime=RuntimeConfig(learner_gpus=1))
+    assert train_task_options(plain, 0.5) == {"num_cpus": 0.5, "num_gpus": 0.0, "max_retries": 0, "max_calls": 0}
+    # vLLM cannot be torn down in process (vllm#21073): a reused worker could not start the next cell's.
+    assert train_task_options(vllm, 0.5) == {"num_cpus": 0.5, "num_gpus": 1, "max_retries": 0, "max_calls": 1}
+    assert train_task_options(dataclasses.replace(plain, runtime=RuntimeConfig(learner_gpus=0.5)), 1)["max_calls"] == 1
+    [summary] = run_configs_on_ray([vllm], cpus_per_run=0.5, address=None)  # Ray takes the options
+    assert "rollout.engine: vllm" in summary["error"]  # refused in its task: no GPU here (or no vllm)
+    with pytest.raises(ConfigError, match="runtime.learner_gpus: a sweep cell asks for 3 GPUs; the cluster has 2"):
+        run_configs_on_ray([dataclasses.replace(plain, runtime=RuntimeConfig(learner_gpus=3))], cpus_per_run=0.5)
+
+
 def test_stalerl_sweep_runs_its_cells_as_ray_tasks(local_ray, tmp_path, capsys):
     from stalerl.cli import main
 
@@ -318,6 +393,9 @@ class StubEngine:
     def load_weights(self, state_dict, version):
         assert int(state_dict["w"]) == version  # the weights that arrive are the version announced
         self.version = version
+
+    def close(self):
+        pass
 
 
 @dataclass
@@ -349,6 +427,15 @@ class StubWorker:
                 time.sleep(2)
         ids = list(range(batch_index * SAMPLES_PER_BATCH, (batch_index + 1) * SAMPLES_PER_BATCH))
         return StubBatch(batch_index, self.engine.version, ids, gen_s=0.003)
+
+
+class GpuReportingWorker(StubWorker):
+    """A stub worker whose batches say which GPUs Ray gave its actor."""
+
+    def produce(self, batch_index):
+        batch = super().produce(batch_index)
+        batch.extras["gpus"] = (ray.get_gpu_ids(), os.environ.get("CUDA_VISIBLE_DEVICES"))
+        return batch
 
 
 def run_stub_learner(source, mode, staleness, steps):
@@ -388,6 +475,21 @@ def test_a_hung_worker_is_killed_by_the_timeout_and_replaced(local_ray, tmp_path
     assert lags == [min(step, 2) for step in range(steps)]
     assert ids == list(range(steps * SAMPLES_PER_BATCH))
     assert source.report()["lost_batches"] == 1
+
+
+def test_rollout_actors_get_their_gpu_share(local_ray, tmp_path):
+    steps = 6
+    source = RayRollouts(functools.partial(GpuReportingWorker, str(tmp_path), "none"), {"w": torch.tensor(0)},
+                         "exact", 1, steps, num_workers=2, worker_cpus=0.25, worker_gpus=0.5)
+    reports = []
+    try:
+        for step in range(steps):
+            reports.append(source.next_batch().extras["gpus"])
+            source.publish({"w": torch.tensor(step + 1)}, version=step + 1)
+    finally:
+        source.close()
+    for gpu_ids, visible in reports:  # one GPU id each, and CUDA_VISIBLE_DEVICES narrowed to it
+        assert len(gpu_ids) == 1 and visible == str(gpu_ids[0])
 
 
 def test_a_batch_that_always_fails_stops_the_run(local_ray, tmp_path):

@@ -23,6 +23,9 @@ class StubEngine:
         self.version = version
         self.loaded.append(version)
 
+    def close(self):
+        self.closed = True
+
 
 @dataclass
 class StubBatch:
