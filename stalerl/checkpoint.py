@@ -324,16 +324,19 @@ def truncate_outputs(run_dir: Path, outputs: dict[str, int] | None) -> list[dict
 # ---------------------------------------------------------------- the run directory on --resume
 
 
-def config_difference(saved: TrainConfig, given: TrainConfig, ignore: tuple[str, ...] = ("out", "progress")) -> str:
-    """'key: saved -> given' for each differing field, on one line; empty when they agree."""
+def config_difference(saved: TrainConfig | dict[str, Any], given: TrainConfig,
+                      ignore: tuple[str, ...] = ("out", "progress")) -> str:
+    """'key: saved -> given' for each differing field, on one line; empty when they agree. `saved` may
+    be plain data (a checkpoint's, perhaps of an older stalerl: fields it lacks are not compared)."""
     def flat(data: dict, prefix: str = "") -> dict[str, Any]:
         items: dict[str, Any] = {}
         for key, value in data.items():
             items |= flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value}
         return items
 
-    old, new = flat(saved.to_dict()), flat(given.to_dict())
-    return ", ".join(f"{key}: {old[key]!r} -> {new[key]!r}" for key in old if old[key] != new[key] and key not in ignore)
+    old, new = flat(saved if isinstance(saved, dict) else saved.to_dict()), flat(given.to_dict())
+    return ", ".join(f"{key}: {old[key]!r} -> {new.get(key)!r}" for key in old
+                     if old[key] != new.get(key) and key not in ignore and key in new)
 
 
 def check_resumable(run_dir: Path, config: TrainConfig) -> None:
@@ -348,4 +351,11 @@ def check_resumable(run_dir: Path, config: TrainConfig) -> None:
     difference = config_difference(saved, config)
     if difference:
         raise ConfigError(f"--resume {run_dir}: the run was made with another config ({difference})")
+    # config.yaml can be edited; the config a checkpoint was made with is in its state.json
+    newest = newest_usable(run_dir)
+    made_with = json.loads((newest / "state.json").read_text())["run"].get("config") if newest else None
+    difference = config_difference(made_with, config) if made_with is not None else ""
+    if difference:
+        raise ConfigError(f"--resume {run_dir}: checkpoint {newest.name} was made with another config "
+                          f"({difference}); was config.yaml edited?")
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -28,7 +30,9 @@ class ModelConfig:
     # Empty: the embedded tiny Llama below, warm-started and cached. Else a local checkpoint directory
     # (or a hub name, passed to from_pretrained for users who have a hub) with its tokenizer.
     name_or_path: str = ""
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    # The weights' precision: auto is bf16 on GPU, fp32 on CPU. The optimizer steps fp32 masters of
+    # bf16 / fp16 weights (optimizer.py): at eta ~ 1e-6 a bf16 weight would not move at all.
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     device: str = "auto"  # auto: cuda if there is one (checkpoints only; the tiny model stays on cpu); cpu; cuda:N
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more time
     trust_remote_code: bool = False  # never run code shipped with a checkpoint unless asked
@@ -36,7 +40,7 @@ class ModelConfig:
     # learner's forward (prefix.py); False runs every sequence whole (equal up to float rounding).
     share_prompt_prefix: bool = True
     # LoRA through peft (extra `stalerl[lora]`): rank 0 trains every weight. The update direction d_t,
-    # Grad CosSim and drift are then measured on the merged weights' full parameter vector.
+    # Grad CosSim and drift are then measured on the merged weights W0 + s B A (metrics.py).
     lora_rank: int = 0
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
@@ -159,13 +163,16 @@ class StabilizerConfig:
 
 @dataclass(frozen=True)
 class CollapseConfig:
-    """Collapse: the moving average of train reward stays below `threshold` for the rest of the run."""
+    """Collapse (collapse.py): T_c is the first step of the below-threshold stretch of train reward that
+    a trailing moving average confirms and that lasts to the end of the run."""
 
-    window: int = 10  # trailing moving-average window, in steps
+    # trailing moving-average window, in steps; T_c is moved back from where the average crosses over
+    # the raw rewards below threshold just before it (at most window - 1 steps)
+    window: int = 10
     # "Near zero": on the default task the warm start samples ~0.15 reward; after a crash the reward
     # lingers at 0.01-0.04 (a few lucky samples of 128) while validation reward is ~0.02.
     threshold: float = 0.05
-    min_tail: int = 10  # a below-threshold stretch must last this many steps (or reach the end) to count
+    min_tail: int = 10  # the collapsed stretch, from T_c to the end, must last this many steps to count
     # Stop the run as soon as it has collapsed (summary.json then says stopped: "collapse"); a collapsed
     # policy rarely recovers, and a sweep's large learning rates otherwise burn their whole horizon.
     stop_early: bool = False
@@ -200,6 +207,14 @@ class RuntimeConfig:
     ray_address: str = ""  # ray: join this cluster ("auto", "host:port"); empty: a private Ray on 127.0.0.1
     worker_cpus: float = 1.0  # ray: CPUs each rollout actor asks for
     learner_cpus: float = 1.0  # ray: CPUs the learner actor asks for
+    # ray: GPUs each rollout actor asks for, so that Ray places it on a GPU and sets its
+    # CUDA_VISIBLE_DEVICES; a fraction shares one GPU (0.5: two actors a GPU), above 1 whole GPUs.
+    # 0 asks for none: Ray neither places the actor on a GPU node nor narrows its visible devices,
+    # so it uses its node's first GPU, if any. rollout.engine=vllm needs > 0 here, and each vLLM
+    # takes rollout.vllm_gpu_memory_utilization of the whole GPU's memory, whatever its share.
+    worker_gpus: float = 0.0
+    # ray: GPUs the learner actor asks for (and `stalerl sweep --runtime ray` each cell's task); as above.
+    learner_gpus: float = 0.0
     worker_timeout_s: float = 300.0  # ray: a batch not back in this time marks its actor hung: killed, replaced
 
 
@@ -252,6 +267,11 @@ def _check_value(value: Any, annotation: Any, key: str) -> Any:
         raise ConfigError(f"{key}: {value!r} does not match {annotation}")
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if annotation is float and isinstance(value, str):
+        try:
+            return float(value)  # YAML 1.1 reads 1e-6 (no dot) as a string
+        except ValueError:
+            raise ConfigError(f"{key}: expected float, got {value!r}") from None
     if annotation is bool and not isinstance(value, bool):
         raise ConfigError(f"{key}: expected true or false, got {value!r}")
     if annotation is int and (isinstance(value, bool) or not isinstance(value, int)):
@@ -280,26 +300,71 @@ def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     return cls(**values)
 
 
+def _yaml_problem(error: yaml.YAMLError) -> tuple[int | None, str]:
+    """(1-based line, one-line reason) of a YAML error: where the broken construct starts, if known."""
+    mark = getattr(error, "context_mark", None) or getattr(error, "problem_mark", None)
+    context, problem = getattr(error, "context", None), getattr(error, "problem", None)
+    reason = "; ".join(part for part in (context, problem) if part) or str(error).splitlines()[0]
+    return (mark.line + 1 if mark is not None else None), reason
+
+
 def load_config(path: str | Path) -> TrainConfig:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
+        line, reason = _yaml_problem(error)
+        raise ConfigError(f"{path}{'' if line is None else f':{line}'}: not valid YAML ({reason})") from None
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {error.object[error.start]:#04x} at offset "
+                          f"{error.start}); a config file is YAML text") from None
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot read ({error.strerror or error})") from None
     try:
         return validate(from_dict(TrainConfig, data or {}))
     except ConfigError as error:
         raise ConfigError(f"{path}: {error}") from None
 
 
+def _field_type(key: str) -> Any:
+    """The annotation of dotted `key` in TrainConfig (None: no such key; override() says so)."""
+    cls: Any = TrainConfig
+    for part in key.split("."):
+        if not dataclasses.is_dataclass(cls) or part not in {f.name for f in dataclasses.fields(cls)}:
+            return None
+        cls = typing.get_type_hints(cls)[part]
+    return cls
+
+
 def parse_assignment(text: str) -> tuple[str, Any]:
-    """'KEY=VALUE' from the command line's --set; VALUE read as YAML (1e-4, true, a list)."""
+    """'KEY=VALUE' from the command line's --set; VALUE read as YAML (1e-4, true, a list).
+
+    A text field (task.prompt_template, task.reward, ...) takes VALUE as typed, so that
+    ``task.prompt_template={question} A:`` is that template; a VALUE in YAML quotes ("...", '...')
+    is unquoted. Other fields read VALUE as YAML; text that is not YAML is refused naming the key.
+    """
     key, sep, value = text.partition("=")
+    key = key.strip()
     if not sep or not key:
         raise ConfigError(f"--set expects KEY=VALUE, got {text!r}")
-    return key.strip(), yaml.safe_load(value)
+    if _field_type(key) is str:
+        quoted = len(value) >= 2 and value[0] == value[-1] and value[0] in "'\""
+        if quoted:
+            try:
+                unquoted = yaml.safe_load(value)
+            except yaml.YAMLError:
+                unquoted = None
+            if isinstance(unquoted, str):
+                return key, unquoted
+        return key, value
+    try:
+        return key, yaml.safe_load(value)
+    except yaml.YAMLError as error:
+        if _field_type(key) is None:
+            return key, value  # override() refuses the unknown key, which is the news
+        raise ConfigError(f"{key}: {value!r} is not a valid value ({_yaml_problem(error)[1]})") from None
 
 
 def override(config: TrainConfig, dotted: dict[str, Any]) -> TrainConfig:
@@ -318,20 +383,28 @@ def override(config: TrainConfig, dotted: dict[str, Any]) -> TrainConfig:
     return from_dict(TrainConfig, data)
 
 
+# Seeds reach numpy (default_rng) and torch, and vLLM hands its seed to np.random.seed: [0, 2**32).
+SEED_RANGE = "must be in [0, 2**32 - 1] (numpy's seed range)"
+MODEL_SIZES = ("hidden_size", "intermediate_size", "num_layers", "num_heads", "max_positions")
+DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+
+
 def validate(config: TrainConfig) -> TrainConfig:
     """Every check that can be made before work starts; raises ConfigError naming the key."""
     checks = [
         (config.steps >= 1, "steps", "must be >= 1"),
+        (0 <= config.seed < 2**32, "seed", SEED_RANGE),
         (config.val_every >= 1, "val_every", "must be >= 1"),
         (config.threads >= 0, "threads", "must be >= 0"),
         (config.staleness.staleness >= 0, "staleness.staleness", "S must be >= 0"),
-        (config.optim.lr > 0, "optim.lr", "learning rate must be > 0"),
-        (config.optim.grad_clip >= 0, "optim.grad_clip", "must be >= 0"),
+        (0 < config.optim.lr < math.inf, "optim.lr", "learning rate must be > 0 and finite"),
+        (0 <= config.optim.grad_clip < math.inf, "optim.grad_clip", "must be >= 0 and finite (0: no clipping)"),
+        (0 <= config.optim.weight_decay < math.inf, "optim.weight_decay", "must be >= 0 and finite"),
         (0 <= config.optim.beta1 < 1 and 0 <= config.optim.beta2 < 1, "optim.beta1/beta2", "must be in [0, 1)"),
         (config.rollout.group_size >= 2, "rollout.group_size", "GRPO needs at least 2 samples per group"),
         (config.rollout.prompts_per_step >= 1, "rollout.prompts_per_step", "must be >= 1"),
         (config.rollout.max_new_tokens >= 1, "rollout.max_new_tokens", "must be >= 1"),
-        (config.rollout.temperature > 0, "rollout.temperature", "must be > 0"),
+        (0 < config.rollout.temperature < math.inf, "rollout.temperature", "must be > 0 and finite"),
         (0 <= config.loss.eps_low < 1, "loss.eps_low", "must be in [0, 1)"),
         (config.loss.eps_high >= 0, "loss.eps_high", "must be >= 0"),
         (config.loss.kl_beta >= 0, "loss.kl_beta", "must be >= 0"),
@@ -339,10 +412,21 @@ def validate(config: TrainConfig) -> TrainConfig:
         (config.task.max_operand >= 1, "task.max_operand", "must be >= 1"),
         (config.task.val_size >= 1, "task.val_size", "must be >= 1"),
         (config.warm_start.steps >= 0, "warm_start.steps", "must be >= 0"),
-        (config.warm_start.lr > 0, "warm_start.lr", "must be > 0"),
-        (config.model.hidden_size % config.model.num_heads == 0, "model.hidden_size",
+        (0 < config.warm_start.lr < math.inf, "warm_start.lr", "must be > 0 and finite"),
+        (config.warm_start.batch_size >= 1, "warm_start.batch_size", "must be >= 1"),
+        (0 <= config.warm_start.seed < 2**32, "warm_start.seed", SEED_RANGE),
+        *((getattr(config.model, name) >= 1, f"model.{name}", "must be >= 1") for name in MODEL_SIZES),
+        (config.model.num_heads < 1 or config.model.hidden_size % config.model.num_heads == 0, "model.hidden_size",
          "must be divisible by model.num_heads"),
+        (DEVICE_PATTERN.fullmatch(config.model.device) is not None, "model.device",
+         f"{config.model.device!r} is not auto, cpu, cuda, cuda:N or mps"),
+        (0 < config.model.lora_alpha < math.inf, "model.lora_alpha", "must be > 0 and finite"),
+        (0 <= config.model.lora_dropout < 1, "model.lora_dropout", "must be in [0, 1)"),
+        (config.model.lora_target_modules.strip() != "" and "" not in [
+            name.strip() for name in config.model.lora_target_modules.split(",")], "model.lora_target_modules",
+         "must be 'all-linear' or comma-separated module names (e.g. q_proj,v_proj)"),
         (config.collapse.window >= 1, "collapse.window", "must be >= 1"),
+        (math.isfinite(config.collapse.threshold), "collapse.threshold", "must be a finite number"),
         (config.optim.micro_batch_size >= 0, "optim.micro_batch_size", "must be >= 0 (0: whole batch)"),
         (config.model.lora_rank >= 0, "model.lora_rank", "must be >= 0"),
         (config.task.reward_timeout_s > 0, "task.reward_timeout_s", "must be > 0"),
@@ -361,11 +445,25 @@ def validate(config: TrainConfig) -> TrainConfig:
         (config.stabilizer.r_batch > 0, "stabilizer.r_batch", "must be > 0"),
         (0 <= config.stabilizer.g_upd_decay < 1, "stabilizer.g_upd_decay", "must be in [0, 1)"),
         (0 <= config.stabilizer.gac_cos_threshold < 1, "stabilizer.gac_cos_threshold", "must be in [0, 1)"),
+        (config.stabilizer.gac_cos_threshold == 0 or config.model.lora_rank == 0, "stabilizer.gac_cos_threshold",
+         "is not available with LoRA (the merged update is not a vector of the adapters' coordinates)"),
         (config.collapse.min_tail >= 1, "collapse.min_tail", "must be >= 1"),
         (config.runtime.num_workers >= 1, "runtime.num_workers", "must be >= 1"),
         (config.runtime.worker_cpus > 0, "runtime.worker_cpus", "must be > 0"),
         (config.runtime.learner_cpus > 0, "runtime.learner_cpus", "must be > 0"),
         (config.runtime.worker_timeout_s > 0, "runtime.worker_timeout_s", "must be > 0"),
+        (config.runtime.worker_gpus >= 0
+         and (config.runtime.worker_gpus <= 1 or float(config.runtime.worker_gpus).is_integer()),
+         "runtime.worker_gpus", "must be >= 0: a fraction of one GPU, or whole GPUs"),
+        (config.runtime.learner_gpus >= 0
+         and (config.runtime.learner_gpus <= 1 or float(config.runtime.learner_gpus).is_integer()),
+         "runtime.learner_gpus", "must be >= 0: a fraction of one GPU, or whole GPUs"),
+        (config.runtime.runtime != "ray" or config.rollout.engine != "vllm" or config.runtime.worker_gpus > 0,
+         "runtime.worker_gpus", "rollout.engine=vllm on Ray needs a GPU share per rollout actor (e.g. 1, or 0.5)"),
+        (config.runtime.runtime != "ray" or config.rollout.engine != "vllm" or not 0 < config.runtime.worker_gpus < 1
+         or config.rollout.vllm_gpu_memory_utilization < config.runtime.worker_gpus, "runtime.worker_gpus",
+         f"{config.runtime.worker_gpus:g} of a GPU lets Ray put other actors on it, but each vLLM takes "
+         f"rollout.vllm_gpu_memory_utilization of the whole GPU's memory: make that < {config.runtime.worker_gpus:g}"),
         (config.checkpoint.every >= 0, "checkpoint.every", "must be >= 0 (0: only when stopped by a signal)"),
         (config.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1"),
         (config.guard.max_bad_steps >= 1, "guard.max_bad_steps", "must be >= 1"),
@@ -387,5 +485,14 @@ def validate(config: TrainConfig) -> TrainConfig:
     return config
 
 
+RUN_CONFIG_HEADER = "# stalerl: this run's resolved config (--resume reads it)\n"
+
+
 def save_config(config: TrainConfig, path: Path) -> None:
-    path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    path.write_text(RUN_CONFIG_HEADER + yaml.safe_dump(config.to_dict(), sort_keys=False))
+
+
+def is_run_config(path: Path) -> bool:
+    """Whether a run wrote this config.yaml (so a new run may replace it), not a user."""
+    with open(path, encoding="utf-8", errors="replace") as file:
+        return file.readline() == RUN_CONFIG_HEADER

@@ -2,14 +2,18 @@
 
     stalerl train --model DIR --task math --data data/gsm8k_sample.jsonl
 
-A record is a mapping with a question and an answer field (names configurable: task.question_field,
+A file is JSONL (UTF-8, one record a line; ``.gz`` gzipped) or Parquet (``.parquet``). A record is a
+mapping with a question and an answer field (names configurable: task.question_field,
 task.answer_field); other fields are kept and handed to user rewards. Every record is read and
-checked before training starts: a malformed line is refused with one line naming file and line.
+checked before training starts (check_task_inputs, before the model loads): a malformed line is
+refused with one line naming file and line.
 """
 
 from __future__ import annotations
 
+import gzip
 import json
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -17,27 +21,59 @@ import numpy as np
 from transformers import PreTrainedTokenizerBase
 
 from stalerl.config import ConfigError, TaskConfig, TrainConfig
-from stalerl.rewards import GuardedTask, load_reward_function, math_reward, user_reward
+from stalerl.rewards import GuardedTask, check_reward_signature, load_reward_function, math_reward, user_reward
 from stalerl.tasks import AdditionTask, Prompt, Task
 
 Record = dict[str, Any]
 
 
-def read_records(path: str | Path, question_field: str, answer_field: str) -> list[tuple[str, Record]]:
-    """[(where, record)] with `where` = 'FILE:LINE' (JSONL) or 'FILE:row N' (Parquet)."""
+def read_records(path: str | Path, question_field: str, answer_field: str,
+                 key: str = "task.data") -> list[tuple[str, Record]]:
+    """[(where, record)] with `where` = 'FILE:LINE' (JSONL, or gzipped JSONL: FILE.gz) or 'FILE:row N'
+    (Parquet, by the suffix in any case). `key` is the config key that named the file, for the errors."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"task.data: file not found: {path}")
-    if path.suffix == ".parquet":
-        try:
-            import pyarrow.parquet as pq
-        except ImportError:
-            raise ConfigError(f"{path}: reading Parquet needs pyarrow; pip install 'stalerl[parquet]'") from None
-        located = [(f"{path}:row {i}", row) for i, row in enumerate(pq.read_table(path).to_pylist())]
+        raise ConfigError(f"{key}: file not found: {path}")
+    suffixes = [suffix.lower() for suffix in path.suffixes]
+    if suffixes[-1:] == [".parquet"]:
+        located = [(f"{path}:row {i}", row) for i, row in enumerate(_read_parquet(path))]
     else:
-        located = []
-        with open(path, encoding="utf-8") as lines:
-            for number, line in enumerate(lines, start=1):
+        located = _read_jsonl(path, gzipped=suffixes[-1:] == [".gz"])
+    for where, record in located:
+        if not isinstance(record, dict):
+            raise ConfigError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        for name, field_key in ((question_field, "task.question_field"), (answer_field, "task.answer_field")):
+            value = record.get(name)
+            if not isinstance(value, (str, int, float)) or isinstance(value, bool) or str(value).strip() == "":
+                raise ConfigError(f"{where}: record has no non-empty '{name}' ({field_key})")
+    if not located:
+        raise ConfigError(f"{path}: no records (empty dataset)")
+    return located
+
+
+def _read_parquet(path: Path) -> list[Record]:
+    try:
+        import pyarrow
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ConfigError(f"{path}: reading Parquet needs pyarrow; pip install 'stalerl[parquet]'") from None
+    try:
+        return pq.read_table(path).to_pylist()
+    except (pyarrow.ArrowException, OSError, ValueError) as error:  # ArrowInvalid: not Parquet, truncated
+        raise ConfigError(f"{path}: not a readable Parquet file ({_first_line(error)})") from None
+
+
+def _read_jsonl(path: Path, gzipped: bool) -> list[tuple[str, Record]]:
+    located = []
+    number = 0
+    try:
+        with (gzip.open(path, "rb") if gzipped else open(path, "rb")) as lines:
+            for number, raw in enumerate(lines, start=1):
+                try:
+                    line = raw.decode("utf-8-sig" if number == 1 else "utf-8")  # a BOM is allowed
+                except UnicodeDecodeError as error:
+                    raise ConfigError(f"{path}:{number}: not UTF-8 text (byte {raw[error.start]:#04x} at column "
+                                      f"{error.start + 1}){_binary_hint(raw, number)}") from None
                 if not line.strip():
                     continue
                 try:
@@ -45,21 +81,39 @@ def read_records(path: str | Path, question_field: str, answer_field: str) -> li
                 except json.JSONDecodeError as error:
                     raise ConfigError(f"{path}:{number}: not valid JSON ({error.msg})") from None
                 located.append((f"{path}:{number}", record))
-    for where, record in located:
-        if not isinstance(record, dict):
-            raise ConfigError(f"{where}: expected a JSON object, got {type(record).__name__}")
-        for name, key in ((question_field, "task.question_field"), (answer_field, "task.answer_field")):
-            value = record.get(name)
-            if not isinstance(value, (str, int, float)) or isinstance(value, bool) or str(value).strip() == "":
-                raise ConfigError(f"{where}: record has no non-empty '{name}' ({key})")
-    if not located:
-        raise ConfigError(f"{path}: no records (empty dataset)")
+    except (gzip.BadGzipFile, EOFError, zlib.error) as error:  # a damaged or truncated .gz, or not gzip at all
+        raise ConfigError(f"{path}: not a readable gzip file ({_first_line(error)}; {number} lines read)") from None
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot read ({error.strerror or _first_line(error)})") from None
     return located
+
+
+def _binary_hint(raw: bytes, number: int) -> str:
+    if number == 1 and raw.startswith(b"\x1f\x8b"):
+        return "; it is gzip-compressed: name it .jsonl.gz"
+    if number == 1 and raw.startswith(b"PAR1"):
+        return "; it is a Parquet file: name it .parquet"
+    return "; save the file as UTF-8"
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def adds_bos(tokenizer: PreTrainedTokenizerBase) -> bool:
     bos = tokenizer.bos_token_id
     return bos is not None and tokenizer("x").input_ids[:1] == [bos]
+
+
+def fill_template(config: TaskConfig, where: str, record: Record) -> str:
+    """task.prompt_template filled from the record's fields ({question} is the question field's text)."""
+    fields = {**record, "question": str(record[config.question_field])}
+    try:
+        return config.prompt_template.format(**fields)
+    except (KeyError, IndexError, ValueError, AttributeError, TypeError) as error:
+        raise ConfigError(f"task.prompt_template: cannot fill it from {where} ({type(error).__name__}: "
+                          f"{error})") from None
 
 
 class MathTask:
@@ -75,12 +129,7 @@ class MathTask:
         self.val = [self._prompt(where, record) for where, record in val]
 
     def _prompt(self, where: str, record: Record) -> Prompt:
-        fields = {**record, "question": str(record[self.config.question_field])}
-        try:
-            question = self.config.prompt_template.format(**fields)
-        except (KeyError, IndexError, ValueError) as error:
-            raise ConfigError(f"task.prompt_template: cannot fill it from {where} ({type(error).__name__}: "
-                              f"{error})") from None
+        question = fill_template(self.config, where, record)
         return Prompt(text=self.render(question), answer=str(record[self.config.answer_field]), record=record)
 
     def render(self, question: str) -> str:
@@ -108,12 +157,41 @@ class MathTask:
 def split_records(config: TaskConfig, split_seed: int = 1234) -> tuple[list, list]:
     records = read_records(config.data, config.question_field, config.answer_field)
     if config.val_data:
-        return records, read_records(config.val_data, config.question_field, config.answer_field)
+        return records, read_records(config.val_data, config.question_field, config.answer_field, "task.val_data")
     if config.val_size >= len(records):
         raise ConfigError(f"task.val_size: holding out {config.val_size} records leaves none of the "
                           f"{len(records)} in {config.data} for training (or set task.val_data)")
     order = np.random.default_rng(split_seed).permutation(len(records))
     return [records[i] for i in order[config.val_size:]], [records[i] for i in order[: config.val_size]]
+
+
+def check_task_inputs(config: TrainConfig) -> None:
+    """Checks the task's inputs without a tokenizer or a model; raises ConfigError (one line).
+
+    What it checks: the data file(s) exist and parse, every record has a non-empty question and
+    answer and fills task.prompt_template, the held-out split leaves training records (task.val_data
+    or task.val_size); a user reward (task.reward / --reward) imports, names a function, and that
+    function can be called as (prompt, completion, **record) with the data's fields. What it cannot:
+    prompt lengths in tokens (guards.check_prompt_lengths, after the tokenizer loads), and what the
+    reward function does when called.
+
+    Call it before loading the model or warm-starting, so that a bad line or reward spec is said in
+    seconds, not after a model has loaded. build_task checks all this again: it reads the data a
+    second time (a GSM8K-size JSONL takes well under a second), and a FILE.py reward module is not
+    run again (rewards.load_reward_function keeps it), so calling both is correct and cheap.
+    """
+    task_config = config.task
+    if task_config.name == "addition":
+        prompt = Prompt(text="1+2=", answer="3")  # what the reward is called with, as AdditionTask makes it
+    else:
+        train, val = split_records(task_config)
+        for where, record in train + val:
+            fill_template(task_config, where, record)
+        record = train[0][1]
+        prompt = Prompt(text=str(record[task_config.question_field]), answer=str(record[task_config.answer_field]),
+                        record=record)
+    if task_config.reward:
+        check_reward_signature(load_reward_function(task_config.reward), task_config.reward, prompt)
 
 
 def build_task(config: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> Task:
@@ -124,7 +202,9 @@ def build_task(config: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> Task:
     else:
         task = MathTask(*split_records(task_config), task_config, tokenizer)
     if task_config.reward:
-        reward, name = user_reward(load_reward_function(task_config.reward)), task_config.reward
+        function = load_reward_function(task_config.reward)
+        check_reward_signature(function, task_config.reward, task.sample_prompts(np.random.default_rng(0), 1)[0])
+        reward, name = user_reward(function), task_config.reward
     elif task_config.name == "math":
         reward, name = task.reward, "math-verify"
     else:

@@ -3,7 +3,8 @@
     stalerl train --model path/to/checkpoint --task math --data data/gsm8k_sample.jsonl
 
 A checkpoint is loaded with transformers' Auto classes (a local directory; a hub name is passed
-through to ``from_pretrained`` for users who have a hub), never running code it ships unless
+through to ``from_pretrained`` for users who have a hub, and read from the local hub cache only when
+the hub cannot be reached), never running code it ships unless
 ``model.trust_remote_code`` says so. At the end of a run the final policy is saved the same way
 (safetensors + tokenizer), so ``AutoModelForCausalLM.from_pretrained(RUN/final)`` loads it back.
 """
@@ -11,7 +12,10 @@ through to ``from_pretrained`` for users who have a hub), never running code it 
 from __future__ import annotations
 
 import copy
+import os
+import socket
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
@@ -44,6 +48,12 @@ def check_hardware(config: TrainConfig) -> None:
         check_vllm_usable(config.model.device)
     if config.model.device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"model.device: {config.model.device} asked for but no CUDA GPU is visible")
+    index = config.model.device.partition(":")[2]
+    if config.model.device.startswith("cuda:") and int(index) >= torch.cuda.device_count():
+        raise ConfigError(f"model.device: {config.model.device} asked for but {torch.cuda.device_count()} CUDA "
+                          f"GPU(s) are visible (cuda:0 .. cuda:{torch.cuda.device_count() - 1})")
+    if config.model.device == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("model.device: mps asked for but Apple's MPS backend is not available here")
 
 
 def build_policy(config: TrainConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, dict]:
@@ -58,25 +68,10 @@ def build_policy(config: TrainConfig) -> tuple[PreTrainedModel, PreTrainedTokeni
 
 
 def load_pretrained(config: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    path = config.name_or_path
-    if is_missing_directory(path):
-        raise ConfigError(f"model.name_or_path: directory not found: {path}")
+    offline = hub_access(config.name_or_path)
+    tokenizer = load_tokenizer(config, offline)
     device = resolve_device(config)
-    hf_logging.disable_progress_bar()
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=config.trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=resolve_dtype(config, device), trust_remote_code=config.trust_remote_code)
-    except (OSError, ValueError) as error:  # no such hub name, no weights, an unknown architecture
-        raise ConfigError(f"model.name_or_path: cannot load {path}: {str(error).splitlines()[0]}") from None
-    finally:
-        hf_logging.enable_progress_bar()
-    # Batched generation needs left padding and a pad token (Llama 3 has none: reuse end-of-sequence).
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    if tokenizer.eos_token_id is None:
-        raise ConfigError(f"model.name_or_path: the tokenizer of {path} has no end-of-sequence token")
+    model = _from_pretrained(AutoModelForCausalLM, config, offline, dtype=resolve_dtype(config, device))
     model = model.to(device).eval()  # eval: no dropout, so the learner's log-probs match the sampler's
     if config.gradient_checkpointing:
         enable_activation_checkpointing(model)
@@ -84,9 +79,68 @@ def load_pretrained(config: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTok
     return model, tokenizer
 
 
+def load_tokenizer(config: ModelConfig, offline: str | None = None) -> PreTrainedTokenizerBase:
+    """The checkpoint's tokenizer, set up for batched generation (a vLLM rollout actor needs only it)."""
+    tokenizer = _from_pretrained(AutoTokenizer, config, offline)
+    # Batched generation needs left padding and a pad token (Llama 3 has none: reuse end-of-sequence).
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.eos_token_id is None:
+        raise ConfigError(f"model.name_or_path: the tokenizer of {config.name_or_path} has no end-of-sequence token")
+    return tokenizer
+
+
+def hub_access(path: str) -> str | None:
+    """None, or why only the local hub cache may be read. A path that is not a directory here is a
+    hub name; without a reachable hub, huggingface_hub retries for ~50 s before it fails."""
+    if is_missing_directory(path):
+        raise ConfigError(f"model.name_or_path: directory not found: {path}")
+    return None if Path(path).expanduser().is_dir() else hub_unreachable()
+
+
+def _from_pretrained(auto_class: type, config: ModelConfig, offline: str | None, **kwargs):
+    path = config.name_or_path
+    hf_logging.disable_progress_bar()
+    try:
+        return auto_class.from_pretrained(path, trust_remote_code=config.trust_remote_code,
+                                          local_files_only=offline is not None, **kwargs)
+    except (OSError, ValueError) as error:  # no such hub name, no weights, an unknown architecture
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        if Path(path).expanduser().is_dir():
+            raise ConfigError(f"model.name_or_path: cannot load {path}: {reason}") from None
+        if offline is not None:
+            reason = f"{offline}, and it is not in the local hub cache"
+        raise ConfigError(f"model.name_or_path: {path} is neither a local directory nor loadable from the "
+                          f"Hugging Face hub ({reason})") from None
+    finally:
+        hf_logging.enable_progress_bar()
+
+
+def hub_unreachable(timeout_s: float = 5.0) -> str | None:
+    """Why the Hugging Face hub cannot be asked now (offline mode, no route to it), or None: try it.
+
+    A TCP connection to the endpoint; skipped (None) behind a proxy, where only the proxy can tell.
+    """
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None
+    endpoint = urlparse(constants.ENDPOINT)
+    host, port = endpoint.hostname, endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        socket.create_connection((host, port), timeout=timeout_s).close()
+    except OSError as error:
+        return f"{host} cannot be reached: {error.strerror or type(error).__name__}"
+    return None
+
+
 def is_missing_directory(path: str) -> bool:
     """A path that is meant as a local directory (not a hub name) and is not one."""
-    looks_local = path.startswith((".", "/", "~")) or Path(path).exists()
+    # A hub name is NAME or NAMESPACE/NAME: a path with two separators can only be local.
+    looks_local = path.startswith((".", "/", "~")) or Path(path).exists() or path.count("/") >= 2 or "\\" in path
     return looks_local and not Path(path).expanduser().is_dir()
 
 
@@ -103,11 +157,22 @@ def add_lora(model: PreTrainedModel, config: ModelConfig) -> PreTrainedModel:
     except ImportError:
         raise ConfigError("model.lora_rank: LoRA needs peft; pip install 'stalerl[lora]'") from None
     targets = config.lora_target_modules
-    lora = LoraConfig(
-        r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout, task_type="CAUSAL_LM",
-        target_modules=targets if targets == "all-linear" else [name.strip() for name in targets.split(",")],
-    )
-    return get_peft_model(model, lora)
+    names = targets if targets == "all-linear" else [name.strip() for name in targets.split(",")]
+    if names != "all-linear":  # peft accepts a list if any one name matches; a typo elsewhere would train nothing
+        leaves = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+        unknown = [name for name in names if name.rsplit(".", 1)[-1] not in leaves]
+        if unknown:
+            linear = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                             if isinstance(module, torch.nn.Linear)})
+            raise ConfigError(f"model.lora_target_modules: {', '.join(map(repr, unknown))} matches no module of "
+                              f"the model (its linear layers: {', '.join(linear)}; or all-linear)")
+    try:
+        lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                          task_type="CAUSAL_LM", target_modules=names)
+        return get_peft_model(model, lora)
+    except (ValueError, TypeError, KeyError) as error:  # peft's PeftError is a ValueError
+        raise ConfigError(f"model.lora_target_modules: peft cannot wrap {targets!r} "
+                          f"({type(error).__name__}: {str(error).splitlines()[0]})") from None
 
 
 def save_final(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: Path, lora: bool) -> None:
@@ -122,14 +187,15 @@ def save_final(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path:
     tokenizer.save_pretrained(path)
 
 
-def build_rollout_engine(config: TrainConfig, model: PreTrainedModel,
+def build_rollout_engine(config: TrainConfig, model: PreTrainedModel | None,
                          tokenizer: PreTrainedTokenizerBase) -> RolloutEngine:
-    """The rollout worker's engine with its own copy of the policy (rollout.engine)."""
+    """The rollout worker's engine with its own copy of the policy (rollout.engine). vLLM loads the
+    checkpoint itself: `model` (None in a rollout actor) is used only to recompute behavior log-probs."""
     rollout = config.rollout
     if rollout.engine == "vllm":
         from stalerl.vllm_engine import VLLMEngine
 
-        device = next(model.parameters()).device
+        device = next(model.parameters()).device if model is not None else resolve_device(config.model)
         return VLLMEngine(
             config.model.name_or_path, tokenizer, rollout.max_new_tokens, rollout.temperature,
             dtype=str(resolve_dtype(config.model, device)).removeprefix("torch."), device=device,

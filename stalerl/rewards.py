@@ -2,8 +2,11 @@
 
 A user reward is ``module:function`` (or ``path/to/file.py:function``), a plain function
 ``(prompt, completion, **record) -> float`` where ``record`` is the dataset record (``question``,
-``answer`` and any other fields). The guard runs it with a timeout and turns a call that raises,
-returns NaN (or a non-number) or hangs into a *failed* reward: NaN, which the rollout worker counts
+``answer`` and any other fields) less any field named ``prompt`` or ``completion``: those two names
+are the call's own arguments, the rendered prompt and the sampled text (TRL's convention). It
+returns a number (int, float, a numpy or 0-d torch scalar) or a bool (True is 1.0, False 0.0).
+The guard runs it with a timeout and turns a call that raises, returns NaN, inf, a number too
+large for a float or a non-number, or hangs, into a *failed* reward: NaN, which the rollout worker counts
 (``reward_errors``) and then scores 0 or drops from the loss (``task.on_reward_error``); under
 ``stop`` the guard raises RewardError instead, and the run ends with every finished step kept.
 """
@@ -12,12 +15,14 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
 import logging
 import math
 import os
 import queue
 import sys
 import threading
+import types
 from pathlib import Path
 from typing import Any, Callable, Literal
 
@@ -68,6 +73,12 @@ logging.getLogger("math_verify").setLevel(logging.ERROR)
 # ---------------------------------------------------------------- user functions
 
 
+# FILE.py modules already run, by (resolved path, mtime, size): like `import` caches MODULE, a file's
+# module runs once per process, so checking a spec before training (data.check_task_inputs) and
+# loading it again for the run costs one import; an edited file is run again.
+_file_modules: dict[tuple[str, int, int], types.ModuleType] = {}
+
+
 def load_reward_function(spec: str) -> RewardFunction:
     """Imports ``module:function`` (the working directory is importable) or ``file.py:function``."""
     module_name, sep, function_name = spec.rpartition(":")
@@ -78,9 +89,14 @@ def load_reward_function(spec: str) -> RewardFunction:
             path = Path(module_name)
             if not path.is_file():
                 raise ConfigError(f"task.reward: file not found: {path}")
-            module_spec = importlib.util.spec_from_file_location(f"stalerl_user_reward_{path.stem}", path)
-            module = importlib.util.module_from_spec(module_spec)
-            module_spec.loader.exec_module(module)
+            stat = path.stat()
+            key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+            module = _file_modules.get(key)
+            if module is None:
+                module_spec = importlib.util.spec_from_file_location(f"stalerl_user_reward_{path.stem}", path)
+                module = importlib.util.module_from_spec(module_spec)
+                module_spec.loader.exec_module(module)
+                _file_modules[key] = module
         else:
             if os.getcwd() not in sys.path:
                 sys.path.insert(0, os.getcwd())
@@ -153,11 +169,17 @@ class GuardedTask:
                 return self._failed(f"timed out after {self.timeout_s:g} s")
         if not ok:
             return self._failed(f"raised {type(value).__name__}: {value}")
-        if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
+        if isinstance(value, (str, bytes)):  # float("1") would parse it: a string is a bug, not a score
             return self._failed(f"returned {type(value).__name__}, not a number")
-        if not math.isfinite(float(value)):
-            return self._failed(f"returned {value}")
-        return float(value)
+        try:
+            score = float(value)  # bool: 1.0 / 0.0; numpy and 0-d torch scalars too
+        except OverflowError:
+            return self._failed(f"returned {type(value).__name__} too large for a float")
+        except Exception:  # None, a list, a tensor of several elements
+            return self._failed(f"returned {type(value).__name__}, not a number")
+        if not math.isfinite(score):
+            return self._failed(f"returned {score}")
+        return score
 
     def _failed(self, why: str) -> float:
         self.failures += 1
@@ -167,11 +189,34 @@ class GuardedTask:
         return float("nan")
 
 
+# Names a user reward takes as arguments; a record field of the same name is not passed (module doc).
+RESERVED_FIELDS = ("prompt", "completion")
+
+
+def reward_record(prompt: Prompt) -> dict[str, Any]:
+    """The ``**record`` a user reward gets for `prompt`: its dataset record less the reserved names."""
+    record = prompt.record if prompt.record is not None else {"question": prompt.text, "answer": prompt.answer}
+    return {key: value for key, value in record.items() if key not in RESERVED_FIELDS}
+
+
+def check_reward_signature(function: RewardFunction, spec: str, prompt: Prompt) -> None:
+    """Refuses a function that cannot be called as ``function(prompt, completion, **record)``: every call
+    would raise TypeError and every reward would fail, so it is said once, before training."""
+    try:
+        signature = inspect.signature(function)
+    except (TypeError, ValueError):  # a builtin or C function without a signature: the guard will tell
+        return
+    try:
+        signature.bind(prompt.text, "", **reward_record(prompt))
+    except TypeError as error:
+        raise ConfigError(f"task.reward: {spec} cannot be called as (prompt, completion, **record) with the "
+                          f"record's fields {sorted(reward_record(prompt))} ({error})") from None
+
+
 def user_reward(function: RewardFunction) -> Callable[[Prompt, str, bool], float]:
     """Adapts ``function(prompt, completion, **record)`` to the Task reward signature."""
 
     def reward(prompt: Prompt, completion: str, finished: bool) -> float:
-        record = dict(prompt.record) if prompt.record is not None else {"question": prompt.text, "answer": prompt.answer}
-        return function(prompt.text, completion, **record)
+        return function(prompt.text, completion, **reward_record(prompt))
 
     return reward

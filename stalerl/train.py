@@ -24,14 +24,15 @@ from tqdm import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from stalerl import checkpoint
-from stalerl.collapse import collapse_step
-from stalerl.config import ConfigError, TrainConfig, save_config, validate
+from stalerl.collapse import collapse_step, collapse_summary
+from stalerl.config import ConfigError, TrainConfig, is_run_config, save_config, validate
 from stalerl.learner import learner_step, make_optimizer
 from stalerl.metrics import MetricsWriter, UpdateTracker
-from stalerl.data import build_task
+from stalerl.data import build_task, check_task_inputs
 from stalerl.guards import (BadStepGuard, Interrupted, StopRequests, check_prompt_lengths, disk_full, is_disk_full,
                             resume_hint)
-from stalerl.policy import build_policy, build_rollout_engine, check_hardware, save_final
+from stalerl.policy import (build_policy, build_rollout_engine, check_hardware, hub_access, load_tokenizer,
+                            save_final)
 from stalerl.rollout import RolloutWorker, TransformersEngine
 from stalerl.stabilizers import LearningRateControl, align_update
 from stalerl.staleness import PipelineState, RolloutSource, ThreadedRollouts, check_lag
@@ -46,6 +47,9 @@ def prepare_run_dir(config: TrainConfig, resume: bool = False) -> Path:
         return run_dir
     if (run_dir / "metrics.jsonl").exists():
         raise ConfigError(f"run directory {run_dir} already holds a run; choose another --out")
+    if (run_dir / "config.yaml").is_file() and not is_run_config(run_dir / "config.yaml"):
+        raise ConfigError(f"run directory {run_dir} holds a config.yaml that stalerl did not write, and a run "
+                          f"writes its own there; choose another --out")
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:
@@ -53,7 +57,7 @@ def prepare_run_dir(config: TrainConfig, resume: bool = False) -> Path:
     return run_dir
 
 
-def build_rollout_worker(config: TrainConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+def build_rollout_worker(config: TrainConfig, model: PreTrainedModel | None, tokenizer: PreTrainedTokenizerBase,
                          task: Task) -> RolloutWorker:
     """The rollout side of a run: its own copy of the policy (the learner's weights reach it through
     the staleness pipeline, one version at a time), the task, and the run's seed."""
@@ -65,7 +69,12 @@ def build_rollout_worker(config: TrainConfig, model: PreTrainedModel, tokenizer:
 
 
 def build_rollout_worker_from_config(config: TrainConfig) -> RolloutWorker:
-    """A rollout worker where no learner is (a Ray actor): policy and task built as train() builds them."""
+    """A rollout worker where no learner is (a Ray actor): policy and task built as train() builds them.
+    A vLLM worker loads only the tokenizer: vLLM reads the weights itself, unless the learner's
+    forward must recompute behavior log-probs."""
+    if config.rollout.engine == "vllm" and not config.rollout.recompute_behavior_logprobs:
+        tokenizer = load_tokenizer(config.model, hub_access(config.model.name_or_path))
+        return build_rollout_worker(config, None, tokenizer, build_task(config, tokenizer))
     model, tokenizer, _ = build_policy(config)
     return build_rollout_worker(config, model, tokenizer, build_task(config, tokenizer))
 
@@ -92,6 +101,7 @@ def train(config: TrainConfig, resume: bool = False) -> dict[str, Any]:
     """
     config = validate(config)
     check_hardware(config)  # e.g. vLLM without a GPU: one line, before the run directory exists
+    check_task_inputs(config)  # a bad data line or reward spec: before a model loads or a warm start trains
     run_dir = prepare_run_dir(config, resume)
     if not resume:
         save_config(config, run_dir / "config.yaml")
@@ -110,9 +120,9 @@ def train(config: TrainConfig, resume: bool = False) -> dict[str, Any]:
                                    config.model.share_prompt_prefix)
     reference = copy.deepcopy(model).requires_grad_(False) if config.loss.kl_beta > 0 else None
     optimizer = make_optimizer(model, config.optim)
-    tracker = UpdateTracker(model, config.staleness.staleness)
+    tracker = UpdateTracker(model, config.staleness.staleness, optimizer)
     lr_control = LearningRateControl(config.stabilizer, config.optim.lr,
-                                     initial_g_upd=tracker.theta_0.numel() ** 0.5)
+                                     initial_g_upd=tracker.trainable_count ** 0.5)
     learner = checkpoint.Learner(model, optimizer, tracker, lr_control)
     validation_prompts = task.validation_prompts()
 
@@ -136,7 +146,7 @@ def train(config: TrainConfig, resume: bool = False) -> dict[str, Any]:
 
     def save_checkpoint(steps_done: int, pipeline: PipelineState) -> Path:
         run = {"initial_val_reward": initial_val, "wall_s": time.perf_counter() - started,
-               "cpu_s": time.process_time() - cpu_started}
+               "cpu_s": time.process_time() - cpu_started, "config": config.to_dict()}
         return checkpoint.save(run_dir, steps_done, learner, pipeline, writer.position(), run, config.checkpoint.keep)
 
     stop_requests = StopRequests().install()  # Ctrl-C / SIGTERM: finish the step, checkpoint, stop
@@ -150,7 +160,7 @@ def train(config: TrainConfig, resume: bool = False) -> dict[str, Any]:
 
             # -------------------------------------------------- learn
             train_start = time.perf_counter()
-            stats = learner_step(model, optimizer, batch, config.loss, config.optim, rollout.temperature, reference,
+            stats = learner_step(model, optimizer, batch, config.loss, config.optim, rollout, reference,
                                  choose_lr=lambda batch_stats: lr_control.choose(lag, batch_stats),
                                  share_prompts=config.model.share_prompt_prefix)
             if stats["skipped_update"] and not guard.streak:
@@ -161,7 +171,7 @@ def train(config: TrainConfig, resume: bool = False) -> dict[str, Any]:
             must_stop = guard.observe(step, stats)  # non-finite: skipped by learner_step, counted here
             decisions = lr_control.log()
             if config.stabilizer.gac_cos_threshold > 0:
-                decisions |= align_update(model, tracker, config.stabilizer.gac_cos_threshold)
+                decisions |= align_update(tracker, config.stabilizer.gac_cos_threshold)
             source.publish(model.state_dict(), version=step + 1)
             geometry = tracker.after_step(model)
             if not stats["skipped_update"]:
@@ -178,7 +188,7 @@ def train(config: TrainConfig, resume: bool = False) -> dict[str, Any]:
                 "train_reward": float(batch.rewards_N.mean()),
                 "val_reward": val_reward,
                 **geometry,
-                "g_upd": geometry["update_norm"] / stats["lr"],
+                "g_upd": None if stats["skipped_update"] else geometry["update_norm"] / stats["lr"],
                 "lag_mean": float(lag),
                 "lag_max": lag,
                 "version": batch.version,
@@ -231,9 +241,14 @@ def train(config: TrainConfig, resume: bool = False) -> dict[str, Any]:
     summary["reward_errors"] = sum(row.get("reward_errors", 0) for row in history)
     summary["skipped_updates"] = sum(row.get("skipped_update", 0) for row in history)
     summary["stopped"] = stopped  # null: ran every step; "collapse": collapse.stop_early ended it
-    save_final(model, tokenizer, run_dir / "final", lora=config.model.lora_rank > 0)  # a plain HF checkpoint
     summary["final_checkpoint"] = str(run_dir / "final")
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    try:
+        save_final(model, tokenizer, run_dir / "final", lora=config.model.lora_rank > 0)  # a plain HF checkpoint
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))  # last: it marks the run finished
+    except OSError as error:
+        if is_disk_full(error):
+            raise disk_full(error, run_dir, latest_checkpoint) from error
+        raise
     return summary
 
 
@@ -241,26 +256,18 @@ def summarize(config: TrainConfig, history: list[dict[str, Any]], initial_val: f
               wall_s: float) -> dict[str, Any]:
     collapse = config.collapse
     rewards = [row["train_reward"] for row in history]
-    collapsed_at = collapse_step(rewards, collapse.window, collapse.threshold, collapse.min_tail)
     val_rewards = [row["val_reward"] for row in history if row["val_reward"] is not None]
-    g_upds = np.array([row["g_upd"] for row in history])
     return {
         "steps": len(history),
-        "collapse_step": collapsed_at,
+        # T_c; the batch consumed then was sampled by theta_version, the policy that had collapsed, whose
+        # drift and path length are R_crit's readings; G_upd before it (collapse.collapse_summary)
+        **collapse_summary(history, collapse.window, collapse.threshold, collapse.min_tail),
         "initial_val_reward": initial_val,
         "final_val_reward": val_rewards[-1] if val_rewards else None,
         "best_val_reward": max([initial_val, *val_rewards]),
         "final_train_reward": float(np.mean(rewards[-collapse.window:])) if rewards else None,
-        # The batch consumed at the collapse step was sampled by theta_version: the policy that had
-        # collapsed. Its cumulative drift (path length after `version` updates) is R_crit's reading.
-        "collapse_version": history[collapsed_at]["version"] if collapsed_at is not None else None,
-        "drift_at_collapse": history[collapsed_at]["drift"] if collapsed_at is not None else None,
-        "path_length_at_collapse": _path_length_after(history, history[collapsed_at]["version"])
-        if collapsed_at is not None else None,
         "final_drift": history[-1]["drift"] if history else None,
         "final_path_length": history[-1]["path_length"] if history else None,
-        # G_upd: update size per unit learning rate, median over the steps before any collapse.
-        "g_upd_median": float(np.median(g_upds[: collapsed_at or None])) if len(g_upds) else None,
         "lag_max": max((row["lag_max"] for row in history), default=None),
         "staleness": config.staleness.staleness,
         "mode": config.staleness.mode,
@@ -269,7 +276,3 @@ def summarize(config: TrainConfig, history: list[dict[str, Any]], initial_val: f
         "wall_s": wall_s,
         "warm_start": warm_record,
     }
-
-
-def _path_length_after(history: list[dict[str, Any]], updates: int) -> float:
-    return history[updates - 1]["path_length"] if updates > 0 else 0.0

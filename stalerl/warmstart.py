@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
@@ -21,7 +22,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
-from stalerl.config import TrainConfig
+from stalerl.config import ConfigError, TrainConfig
 from stalerl.model import build_char_tokenizer, build_tiny_llama, count_parameters, load_checkpoint
 from stalerl.rollout import TransformersEngine
 from stalerl.tasks import AdditionTask, Prompt, Task
@@ -86,16 +87,52 @@ def accuracy(engine: TransformersEngine, task: Task, prompts: list[Prompt], nois
 
 
 def warm_started_policy(config: TrainConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, dict]:
-    """The warm-started model, tokenizer and a record of how good it is; built once, then cached."""
+    """The warm-started model, tokenizer and a record of how good it is; built once, then cached.
+
+    A cache entry that does not load (a truncated model.safetensors, a file deleted by hand) is
+    removed and built again, with a one-line warning: the cache holds nothing that cannot be remade.
+    """
     path = cache_root() / f"warmstart-{warm_start_key(config)}"
     hf_logging.disable_progress_bar()  # per-shard bars are noise for a 1M-parameter model
     try:
-        if not (path / "warm_start.json").is_file():
+        loaded = _load(path)
+        if loaded is None:
             _build(config, path)
-        model, tokenizer = load_checkpoint(path)
+            loaded = _load(path)
+            if loaded is None:
+                raise RuntimeError(f"the warm start just built in {path} does not load; see the warning above")
     finally:
         hf_logging.enable_progress_bar()
-    return model, tokenizer, json.loads((path / "warm_start.json").read_text())
+    return loaded
+
+
+def _load(path: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, dict] | None:
+    """The cache entry at `path`, or None when there is none; a damaged entry is removed (and None)."""
+    if not path.exists():
+        return None
+    try:
+        record = json.loads((path / "warm_start.json").read_text())
+        model, tokenizer = load_checkpoint(path)
+    except Exception as error:  # SafetensorError, OSError, JSONDecodeError...: whatever it is, rebuild
+        why = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        print(f"stalerl: warning: warm-start cache entry {path} is unusable ({type(error).__name__}: {why}); "
+              f"building it again", file=sys.stderr)
+        _discard(path)
+        return None
+    return model, tokenizer, record
+
+
+def _discard(path: Path) -> None:
+    # Renamed away first, so that a process starting now sees no entry rather than half of one.
+    trash = path.parent / f".broken-{path.name}-{os.getpid()}"
+    try:
+        os.rename(path, trash)
+    except FileNotFoundError:  # another process discarded it first
+        return
+    except OSError as error:
+        raise ConfigError(f"warm-start cache entry {path} is unusable and cannot be removed "
+                          f"({error.strerror or error}); delete it") from None
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def _build(config: TrainConfig, path: Path) -> None:
@@ -114,8 +151,12 @@ def _build(config: TrainConfig, path: Path) -> None:
         "val_sampled_accuracy": accuracy(engine, task, task.validation_prompts(), noise_seed=warm.seed),
     }
     # Written to a temporary directory and renamed, so a killed build never leaves a half entry.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".warmstart-", dir=path.parent))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".warmstart-", dir=path.parent))
+    except OSError as error:
+        raise ConfigError(f"cannot write the warm-start cache {path.parent} ({error.strerror or error}); "
+                          f"set STALERL_CACHE to a writable directory") from None
     model.save_pretrained(staging)
     tokenizer.save_pretrained(staging)
     (staging / "warm_start.json").write_text(json.dumps(record, indent=2))

@@ -149,6 +149,13 @@ def test_resume_refuses_another_config_a_finished_run_and_no_usable_checkpoint(s
     with pytest.raises(ConfigError, match=r"^--resume .*run: the run was made with another config "
                                           r"\(optim.lr: 0.0001 -> 0.001\)$"):
         train(other, resume=True)
+    # config.yaml edited by hand to match: the checkpoint knows what it was made with
+    saved = (run / "config.yaml").read_text()
+    (run / "config.yaml").write_text(saved.replace("lr: 0.0001", "lr: 0.001"))
+    with pytest.raises(ConfigError, match=r"^--resume .*run: checkpoint step-000003 was made with another config "
+                                          r"\(optim.lr: 0.0001 -> 0.001\); was config.yaml edited\?$"):
+        train(other, resume=True)
+    (run / "config.yaml").write_text(saved)
     (run / "checkpoints" / "step-000003" / "manifest.json").write_text("{")
     (run / "checkpoints" / "step-000002" / "state.json").write_text("{}")
     with pytest.raises(ConfigError, match="no usable checkpoint in .*step-000003 is unusable: manifest.json "
@@ -165,6 +172,9 @@ class StubEngine:
 
     def load_weights(self, state_dict, version):
         self.version = version
+
+    def close(self):
+        pass
 
 
 @dataclasses.dataclass

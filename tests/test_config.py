@@ -26,6 +26,19 @@ def test_bad_values_name_the_key(key, value, message):
         validate(override(TrainConfig(), {key: value}))
 
 
+def test_exponent_floats_without_a_dot_are_floats(tmp_path):
+    # YAML 1.1 reads 1e-6 as a string; a learning rate is written that way more often than not.
+    path = tmp_path / "lr.yaml"
+    path.write_text("optim:\n  lr: 1e-6\n")
+    assert load_config(path).optim.lr == 1e-6
+    assert validate(override(TrainConfig(), {"optim.lr": "5e-7"})).optim.lr == 5e-7
+
+
+def test_gac_is_refused_with_lora():
+    with pytest.raises(ConfigError, match="stabilizer.gac_cos_threshold: is not available with LoRA"):
+        validate(override(TrainConfig(), {"stabilizer.gac_cos_threshold": 0.9, "model.lora_rank": 4}))
+
+
 def test_static_cache_is_for_the_transformers_engine():
     with pytest.raises(ConfigError, match="rollout.static_cache: is for the transformers engine"):
         validate(override(TrainConfig(), {"rollout.engine": "vllm", "rollout.static_cache": True,

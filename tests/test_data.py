@@ -1,13 +1,15 @@
 """Dataset records: every line checked before training, one-line errors naming file and line."""
 
+import dataclasses
+import gzip
 import json
 import re
 
 import pytest
 from hf_checkpoint import SAMPLE
 
-from stalerl.config import ConfigError, TaskConfig
-from stalerl.data import read_records, split_records
+from stalerl.config import ConfigError, TaskConfig, TrainConfig
+from stalerl.data import check_task_inputs, read_records, split_records
 
 
 def write_lines(path, lines):
@@ -66,3 +68,101 @@ def test_split_holds_out_val_size_and_refuses_too_few(tmp_path):
     assert not {w for w, _ in train} & {w for w, _ in val}
     with pytest.raises(ConfigError, match="task.val_size"):
         split_records(TaskConfig(name="math", data=str(SAMPLE), val_size=200))
+
+
+GOOD = json.dumps({"question": "q", "answer": "1"}).encode() + b"\n"
+
+
+def corrupt_parquet(path):
+    path.write_bytes(b"PAR1 not really parquet")
+
+
+def truncated_gz(path):
+    path.write_bytes(gzip.compress(GOOD * 50)[:-20])
+
+
+@pytest.mark.parametrize("name, write, message", [
+    ("latin1.jsonl", lambda p: p.write_bytes(GOOD + '{"question": "caf\u00e9", "answer": "1"}\n'.encode("latin-1")),
+     "{path}:2: not UTF-8 text (byte 0xe9 at column 18); save the file as UTF-8"),
+    ("zipped.jsonl", lambda p: p.write_bytes(gzip.compress(GOOD)),
+     "{path}:1: not UTF-8 text (byte 0x8b at column 2); it is gzip-compressed: name it .jsonl.gz"),
+    ("bad.parquet", corrupt_parquet, "{path}: not a readable Parquet file ("),
+    ("cut.jsonl.gz", truncated_gz, "{path}: not a readable gzip file (Compressed file ended before the "
+                                   "end-of-stream marker was reached; "),
+    ("plain.jsonl.gz", lambda p: p.write_bytes(GOOD), "{path}: not a readable gzip file (Not a gzipped file"),
+])
+def test_unreadable_files_are_one_line(tmp_path, name, write, message):
+    if name.endswith(".parquet"):
+        pytest.importorskip("pyarrow")
+    path = tmp_path / name
+    write(path)
+    with pytest.raises(ConfigError) as error:
+        read_records(path, "question", "answer")
+    assert str(error.value).startswith(message.format(path=path)) and "\n" not in str(error.value)
+
+
+def test_gzipped_jsonl_uppercase_parquet_and_a_bom_are_read(tmp_path):
+    rows = [{"question": f"q{i}", "answer": str(i)} for i in range(3)]
+    text = "".join(json.dumps(row) + "\n" for row in rows)
+    (tmp_path / "a.jsonl.gz").write_bytes(gzip.compress(text.encode()))
+    assert [r for _, r in read_records(tmp_path / "a.jsonl.gz", "question", "answer")] == rows
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + text.encode())
+    assert [r for _, r in read_records(tmp_path / "bom.jsonl", "question", "answer")] == rows
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "UPPER.PARQUET")
+    assert [r for _, r in read_records(tmp_path / "UPPER.PARQUET", "question", "answer")] == rows
+
+
+def test_a_missing_val_data_names_its_key(tmp_path):
+    with pytest.raises(ConfigError, match="^" + re.escape(f"task.val_data: file not found: {tmp_path / 'v.jsonl'}")):
+        split_records(TaskConfig(name="math", data=str(SAMPLE), val_data=str(tmp_path / "v.jsonl")))
+
+
+# ---------------------------------------------------------------- check_task_inputs: before any model
+
+
+def math_config(**task) -> TrainConfig:
+    config = TrainConfig(model=dataclasses.replace(TrainConfig().model, name_or_path="no/model-needed"))
+    return dataclasses.replace(config, task=TaskConfig(**{"name": "math", "data": str(SAMPLE), "val_size": 20, **task}))
+
+
+REWARDS = """
+def good(prompt, completion, **record):
+    return 1.0
+def no_record(prompt, completion):
+    return 1.0
+def one_arg(completion):
+    return 1.0
+"""
+
+
+@pytest.mark.parametrize("task, message", [
+    ({"data": "{tmp}/missing.jsonl"}, "task.data: file not found: {tmp}/missing.jsonl"),
+    ({"data": "{tmp}/bad.jsonl"}, "{tmp}/bad.jsonl:2: not valid JSON"),
+    ({"val_data": "{tmp}/missing.jsonl"}, "task.val_data: file not found: {tmp}/missing.jsonl"),
+    ({"prompt_template": "{question} ({level})"}, "task.prompt_template: cannot fill it from "),
+    ({"reward": "{tmp}/nope.py:good"}, "task.reward: file not found: {tmp}/nope.py"),
+    ({"reward": "{tmp}/rewards.py:missing"}, "task.reward: '{tmp}/rewards.py' has no function 'missing'"),
+    ({"reward": "{tmp}/rewards.py:no_record"}, "task.reward: {tmp}/rewards.py:no_record cannot be called as "
+                                               "(prompt, completion, **record) with the record's fields"),
+    ({"reward": "{tmp}/rewards.py:one_arg"}, "task.reward: {tmp}/rewards.py:one_arg cannot be called as"),
+])
+def test_check_task_inputs_refuses_bad_inputs_in_one_line(tmp_path, task, message):
+    (tmp_path / "rewards.py").write_text(REWARDS)
+    write_lines(tmp_path / "bad.jsonl", [json.dumps({"question": "q", "answer": "1"}), "{"])
+    config = math_config(**{key: value.replace("{tmp}", str(tmp_path)) for key, value in task.items()})
+    with pytest.raises(ConfigError) as error:
+        check_task_inputs(config)
+    assert str(error.value).startswith(message.replace("{tmp}", str(tmp_path))) and "\n" not in str(error.value)
+
+
+def test_check_task_inputs_passes_good_inputs_and_the_addition_task(tmp_path):
+    (tmp_path / "rewards.py").write_text(REWARDS)
+    check_task_inputs(math_config(reward=f"{tmp_path}/rewards.py:good"))
+    check_task_inputs(TrainConfig())
+    addition = TrainConfig()
+    with pytest.raises(ConfigError, match="cannot be called as"):
+        check_task_inputs(dataclasses.replace(addition, task=dataclasses.replace(
+            addition.task, reward=f"{tmp_path}/rewards.py:no_record")))  # the record has question and answer

@@ -7,17 +7,23 @@ import itertools
 import json
 import os
 import re
+import time
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 import stalerl.checkpoint as checkpoint_module
 import stalerl.learner as learner_module
+import stalerl.policy as policy_module
 from stalerl.checkpoint import list_checkpoints, problem_with
 from stalerl.cli import main
+from stalerl.config import ConfigError, ModelConfig, TrainConfig, override, parse_assignment, validate
 from stalerl.guards import RunStopped
 from stalerl.metrics import MetricsWriter, read_metrics
+from stalerl.policy import build_policy, check_hardware, load_pretrained
 from stalerl.train import train
+from stalerl.warmstart import warm_start_key, warm_started_policy
 
 
 def poison_losses(monkeypatch, bad_steps):
@@ -115,6 +121,33 @@ def test_a_full_disk_for_the_metrics_is_one_line_and_the_run_resumes(tmp_path, c
     assert (run / "metrics.jsonl").read_text().count("\n") == 4
 
 
+def test_a_full_disk_when_saving_the_final_policy_is_one_line(tmp_path, capsys, monkeypatch):
+    def save_final(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "run" / "final" / "model.safetensors"))
+
+    monkeypatch.setattr("stalerl.train.save_final", save_final)
+    run = tmp_path / "run"
+    argv = ["train", "--steps", "2", "--out", str(run), "--no-progress", "--set", "tensorboard=false",
+            "--set", "rollout.prompts_per_step=4", "--set", "task.val_size=64", "--set", "checkpoint.every=1"]
+    assert main(argv) == 4
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("stalerl: disk full (No space left on device) writing ") and "\n" not in err
+    assert f"stalerl train --resume {run}" in err and not (run / "summary.json").exists()
+
+
+def test_a_users_config_yaml_in_the_run_directory_is_not_overwritten(tmp_path, capsys):
+    run = tmp_path / "exp1"
+    run.mkdir()
+    mine = "# my experiment: lr from the grid search\noptim:\n  lr: 3.0e-4\nsteps: 2\n"
+    (run / "config.yaml").write_text(mine)
+    argv = ["train", "--config", str(run / "config.yaml"), "--out", str(run), "--no-progress"]
+    assert main(argv) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"stalerl: error: run directory {run} holds a config.yaml that stalerl did not write, and a run writes "
+        f"its own there; choose another --out")
+    assert (run / "config.yaml").read_text() == mine
+
+
 def test_read_metrics_skips_a_truncated_last_line_only(tmp_path):
     writer = MetricsWriter(tmp_path, tensorboard=False)
     for step in range(3):
@@ -139,6 +172,22 @@ BAD_INPUTS = [
     (["--set", "loss.constant_normalizer=100"], "loss.constant_normalizer: is used only with loss.aggregation=constant"),
     (["--set", "rollout.max_new_tokens=80"], "rollout.max_new_tokens: the longest prompt (7 tokens, '24+19=') plus 80 "
      "new tokens exceeds the model's context of 64 positions; shorten the prompts or lower rollout.max_new_tokens"),
+    # --set values that are not YAML, and values validate() used to let through (or crash on)
+    (["--set", "optim.lr=[1"], "optim.lr: '[1' is not a valid value (while parsing a flow sequence; expected ',' "
+     "or ']', but got '<stream end>')"),
+    (["--set", "model.num_heads=0"], "model.num_heads: must be >= 1"),
+    (["--set", "model.num_layers=0"], "model.num_layers: must be >= 1"),
+    (["--seed", "-1"], "seed: must be in [0, 2**32 - 1] (numpy's seed range)"),
+    (["--seed", str(2**32)], "seed: must be in [0, 2**32 - 1] (numpy's seed range)"),
+    (["--set", "warm_start.seed=-1"], "warm_start.seed: must be in [0, 2**32 - 1] (numpy's seed range)"),
+    (["--set", "warm_start.batch_size=0"], "warm_start.batch_size: must be >= 1"),
+    (["--set", "optim.weight_decay=-0.1"], "optim.weight_decay: must be >= 0 and finite"),
+    (["--set", "optim.weight_decay=.nan"], "optim.weight_decay: must be >= 0 and finite"),
+    (["--set", "optim.lr=.inf"], "optim.lr: learning rate must be > 0 and finite"),
+    (["--set", "collapse.threshold=.nan"], "collapse.threshold: must be a finite number"),
+    (["--set", "rollout.temperature=.inf"], "rollout.temperature: must be > 0 and finite"),
+    (["--set", "model.lora_dropout=1"], "model.lora_dropout: must be in [0, 1)"),
+    (["--set", "model.device=gpu"], "model.device: 'gpu' is not auto, cpu, cuda, cuda:N or mps"),
 ]
 
 
@@ -158,9 +207,14 @@ def test_bad_config_files_and_resume_targets_are_one_line(tmp_path, capsys):
     (tmp_path / "bad.yaml").write_text("optim: {lr: [1, 2]}\n")
     assert error(["train", "--config", str(tmp_path / "bad.yaml")]) == (
         f"stalerl: error: {tmp_path / 'bad.yaml'}: optim.lr: expected float, got [1, 2]")
-    (tmp_path / "broken.yaml").write_text("optim: {lr: 1\n")
-    assert error(["train", "--config", str(tmp_path / "broken.yaml")]).startswith(
-        f"stalerl: error: {tmp_path / 'broken.yaml'}: not valid YAML")
+    (tmp_path / "broken.yaml").write_text("steps: 3\noptim: {lr: 1\n")
+    assert error(["train", "--config", str(tmp_path / "broken.yaml")]) == (
+        f"stalerl: error: {tmp_path / 'broken.yaml'}:2: not valid YAML (while parsing a flow mapping; expected ',' "
+        "or '}', but got '<stream end>')")
+    (tmp_path / "binary.yaml").write_bytes(b"steps: 3\n\xff\xfe\n")
+    assert error(["train", "--config", str(tmp_path / "binary.yaml")]) == (
+        f"stalerl: error: {tmp_path / 'binary.yaml'}: not UTF-8 text (byte 0xff at offset 9); a config file is "
+        "YAML text")
     assert error(["train", "--resume", str(tmp_path)]) == (
         f"stalerl: error: --resume {tmp_path}: not a run directory (no config.yaml)")
     assert error(["train", "--resume", str(tmp_path), "--out", "x"]) == (
@@ -187,3 +241,83 @@ def test_a_dataset_prompt_longer_than_the_context_is_refused(tmp_path, capsys):
     assert main(argv) == 2
     assert re.match(r"stalerl: error: rollout.max_new_tokens: the longest prompt \(\d+ tokens, .*\) plus 500 new "
                     r"tokens exceeds the model's context of 512 positions", capsys.readouterr().err)
+
+
+# ---------------------------------------------------------------- text on the command line, models, the cache
+
+
+@pytest.mark.parametrize("value, template", [
+    ("{question} A:", "{question} A:"),  # not YAML at all
+    ("{question}", "{question}"),  # YAML would read a mapping
+    ("Answer #1: {question}", "Answer #1: {question}"),  # YAML would cut a comment off
+    ('"  {question}"', "  {question}"),  # YAML quotes still work
+])
+def test_set_takes_text_fields_as_typed(value, template):
+    key, parsed = parse_assignment(f"task.prompt_template={value}")
+    assert validate(override(TrainConfig(), {key: parsed})).task.prompt_template == template
+
+
+def test_an_unknown_key_is_named_even_when_its_value_is_not_yaml():
+    with pytest.raises(ConfigError, match=r"^unknown key 'optim.learning_rate'"):
+        override(TrainConfig(), dict([parse_assignment("optim.learning_rate=[1")]))
+
+
+def test_a_cuda_index_beyond_the_gpus_is_refused(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    config = override(TrainConfig(), {"model.device": "cuda:2"})
+    with pytest.raises(ConfigError, match=r"^model.device: cuda:2 asked for but 2 CUDA GPU\(s\) are visible"):
+        check_hardware(config)
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    from hf_checkpoint import save_tiny_checkpoint
+
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.mark.parametrize("targets, message", [
+    ("q_prj", "model.lora_target_modules: 'q_prj' matches no module of the model (its linear layers: down_proj, "
+              "gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj; or all-linear)"),
+    ("q_proj,vproj", "model.lora_target_modules: 'vproj' matches no module of the model"),
+])
+def test_unknown_lora_targets_are_one_line(tiny_checkpoint, targets, message):
+    pytest.importorskip("peft")
+    config = override(TrainConfig(), {"model.name_or_path": str(tiny_checkpoint), "model.lora_rank": 2,
+                                      "model.lora_target_modules": targets})
+    with pytest.raises(ConfigError, match="^" + re.escape(message)):
+        build_policy(config)
+
+
+def test_a_mistyped_local_path_fails_fast_without_a_hub(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(policy_module, "hub_unreachable", lambda: "huggingface.co cannot be reached: test")
+    start = time.perf_counter()
+    with pytest.raises(ConfigError, match="^" + re.escape(
+            "model.name_or_path: ckpts/my-llama is neither a local directory nor loadable from the Hugging Face hub "
+            "(huggingface.co cannot be reached: test, and it is not in the local hub cache)")):
+        load_pretrained(ModelConfig(name_or_path="ckpts/my-llama"))
+    assert time.perf_counter() - start < 10  # not huggingface_hub's ~50 s of retries
+    with pytest.raises(ConfigError, match="^model.name_or_path: directory not found: runs/a/final$"):
+        load_pretrained(ModelConfig(name_or_path="runs/a/final"))  # two separators: never a hub name
+
+
+def test_a_damaged_warm_start_cache_entry_is_rebuilt(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("STALERL_CACHE", str(tmp_path / "cache"))  # not the session's cache other tests use
+    config = override(TrainConfig(), {"model.hidden_size": 16, "model.intermediate_size": 32, "model.num_layers": 1,
+                                      "model.num_heads": 2, "task.max_operand": 9, "task.val_size": 8,
+                                      "warm_start.steps": 2, "warm_start.batch_size": 4})
+    model, _, record = warm_started_policy(config)
+    built = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    del model  # its weights may be memory-mapped from the file cut below
+    weights = tmp_path / "cache" / f"warmstart-{warm_start_key(config)}" / "model.safetensors"
+    cut = weights.with_suffix(".cut")
+    cut.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    os.replace(cut, weights)  # a truncated file (a copy or a disk that ran out)
+    capsys.readouterr()
+    rebuilt, _, again = warm_started_policy(config)
+    err = capsys.readouterr().err
+    assert f"stalerl: warning: warm-start cache entry {weights.parent} is unusable (SafetensorError" in err
+    assert again == record and all(torch.equal(built[name], tensor) for name, tensor in rebuilt.state_dict().items())
+    assert warm_started_policy(config)[2] == record and "warning" not in capsys.readouterr().err  # cached again

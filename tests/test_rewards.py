@@ -177,3 +177,49 @@ def test_hanging_reward_in_a_run_is_counted(user_file, tmp_path):
     argv = tiny_argv(out, f"{user_file}:hang_in_first_batch", "--set", "task.reward_timeout_s=0.1", "--steps", "1")
     assert main(argv) == 0
     assert read_metrics(out)[0]["reward_errors"] == 4
+
+
+# ---------------------------------------------------------------- record fields and return values
+
+
+def test_record_fields_named_prompt_or_completion_do_not_collide():
+    # A dataset with a "prompt" (or "completion") field: the call's own arguments win, the rest is passed.
+    def score(prompt, completion, **record):
+        return float(prompt == "rendered: 2+2?" and completion == "4" and set(record) == {"question", "answer", "id"})
+
+    record = {"question": "2+2?", "answer": "4", "prompt": "raw 2+2?", "completion": "gold", "id": 7}
+    task = GuardedTask(AdditionTask(9, 10), user_reward(score), 5.0, "zero", "score")
+    assert task.reward(Prompt(text="rendered: 2+2?", answer="4", record=record), "4", True) == 1.0
+    assert task.failures == 0
+
+
+def returns(value):
+    return lambda prompt, completion, **record: value
+
+
+@pytest.mark.parametrize("value, expected", [
+    (True, 1.0), (False, 0.0), (np.bool_(True), 1.0),  # a bool is the natural "correct or not"
+    (np.float32(0.5), 0.5), (np.int64(2), 2.0), (3, 3.0),
+    (10**400, None), (-(10**400), None),  # too large for a float: failed, not a crash
+    (float("inf"), None), ("1.0", None), (None, None), ([1.0], None),
+])
+def test_reward_return_values(value, expected):
+    task = GuardedTask(AdditionTask(9, 10), user_reward(returns(value)), 5.0, "zero", "f")
+    score = task.reward(PROMPT, "7", True)
+    if expected is None:
+        assert math.isnan(score) and task.failures == 1
+    else:
+        assert score == expected and type(score) is float and task.failures == 0
+
+
+def test_a_too_large_reward_under_stop_is_one_line():
+    task = GuardedTask(AdditionTask(9, 10), user_reward(returns(10**400)), 5.0, "stop", "big")
+    with pytest.raises(RewardError, match=r"^reward function big returned int too large for a float "):
+        task.reward(PROMPT, "7", True)
+
+
+def test_a_file_reward_module_runs_once_per_version(user_file):
+    first = load_reward_function(f"{user_file}:length")
+    assert load_reward_function(f"{user_file}:length") is first  # checked, then loaded: one import
+    user_file.write_text(USER_MODULE + "\ndef extra(prompt, completion, **record):\n    return 0.0\n")
+    assert load_reward_function(f"{user_file}:extra") and load_reward_function(f"{user_file}:length") is not first
