@@ -125,6 +125,13 @@ class LossConfig:
     aggregation: Literal["token_mean", "sequence_mean", "constant"] = "token_mean"
     constant_normalizer: float = 0.0  # for 'constant': divide the token sum by this (0: max_new_tokens * batch)
     kl_beta: float = 0.0  # weight of the k3 KL to the starting policy; 0 keeps no reference model
+    # 'clipped': the clip acts on pi_theta / mu, the behavior policy as PPO's old one. 'decoupled'
+    # (decoupled PPO, AReaL's objective for stale rollouts): the clip acts on pi_theta / pi_prox, the
+    # proximal policy being the learner's weights at the step, and pi_prox / mu is a weight (loss.py).
+    objective: Literal["clipped", "decoupled"] = "clipped"
+    # 'decoupled': cap the weight pi_prox / mu at this (truncated importance sampling; 2 is common);
+    # 0: no cap. The share of tokens capped is logged as truncated_frac.
+    is_cap: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -408,6 +415,9 @@ def validate(config: TrainConfig) -> TrainConfig:
         (0 <= config.loss.eps_low < 1, "loss.eps_low", "must be in [0, 1)"),
         (config.loss.eps_high >= 0, "loss.eps_high", "must be >= 0"),
         (config.loss.kl_beta >= 0, "loss.kl_beta", "must be >= 0"),
+        (math.isfinite(config.loss.is_cap) and config.loss.is_cap >= 0, "loss.is_cap", "must be >= 0 and finite"),
+        (config.loss.objective == "decoupled" or config.loss.is_cap == 0, "loss.is_cap",
+         "is used only with loss.objective=decoupled"),
         (config.loss.constant_normalizer >= 0, "loss.constant_normalizer", "must be >= 0"),
         (config.task.max_operand >= 1, "task.max_operand", "must be >= 1"),
         (config.task.val_size >= 1, "task.val_size", "must be >= 1"),

@@ -69,6 +69,7 @@ def learner_step(
         "kl": surrogate.kl,
         "kl_ref": surrogate.kl_ref if reference is not None else None,
         "ratio_max": surrogate.ratio_max,
+        "truncated_frac": surrogate.truncated_frac,
         "entropy": float((entropy_N_L * mask_f_N_L).sum() / tokens),
         "grad_norm": float(grad_norm),
         "response_len": float(mask_f_N_L.sum(dim=1)[in_loss_N].mean()) if in_loss_N.any() else 0.0,
@@ -91,6 +92,7 @@ class Surrogate:
     kl: float
     kl_ref: float
     ratio_max: float
+    truncated_frac: float
     zero_adv_frac: float
     logprobs_N_L: torch.Tensor  # [N, L] log pi_theta, detached
     entropy_N_L: torch.Tensor  # [N, L]
@@ -134,7 +136,7 @@ def surrogate_gradient(
     model.train(activation_checkpointing(model))
     for parameter in model.parameters():
         parameter.grad = None
-    loss_value, clip_frac, kl, kl_ref, ratio_max = 0.0, 0.0, 0.0, 0.0, 0.0
+    loss_value, clip_frac, kl, kl_ref, ratio_max, truncated_frac = 0.0, 0.0, 0.0, 0.0, 0.0, 0.0
     logprob_parts, entropy_parts = [], []
     for start in range(0, count, micro):
         rows = slice(start, start + micro)
@@ -156,6 +158,8 @@ def surrogate_gradient(
             constant_normalizer=normalizer,
             ref_logprobs_N_L=ref_logprobs_n_L,
             kl_beta=loss_config.kl_beta,
+            objective=loss_config.objective,
+            is_cap=loss_config.is_cap,
         )
         token_share = float(part_mask_n_L.sum()) / tokens
         sequence_share = float(part_mask_n_L.any(dim=1).sum()) / sequences
@@ -163,13 +167,15 @@ def surrogate_gradient(
         (part_loss * weight).backward()
         loss_value += float(part_loss.detach()) * weight
         clip_frac += stats.clip_frac * token_share
+        truncated_frac += stats.truncated_frac * token_share
         kl += stats.kl_behavior * token_share
         kl_ref += stats.kl_ref * token_share
         ratio_max = max(ratio_max, stats.ratio_max)
         logprob_parts.append(logprobs_n_L.detach())
         entropy_parts.append(entropy_n_L)
     model.eval()
-    return Surrogate(loss_value, clip_frac, kl, kl_ref, ratio_max, float((advantages_N == 0).float().mean()),
+    zero_adv_frac = float((advantages_N == 0).float().mean())
+    return Surrogate(loss_value, clip_frac, kl, kl_ref, ratio_max, truncated_frac, zero_adv_frac,
                      torch.cat(logprob_parts), torch.cat(entropy_parts), mask_N_L)
 
 

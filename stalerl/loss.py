@@ -12,6 +12,7 @@ from typing import Literal
 import torch
 
 Aggregation = Literal["token_mean", "sequence_mean", "constant"]
+Objective = Literal["clipped", "decoupled"]
 
 
 def group_advantages(rewards_P_G: torch.Tensor, scale_by_std: bool = True, eps: float = 1e-6) -> torch.Tensor:
@@ -36,6 +37,7 @@ class LossStats:
     kl_ref: float  # k3 estimate of KL(current || reference); 0 when no reference is used
     ratio_mean: float
     ratio_max: float
+    truncated_frac: float  # 'decoupled' with is_cap: fraction of tokens whose weight pi_prox / mu was capped
 
 
 def _masked_mean(values_N_L: torch.Tensor, mask_N_L: torch.Tensor) -> torch.Tensor:
@@ -53,8 +55,17 @@ def grpo_loss(
     constant_normalizer: float = 0.0,
     ref_logprobs_N_L: torch.Tensor | None = None,
     kl_beta: float = 0.0,
+    objective: Objective = "clipped",
+    is_cap: float = 0.0,
 ) -> tuple[torch.Tensor, LossStats]:
     """Clipped surrogate -min(rho A, clip(rho, 1-eps_low, 1+eps_high) A), rho = pi_theta / mu.
+
+    objective 'decoupled' (decoupled PPO, as AReaL runs stale rollouts): the clip acts on
+    r = pi_theta / pi_prox, with the proximal policy the learner's own weights at this step (theta_t,
+    one update a batch), and the behavior policy enters as a constant weight w = pi_prox / mu,
+    truncated at `is_cap` when it is > 0 (truncated importance sampling): -w min(r A, clip(r) A).
+    At theta_t, r = 1, so the gradient is -w A grad log pi_theta: stale tokens keep a (bounded)
+    gradient where the plain clip on pi_theta / mu would remove it.
 
     `behavior_logprobs_N_L` are log mu(y_t | x, y_<t), recorded when the rollout was sampled by the
     (possibly stale) policy; they are treated as constants. `mask_N_L` marks real response tokens.
@@ -64,11 +75,23 @@ def grpo_loss(
     """
     mask_N_L = mask_N_L.to(logprobs_N_L.dtype)
     log_ratio_N_L = logprobs_N_L - behavior_logprobs_N_L.detach()
-    ratio_N_L = torch.exp(log_ratio_N_L)
+    ratio_N_L = torch.exp(log_ratio_N_L)  # pi_theta / mu
     advantages_N_1 = advantages_N.detach().to(logprobs_N_L.dtype)[:, None]
-    unclipped_N_L = ratio_N_L * advantages_N_1
-    clipped_N_L = torch.clamp(ratio_N_L, 1.0 - eps_low, 1.0 + eps_high) * advantages_N_1
-    per_token_N_L = -torch.minimum(unclipped_N_L, clipped_N_L)
+    truncated_N_L = torch.zeros_like(mask_N_L, dtype=torch.bool)
+    if objective == "clipped":
+        clip_ratio_N_L, weight_N_L = ratio_N_L, 1.0
+    elif objective == "decoupled":
+        proximal_N_L = logprobs_N_L.detach()
+        clip_ratio_N_L = torch.exp(logprobs_N_L - proximal_N_L)  # pi_theta / pi_prox: 1, with its gradient
+        weight_N_L = torch.exp(proximal_N_L - behavior_logprobs_N_L.detach())  # pi_prox / mu
+        if is_cap > 0:
+            truncated_N_L = weight_N_L > is_cap
+            weight_N_L = weight_N_L.clamp(max=is_cap)
+    else:
+        raise ValueError(f"unknown objective {objective!r}")
+    unclipped_N_L = clip_ratio_N_L * advantages_N_1
+    clipped_N_L = torch.clamp(clip_ratio_N_L, 1.0 - eps_low, 1.0 + eps_high) * advantages_N_1
+    per_token_N_L = -weight_N_L * torch.minimum(unclipped_N_L, clipped_N_L)
 
     kl_ref = torch.zeros(())
     if ref_logprobs_N_L is not None and kl_beta > 0:
@@ -92,8 +115,8 @@ def grpo_loss(
 
     with torch.no_grad():
         # The clip removes the gradient where the clipped term is the smaller (active) one.
-        clipped_N_L = ((ratio_N_L < 1.0 - eps_low) & (advantages_N_1 < 0)) | (
-            (ratio_N_L > 1.0 + eps_high) & (advantages_N_1 > 0)
+        clipped_N_L = ((clip_ratio_N_L < 1.0 - eps_low) & (advantages_N_1 < 0)) | (
+            (clip_ratio_N_L > 1.0 + eps_high) & (advantages_N_1 > 0)
         )
         kl_behavior_N_L = (ratio_N_L - 1.0) - log_ratio_N_L  # k3 with r = pi/mu, samples from mu
         real_N_L = mask_N_L > 0
@@ -103,5 +126,6 @@ def grpo_loss(
             kl_ref=float(kl_ref),
             ratio_mean=float(_masked_mean(ratio_N_L, mask_N_L)),
             ratio_max=float(ratio_N_L[real_N_L].max()) if real_N_L.any() else 1.0,
+            truncated_frac=float(_masked_mean(truncated_N_L.to(mask_N_L.dtype), mask_N_L)),
         )
     return loss, stats

@@ -34,6 +34,12 @@ def test_exponent_floats_without_a_dot_are_floats(tmp_path):
     assert validate(override(TrainConfig(), {"optim.lr": "5e-7"})).optim.lr == 5e-7
 
 
+def test_is_cap_is_for_the_decoupled_objective():
+    with pytest.raises(ConfigError, match="loss.is_cap: is used only with loss.objective=decoupled"):
+        validate(override(TrainConfig(), {"loss.is_cap": 2.0}))
+    assert validate(override(TrainConfig(), {"loss.is_cap": 2.0, "loss.objective": "decoupled"})).loss.is_cap == 2.0
+
+
 def test_gac_is_refused_with_lora():
     with pytest.raises(ConfigError, match="stabilizer.gac_cos_threshold: is not available with LoRA"):
         validate(override(TrainConfig(), {"stabilizer.gac_cos_threshold": 0.9, "model.lora_rank": 4}))

@@ -78,3 +78,40 @@ def test_kl_terms():
     # k3 to the reference with u = ref/pi = 2 at both tokens: 2 - log 2 - 1
     assert stats.kl_ref == pytest.approx(2 - math.log(2) - 1, abs=1e-6)
     assert loss0.item() == pytest.approx(0.5 * (2 - math.log(2) - 1), abs=1e-6)
+
+
+def test_decoupled_objective_by_hand():
+    """Decoupled PPO with the proximal policy = theta_t: the clip on pi/pi_prox is inactive (r = 1), and
+    each token is weighted by pi_prox / mu, capped at is_cap; stale tokens keep their gradient."""
+    behavior = torch.log(torch.tensor([[0.5, 0.5, 0.5]]))
+    ratios = torch.tensor([[1.0, 1.5, 3.0]])  # pi_theta / mu: the last two beyond the clip at 1.2
+    logprobs = (behavior + torch.log(ratios)).requires_grad_(True)
+    mask = torch.ones(1, 3)
+    clipped_loss, clipped_stats = grpo_loss(logprobs, behavior, torch.tensor([1.0]), mask)
+    (clipped_grad,) = torch.autograd.grad(clipped_loss, logprobs)
+    assert clipped_grad[0, 1:].abs().max().item() == 0.0 and clipped_stats.clip_frac == pytest.approx(2 / 3)
+
+    loss, stats = grpo_loss(logprobs, behavior, torch.tensor([1.0]), mask, objective="decoupled")
+    assert loss.item() == pytest.approx(-(1.0 + 1.5 + 3.0) / 3)
+    (grad,) = torch.autograd.grad(loss, logprobs)
+    assert torch.allclose(grad, -ratios / 3)  # d(-w r A / 3)/dlogp at r = 1: -w / 3
+    assert stats.clip_frac == 0.0 and stats.truncated_frac == 0.0
+    assert stats.ratio_max == pytest.approx(3.0)  # pi_theta / mu, as with the clipped objective
+
+    capped, capped_stats = grpo_loss(logprobs, behavior, torch.tensor([-1.0]), mask, objective="decoupled",
+                                     is_cap=2.0)
+    assert capped.item() == pytest.approx((1.0 + 1.5 + 2.0) / 3)
+    assert capped_stats.truncated_frac == pytest.approx(1 / 3)
+    (capped_grad,) = torch.autograd.grad(capped, logprobs)
+    assert torch.allclose(capped_grad, torch.tensor([[1.0, 1.5, 2.0]]) / 3)
+
+
+def test_decoupled_objective_equals_clipped_on_policy():
+    torch.manual_seed(0)
+    logprobs = torch.randn(4, 5).requires_grad_(True)
+    advantages, mask = torch.randn(4), (torch.rand(4, 5) > 0.2).float()
+    grads = []
+    for objective in ("clipped", "decoupled"):
+        loss, _ = grpo_loss(logprobs, logprobs.detach(), advantages, mask, objective=objective)
+        grads.append(torch.autograd.grad(loss, logprobs)[0])
+    assert torch.allclose(*grads)
