@@ -28,7 +28,8 @@ def one_run(staleness: int, steps: int, threads: int, out: Path) -> dict:
     loop_s = sum(r["wait_s"] + r["train_s"] for r in rows)
     return {
         "steps_per_s": len(rows) / loop_s,
-        "gen_s": statistics.median(r["gen_s"] for r in rows),
+        # the rollout side's whole time per batch (sampling, reward, weight load), as stalerl bench takes it
+        "gen_s": statistics.median(r["gen_s"] + r["reward_s"] + r["weight_sync_s"] for r in rows),
         "train_s": statistics.median(r["train_s"] for r in rows),
         "wall_s": summary["wall_s"],
     }

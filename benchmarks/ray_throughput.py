@@ -35,7 +35,8 @@ def one_run(config: TrainConfig) -> dict:
     return {
         "samples_per_s": samples / loop_s,
         "idle_fraction": sum(r["wait_s"] for r in rows) / loop_s,
-        "gen_s": statistics.median(r["gen_s"] for r in rows),
+        # the rollout side's whole time per batch (sampling, reward, weight load), as stalerl bench takes it
+        "gen_s": statistics.median(r["gen_s"] + r["reward_s"] + r["weight_sync_s"] for r in rows),
         "train_s": statistics.median(r["train_s"] for r in rows),
         "lost_batches": summary["rollouts"]["lost_batches"],
     }

@@ -40,6 +40,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
+
 from stalerl.config import TrainConfig, override, validate
 
 WARMUP_STEPS = 3  # allocator and cache warm-up: not timed
@@ -180,12 +182,15 @@ def generation_run(config_data: dict, calls: int, static_cache: bool = False) ->
         return int((is_eos.long().cumsum(dim=1) - is_eos.long() == 0).sum())
 
     model.eval()
+    # Each variant sets the cache and prompt sharing itself, whatever --set says (that is for async).
     if static_cache:
-        calls_by_name = {"stalerl_static_cache": engine_call({"rollout.static_cache": True}),
+        calls_by_name = {"stalerl_static_cache": engine_call({"rollout.static_cache": True,
+                                                              "model.share_prompt_prefix": True}),
                          "plain_generate_static_cache": plain_call}
-    else:  # the engine as configured; with every row's prompt prefilled, as plain generate does
-        calls_by_name = {"stalerl": engine_call({}),
-                         "stalerl_whole_prompts": engine_call({"model.share_prompt_prefix": False}),
+    else:  # the engine as it runs by default; with every row's prompt prefilled, as plain generate does
+        calls_by_name = {"stalerl": engine_call({"rollout.static_cache": False, "model.share_prompt_prefix": True}),
+                         "stalerl_whole_prompts": engine_call({"rollout.static_cache": False,
+                                                               "model.share_prompt_prefix": False}),
                          "plain_generate": plain_call}
     timings: dict[str, list[tuple[float, int]]] = {name: [] for name in calls_by_name}
     first_call_s = {}
@@ -329,7 +334,8 @@ def bench_sweep(plan: Plan, tmp: Path) -> dict:
                                      "sum_of_runs_cpu_s": sum(s["cpu_s"] for s in summaries)})
     serial_wall, runs_s = median_of(timings[1], "wall_s"), median_of(timings[1], "sum_of_runs_s")
     parallel, parallel_cpu = median_of(timings[2], "wall_s"), median_of(timings[2], "sum_of_runs_cpu_s")
-    cores = min(2, os.cpu_count() or 1)
+    # What 2 workers can use: each run has a learner and a rollout thread of one torch thread each.
+    cores = min(2 * 2, os.cpu_count() or 1)
     return {"cells": plan.sweep_cells, "steps": plan.sweep_steps, "workers": 2, "repeats": plan.repeats,
             "serial_wall_s": serial_wall, "sum_of_single_runs_s": runs_s,
             "single_runs_cores_used": median_of(timings[1], "sum_of_runs_cpu_s") / runs_s,
@@ -341,6 +347,8 @@ def bench_sweep(plan: Plan, tmp: Path) -> dict:
 
 
 def bench_memory(plan: Plan, tmp: Path) -> dict:
+    from stalerl.metrics import MAX_CYCLE_HISTORY_FLOATS
+
     rows = []
     for s in plan.memory_staleness:  # exact mode, the wide model, with and without the cycle-drift history
         for history in (True, False):
@@ -353,16 +361,24 @@ def bench_memory(plan: Plan, tmp: Path) -> dict:
         rows.append({"model": "default", "S": 0, "prompts": prompts, "cycle_history": True,
                      **isolated(memory_run, config.to_dict(), True)})
 
-    def slope(points: list[tuple[float, float]]) -> float:
-        (x0, y0), (x1, y1) = points[0], points[-1]
-        return (y1 - y0) / (x1 - x0)
+    def slope(points: list[tuple[float, float]]) -> float:  # least squares
+        x, y = np.array(points, dtype=float).T
+        return float(np.polyfit(x, y, 1)[0])
 
     weight_mb = rows[0]["weight_mb"]
-    by_s = {history: slope([(r["S"], r["peak_rss_mb"]) for r in rows if r["model"] == "wide" and r["cycle_history"] == history])
+    wide = {history: {r["S"]: r["peak_rss_mb"] for r in rows if r["model"] == "wide" and r["cycle_history"] == history}
             for history in (True, False)}
+    # metrics.py keeps the cycle-drift history only while S x parameters fits its cap: a slope is
+    # taken over the S values where it does (with it) and over every S (the pipeline alone).
+    parameters = weight_mb * 2**20 / 4
+    kept = [s for s in wide[True] if s * parameters <= MAX_CYCLE_HISTORY_FLOATS]
+    with_history = slope([(s, wide[True][s]) for s in kept]) if len(kept) > 1 else None
+    pipeline = slope(list(wide[False].items()))
     return {"weight_mb_wide": weight_mb, "rows": rows,
-            "mb_per_unit_S": by_s[True], "weight_copies_per_unit_S": by_s[True] / weight_mb,
-            "mb_per_unit_S_pipeline_only": by_s[False], "weight_copies_per_unit_S_pipeline_only": by_s[False] / weight_mb,
+            "extra_weight_copies_by_S": {str(s): (mb - wide[False][0]) / weight_mb for s, mb in wide[False].items()},
+            "mb_per_unit_S_pipeline_only": pipeline, "weight_copies_per_unit_S_pipeline_only": pipeline / weight_mb,
+            "history_kept_up_to_S": max(kept),
+            "weight_copies_per_unit_S_with_history": None if with_history is None else with_history / weight_mb,
             "mb_per_prompt": slope([(r["prompts"], r["peak_rss_mb"]) for r in rows if r["model"] == "default"])}
 
 
@@ -370,6 +386,8 @@ def bench_memory(plan: Plan, tmp: Path) -> dict:
 
 
 PARTS = ("step", "gen", "async", "sweep", "memory")
+# What the parts vary from run to run (the gen part's variants set the cache and prompt sharing themselves).
+BENCH_SETS = ("steps", "out", "staleness.staleness")
 
 
 def checked_model_settings(checkpoint: str, data: str, settings: dict, parts: tuple[str, ...]) -> dict:
@@ -378,6 +396,9 @@ def checked_model_settings(checkpoint: str, data: str, settings: dict, parts: tu
     from stalerl.policy import is_missing_directory
     from stalerl.random_checkpoint import shape_of
 
+    fixed = [key for key in BENCH_SETS if key in settings]
+    if fixed:
+        raise ConfigError(f"--set {fixed[0]}: the bench sets it itself, run by run")
     if not checkpoint:
         if data:
             raise ConfigError("--data: needs --model (the embedded default has its own task)")
@@ -507,10 +528,13 @@ def format_table(report: dict) -> str:
     if "memory" in report:
         memory = report["memory"]
         per_s = ", ".join(f"S={row['S']} {row['peak_rss_mb']:.0f} MB" for row in memory["rows"]
-                          if row["model"] == "wide" and row["cycle_history"])
-        lines.append(f"mem   wide model ({memory['weight_mb_wide']:.0f} MB of weights), exact mode: {per_s}; "
-                     f"{memory['weight_copies_per_unit_S']:.2f} weight copies per unit S "
-                     f"({memory['weight_copies_per_unit_S_pipeline_only']:.2f} without the cycle-drift history); "
+                          if row["model"] == "wide" and not row["cycle_history"])
+        history = memory["weight_copies_per_unit_S_with_history"]
+        lines.append(f"mem   wide model ({memory['weight_mb_wide']:.0f} MB of weights), exact mode, the pipeline "
+                     f"alone: {per_s}; {memory['weight_copies_per_unit_S_pipeline_only']:.2f} weight copies per unit "
+                     f"S; with the cycle-drift history "
+                     f"{'-' if history is None else f'{history:.2f}'} per unit S up to S = "
+                     f"{memory['history_kept_up_to_S']} (none kept above); "
                      f"{memory['mb_per_prompt']:.1f} MB per prompt (x G samples)")
     return "\n".join(lines)
 

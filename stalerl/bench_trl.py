@@ -8,8 +8,9 @@ batch i's prompts in stalerl's order (shuffling off), P prompts x G samples a st
 temperature 1, one generation and one optimizer step per batch (no old-log-prob pass: TRL skips it
 when num_iterations = 1 and gradient_accumulation_steps = 1), beta = 0 (no reference model), clip
 0.2/0.2, token-mean aggregation over the batch (TRL's 'dapo'), group std scaling, AdamW with the same
-betas, no weight decay, constant learning rate, grad clip, no vLLM, CPU, one torch thread, no logging,
-no checkpoints. DIFFERENCES lists what could not be made equal.
+betas, no weight decay, constant learning rate, grad clip, activation checkpointing as stalerl's
+config has it (off; GRPOConfig's default is on), no vLLM, CPU, one torch thread, no logging, no
+checkpoints. DIFFERENCES lists what could not be made equal.
 """
 
 from __future__ import annotations
@@ -45,6 +46,23 @@ def trl_version() -> str | None:
         return version("trl")
     except PackageNotFoundError:
         return None
+
+
+def grpo_config_kwargs(config: TrainConfig, steps: int, output_dir: str) -> dict:
+    """TRL's GRPOConfig made to do stalerl's step (module doc). GRPOConfig turns activation
+    checkpointing on by default, which recomputes the forward in backward: off, as stalerl runs."""
+    rollout, loss, optim = config.rollout, config.loss, config.optim
+    return dict(
+        output_dir=output_dir, use_cpu=True, seed=config.seed, max_steps=steps, shuffle_dataset=False,
+        per_device_train_batch_size=rollout.prompts_per_step * rollout.group_size, gradient_accumulation_steps=1,
+        num_generations=rollout.group_size, max_completion_length=rollout.max_new_tokens,
+        temperature=rollout.temperature, num_iterations=1, beta=0.0, epsilon=loss.eps_low,
+        epsilon_high=loss.eps_high, loss_type="dapo", scale_rewards="group" if loss.scale_by_std else "none",
+        learning_rate=optim.lr, adam_beta1=optim.beta1, adam_beta2=optim.beta2, weight_decay=optim.weight_decay,
+        max_grad_norm=optim.grad_clip, lr_scheduler_type="constant", warmup_steps=0, bf16=False,
+        gradient_checkpointing=config.model.gradient_checkpointing,
+        report_to="none", logging_steps=10**9, save_strategy="no", disable_tqdm=True, dataloader_num_workers=0,
+    )
 
 
 def trl_steps(config_data: dict, steps: int, warmup: int) -> dict:
@@ -89,17 +107,7 @@ def trl_steps(config_data: dict, steps: int, warmup: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        loss, optim = config.loss, config.optim
-        args = GRPOConfig(
-            output_dir=f"{tmp}/out", use_cpu=True, seed=config.seed, max_steps=steps, shuffle_dataset=False,
-            per_device_train_batch_size=rollout.prompts_per_step * rollout.group_size, gradient_accumulation_steps=1,
-            num_generations=rollout.group_size, max_completion_length=rollout.max_new_tokens,
-            temperature=rollout.temperature, num_iterations=1, beta=0.0, epsilon=loss.eps_low,
-            epsilon_high=loss.eps_high, loss_type="dapo", scale_rewards="group" if loss.scale_by_std else "none",
-            learning_rate=optim.lr, adam_beta1=optim.beta1, adam_beta2=optim.beta2, weight_decay=optim.weight_decay,
-            max_grad_norm=optim.grad_clip, lr_scheduler_type="constant", warmup_steps=0, bf16=False,
-            report_to="none", logging_steps=10**9, save_strategy="no", disable_tqdm=True, dataloader_num_workers=0,
-        )
+        args = GRPOConfig(**grpo_config_kwargs(config, steps, f"{tmp}/out"))
         trainer = GRPOTrainer(model=tmp, reward_funcs=reward, args=args, train_dataset=dataset,
                               processing_class=tokenizer, callbacks=[clock])
         trainer.remove_callback(PrinterCallback)  # the end-of-training metrics dict

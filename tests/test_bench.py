@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from stalerl.bench import QUICK, bench_generation, checked_model_settings, format_table, on_gpu, run_bench
-from stalerl.bench_trl import trl_version
+from stalerl.bench_trl import grpo_config_kwargs, trl_version
 from stalerl.cli import main
 
 TINY = QUICK.__class__(repeats=1, step_steps=4, gen_calls=1, async_steps=5, async_staleness=(2,), sweep_cells=2,
@@ -113,6 +113,8 @@ SAMPLE_FILE = str(Path(__file__).resolve().parent.parent / "data" / "gsm8k_sampl
     (["--model", "random:tiny", "--data", SAMPLE_FILE, "--parts", "step"], "--parts: with --model only"),
     (["--data", SAMPLE_FILE], "--data: needs --model"),
     (["--set", "rollout.group_size=0"], "rollout.group_size"),
+    (["--parts", "async", "--set", "staleness.staleness=1"], "--set staleness.staleness: the bench sets it itself"),
+    (["--set", "steps=10"], "--set steps: the bench sets it itself"),
 ])
 def test_bench_refuses_bad_model_arguments_before_any_work(tmp_path, capsys, argv, message):
     assert main(["bench", "--out", str(tmp_path / "out"), *argv]) == 2
@@ -168,3 +170,15 @@ def test_a_timed_run_ends_when_the_bench_is_killed(tmp_path):
         time.sleep(0.2)
     os.kill(worker, signal.SIGKILL)
     raise AssertionError("the timed run's process outlived the killed bench by a minute")
+
+
+def test_trl_does_the_same_work_as_stalerl():
+    """GRPOConfig checkpoints activations unless told not to: the forward would run twice on TRL's side."""
+    from stalerl.bench import base_config
+
+    kwargs = grpo_config_kwargs(base_config(), steps=5, output_dir="unused")
+    assert kwargs["gradient_checkpointing"] is False and kwargs["num_iterations"] == 1 and kwargs["beta"] == 0.0
+    if trl_version() is not None:
+        from trl import GRPOConfig
+
+        assert GRPOConfig(**kwargs).gradient_checkpointing is False
