@@ -184,22 +184,13 @@ class LogLogFit:
 
 
 def fit_loglog(x: list[float], y: list[float]) -> LogLogFit | None:
-    """Least squares of log y on log x, with the slope's 95% interval."""
+    """Least squares of log y on log x, with the slope's 95% interval (fit_log_linear, one column)."""
     pairs = [(a, b) for a, b in zip(x, y) if a and b and a > 0 and b > 0]
-    if len(pairs) < 2 or len({a for a, _ in pairs}) < 2:
+    fit = fit_log_linear({"x": [a for a, _ in pairs]}, None, [b for _, b in pairs]) if pairs else None
+    if fit is None:
         return None
-    log_x, log_y = np.log([a for a, _ in pairs]), np.log([b for _, b in pairs])
-    slope, intercept = np.polyfit(log_x, log_y, 1)
-    n = len(pairs)
-    if n > 2:
-        from scipy import stats
-
-        residuals = log_y - (slope * log_x + intercept)
-        standard_error = math.sqrt(residuals @ residuals / (n - 2) / ((log_x - log_x.mean()) ** 2).sum())
-        half = stats.t.ppf(0.975, n - 2) * standard_error
-    else:
-        half = float("nan")
-    return LogLogFit(float(slope), float(intercept), float(slope - half), float(slope + half), n)
+    slope = fit["slopes"]["x"]
+    return LogLogFit(slope["slope"], fit["intercepts"][0], slope["slope_low"], slope["slope_high"], fit["points"])
 
 
 def fit_log_linear(columns: dict[str, list[float]], groups: list[Any] | None, y: list[float]) -> dict[str, Any] | None:
@@ -228,7 +219,7 @@ def fit_log_linear(columns: dict[str, list[float]], groups: list[Any] | None, y:
         half = stats.t.ppf(0.975, degrees) * np.sqrt(np.diag(covariance)[: len(names)])
     slopes = {name: {"slope": float(coefficients[i]), "slope_low": float(coefficients[i] - half[i]),
                      "slope_high": float(coefficients[i] + half[i])} for i, name in enumerate(names)}
-    return {"points": n, "slopes": slopes}
+    return {"points": n, "slopes": slopes, "intercepts": [float(c) for c in coefficients[len(names):]]}
 
 
 def collapse_table(runs: list[RunRecord]) -> dict[str, Any]:
