@@ -7,7 +7,6 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 from stalerl.bench import add_bench_parser, run_bench_command
 from stalerl.config import ConfigError, TrainConfig, load_config, override, parse_assignment, validate

@@ -1,6 +1,5 @@
 """The lab's fits and estimators on synthetic data with known answers."""
 
-import math
 from pathlib import Path
 
 import numpy as np
