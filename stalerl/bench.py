@@ -459,6 +459,7 @@ def run_bench(out: Path, quick: bool, plan: Plan | None = None, parts: tuple[str
                     "gpu": gpu},
         "model": {"checkpoint": checkpoint or "embedded default", "settings": model},
     }
+    report |= kept_parts(out / "bench.json", parts)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="stalerl-bench-") as tmp_name:
         tmp = Path(tmp_name)
@@ -479,6 +480,27 @@ def run_bench(out: Path, quick: bool, plan: Plan | None = None, parts: tuple[str
     report["wall_s"] = time.perf_counter() - started
     (out / "bench.json").write_text(json.dumps(report, indent=2))
     return report
+
+
+def kept_parts(path: Path, parts: tuple[str, ...]) -> dict:
+    """The parts of an earlier report in the same directory that this run does not redo, so that
+    `--parts` updates a report instead of replacing it; `earlier_parts` says where each came from."""
+    if not path.is_file():
+        return {}
+    try:
+        earlier = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        from stalerl.config import ConfigError
+
+        raise ConfigError(f"{path}: not a bench report ({error}); use another --out or move it away") from None
+    provenance = dict(earlier.get("earlier_parts", {}))
+    kept: dict[str, Any] = {"earlier_parts": {}}
+    for part in PARTS:
+        if part in earlier and part not in parts:
+            kept[part] = earlier[part]
+            kept["earlier_parts"][part] = provenance.get(part) or {
+                key: earlier.get(key) for key in ("quick", "plan", "machine", "model")}
+    return kept if kept["earlier_parts"] else {}
 
 
 def format_table(report: dict) -> str:
@@ -536,6 +558,9 @@ def format_table(report: dict) -> str:
                      f"{'-' if history is None else f'{history:.2f}'} per unit S up to S = "
                      f"{memory['history_kept_up_to_S']} (none kept above); "
                      f"{memory['mb_per_prompt']:.1f} MB per prompt (x G samples)")
+    for part, source in report.get("earlier_parts", {}).items():
+        lines.append(f"({part}: kept from an earlier bench in this directory, "
+                     f"{'quick' if source.get('quick') else 'full'}, model {source['model']['checkpoint']})")
     return "\n".join(lines)
 
 

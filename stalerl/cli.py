@@ -196,6 +196,11 @@ def run_advise(args: argparse.Namespace) -> int:
         raise ConfigError(f"--steps: the horizon T must be >= 1, got {args.steps}")
     if args.staleness and min(args.staleness) < 0:
         raise ConfigError(f"--staleness: S must be >= 0, got {min(args.staleness)}")
+    if args.json:
+        try:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise ConfigError(f"--json {args.json}: cannot make its directory ({error.strerror})") from None
     try:
         report = advise_directory(Path(args.directory), args.staleness, args.steps, args.clip_threshold)
     except FileNotFoundError as error:
@@ -275,6 +280,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"stalerl: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # before a run took over the signals, or a second Ctrl-C: what is written stays
+        print("stalerl: interrupted", file=sys.stderr)
+        return 130
     except RuntimeError as error:  # a reward that failed under task.on_reward_error=stop, a dead learner: one line
         from stalerl.guards import RunStopped
         from stalerl.ray_runtime import LearnerFailed  # light: Ray itself is not imported

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import uuid
 from pathlib import Path
 from typing import Any, Iterator
@@ -39,6 +40,23 @@ def local_init_kwargs(num_cpus: float, num_gpus: int | None = None) -> dict[str,
     return kwargs
 
 
+def check_ray_address(address: str, timeout_s: float = 5.0) -> None:
+    """Refuses, in one line and before anything starts, an address Ray could not join: a malformed
+    one, or a HOST:PORT where nothing answers (ray.init would retry for minutes there)."""
+    if address in ("", "auto", "local"):  # "auto" is checked by ray.init itself, at once (ray_session)
+        return
+    target = address.removeprefix("ray://")
+    host, colon, port = target.rpartition(":")
+    host = host.strip("[]")  # [::1]:6379
+    if not colon or not host or "/" in target or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"--ray-address: {address!r} is not auto, HOST:PORT or ray://HOST:PORT")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as error:
+        why = error.strerror or type(error).__name__
+        raise ConfigError(f"--ray-address: nothing answers at {host}:{port} ({why}); is the Ray cluster up?") from None
+
+
 @contextlib.contextmanager
 def ray_session(address: str = "", num_cpus: float = 1.0, num_gpus: int | None = None) -> Iterator[None]:
     """Joins `address`, or starts a local Ray bound to 127.0.0.1 and shuts it down on exit.
@@ -53,7 +71,12 @@ def ray_session(address: str = "", num_cpus: float = 1.0, num_gpus: int | None =
         yield
         return
     if address:
-        ray.init(address=address)
+        check_ray_address(address)
+        try:
+            ray.init(address=address)
+        except (ConnectionError, ValueError) as error:  # "auto" with no cluster running, say
+            message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise ConfigError(f"--ray-address {address}: {message}") from None
     else:
         # Ray binds its servers to the node IP (all interfaces, in 2.60); with "clusters" disabled it
         # takes the loopback address as the node IP and binds there, so nothing is reachable from

@@ -61,6 +61,26 @@ def test_bench_writes_a_complete_report(tmp_path):
     assert "step" in table and "prompts run whole" in table and "mem" in table
 
 
+def test_rerunning_some_parts_keeps_the_others(tmp_path, capsys):
+    """`stalerl bench --parts step,memory` into the full suite's directory replaced its report."""
+    from stalerl.bench import kept_parts
+
+    full = {"quick": False, "plan": {"repeats": 3}, "machine": {"cpus": 2}, "model": {"checkpoint": "embedded default"},
+            "step": {"ratio": 1.9}, "sweep": {"cells": 12}, "wall_s": 900.0}
+    (tmp_path / "bench.json").write_text(json.dumps(full))
+    kept = kept_parts(tmp_path / "bench.json", ("step", "memory"))
+    assert kept["sweep"] == {"cells": 12} and "step" not in kept
+    assert kept["earlier_parts"] == {"sweep": {key: full[key] for key in ("quick", "plan", "machine", "model")}}
+    # a third run keeps the sweep's first source, not the second run's
+    again = {**full, "quick": True, "step": {"ratio": 2.0}, **kept}
+    (tmp_path / "bench.json").write_text(json.dumps(again))
+    assert kept_parts(tmp_path / "bench.json", ("step",))["earlier_parts"]["sweep"]["quick"] is False
+    assert kept_parts(tmp_path / "bench.json", ("step", "sweep")) == {}
+    (tmp_path / "bench.json").write_text("{not json")
+    assert main(["bench", "--out", str(tmp_path), "--parts", "step"]) == 2
+    assert "bench.json: not a bench report" in capsys.readouterr().err
+
+
 def test_bench_refuses_unknown_parts(tmp_path, capsys):
     assert main(["bench", "--out", str(tmp_path), "--parts", "step,warp"]) == 2
     assert "--parts: unknown 'warp'" in capsys.readouterr().err

@@ -24,6 +24,10 @@ def test_bias_probe_end_to_end(tmp_path, capsys):
     grown = json.loads((out / "bias.json").read_text())
     assert {(p["lr"], p["lag"]) for p in grown["points"]} == set(points) | {(3e-4, 1)}
     assert "S exponent" in capsys.readouterr().out
+    assert main(common + ["--lr", "3e-4", "--lags", "1", "--set", "loss.objective=decoupled"]) == 2
+    assert ("holds a probe of another config (loss.objective: 'clipped' -> 'decoupled'); its points would be "
+            "fitted with these") in capsys.readouterr().err
+    assert json.loads((out / "bias.json").read_text()) == grown  # kept as it was
 
 
 def test_bias_probe_refuses_bad_settings(tmp_path, capsys):

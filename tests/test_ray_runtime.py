@@ -25,8 +25,8 @@ from stalerl.checkpoint import list_checkpoints  # noqa: E402
 from stalerl.config import ConfigError, RuntimeConfig, StalenessConfig, TrainConfig, validate  # noqa: E402
 from stalerl.metrics import read_metrics  # noqa: E402
 from stalerl.ray_rollouts import RayRollouts  # noqa: E402
-from stalerl.ray_runtime import (local_init_kwargs, ray_session, run_configs_on_ray, train_on_ray,  # noqa: E402
-                                 train_task_options)
+from stalerl.ray_runtime import (check_ray_address, local_init_kwargs, ray_session, run_configs_on_ray,  # noqa: E402
+                                 train_on_ray, train_task_options)
 from stalerl.staleness import PipelineState, RolloutWorkerError, check_lag  # noqa: E402
 from stalerl.train import train  # noqa: E402
 
@@ -69,6 +69,22 @@ def consumed(run_dir: Path) -> tuple[list[int], list[int]]:
 
 
 # ---------------------------------------------------------------- the session
+
+
+def test_a_ray_init_error_is_one_line(monkeypatch):
+    """What ray.init raises for "auto" with no cluster running (seen with Ray 2.60), as one line."""
+    if ray.is_initialized():  # run before the module's Ray, which ray_session would use as it is
+        pytest.skip("a Ray is running in this process")
+
+    def no_cluster(**kwargs):
+        raise ConnectionError("Could not find any running Ray instance. Please specify the one to connect to "
+                              "by setting `--address` flag or `RAY_ADDRESS` environment variable.\nmore")
+
+    monkeypatch.setattr(ray, "init", no_cluster)
+    with pytest.raises(ConfigError, match=r"^--ray-address auto: Could not find any running Ray instance\. "
+                                          r"Please specify .* environment variable\.$"):
+        with ray_session("auto"):
+            pass
 
 
 def test_local_ray_is_bound_to_localhost_without_dashboard(local_ray):
@@ -124,6 +140,19 @@ def test_missing_ray_is_a_config_error(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ray" else real(name, *a))
     with pytest.raises(ConfigError, match="runtime.runtime: ray is not installed"):
         validate(TrainConfig(runtime=RuntimeConfig(runtime="ray")))
+
+
+@pytest.mark.parametrize("address, message", [
+    ("garbage", "--ray-address: 'garbage' is not auto, HOST:PORT or ray://HOST:PORT"),
+    ("127.0.0.1:notaport", "is not auto, HOST:PORT"),
+    ("127.0.0.1:1", r"--ray-address: nothing answers at 127.0.0.1:1 \(Connection refused\); is the Ray cluster up\?"),
+    ("ray://127.0.0.1:1", "nothing answers at 127.0.0.1:1"),
+])
+def test_an_address_ray_cannot_join_is_one_line_before_anything_starts(address, message):
+    """ray.init raised a traceback for a malformed address and retried for minutes where nothing listens."""
+    with pytest.raises(ConfigError, match=message):
+        check_ray_address(address)
+    check_ray_address("auto")  # ray.init checks that one at once (below)
 
 
 # ---------------------------------------------------------------- training on Ray

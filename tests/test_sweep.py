@@ -30,10 +30,10 @@ def test_sweep_resume_figures_and_advice(tmp_path, capsys):
     assert again["S2-lr0.0001-seed0"] != first_wall["S2-lr0.0001-seed0"]
     capsys.readouterr()
 
-    assert main(["advise", str(out), "--staleness", "0,2", "--steps", "12", "--json", str(tmp_path / "a.json")]) == 0
+    assert main(["advise", str(out), "--staleness", "0,2", "--steps", "12", "--json", str(tmp_path / "new" / "a.json")]) == 0
     printed = capsys.readouterr().out
     assert "G_upd" in printed and "R_crit" in printed and "S=2, T=12" in printed
-    report = json.loads((tmp_path / "a.json").read_text())
+    report = json.loads((tmp_path / "new" / "a.json").read_text())
     assert report["g_upd"]["count"] == 4 and len(report["advice"]) == 2
 
 
@@ -43,6 +43,19 @@ def test_sweep_and_advise_refuse_bad_input(tmp_path, capsys):
     assert "unknown 'magic'" in capsys.readouterr().err
     assert main(["sweep", "--staleness", "-1", "--lr", "1e-3", "--out", str(tmp_path / "s")]) == 2
     assert "staleness.staleness" in capsys.readouterr().err
+    assert main(["sweep", "--staleness", "0", "--lr", "", "--out", str(tmp_path / "s")]) == 2
+    assert "--lr: no values given" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()
+    run = tmp_path / "run"  # `stalerl train --out run` made this; a sweep inside it would be read as that run
+    run.mkdir()
+    (run / "config.yaml").write_text("# stalerl run config\n")
+    assert main(["sweep", "--staleness", "0", "--lr", "1e-3", "--out", str(run)]) == 2
+    assert "holds a training run (config.yaml), not a sweep" in capsys.readouterr().err
+    assert sorted(path.name for path in run.iterdir()) == ["config.yaml"]
+    assert main(["sweep", "-S", "0", "--lr", "1e-3", "--out", str(tmp_path / "s"), "--runtime", "ray",
+                 "--ray-address", "127.0.0.1:1"]) == 2  # Ray would retry for minutes
+    assert "--ray-address: nothing answers at 127.0.0.1:1" in capsys.readouterr().err
+    assert not (tmp_path / "s" / "S0-lr0.001-seed0").exists()
     assert main(["advise", str(tmp_path / "missing")]) == 2
     assert "no such directory" in capsys.readouterr().err
     assert main(["advise", str(tmp_path), "--steps", "0"]) == 2

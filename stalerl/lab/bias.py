@@ -253,6 +253,28 @@ def bias_figure(points: list[BiasPoint], path: Path) -> Path:
     return path
 
 
+# Settings the probe does not read (it takes the learning rates from --lr) or that do not change what
+# it measures; any other difference between two probes in one bias.json would mix their points.
+NOT_PROBE_SETTINGS = ("out", "progress", "optim.lr", "threads", "tensorboard", "steps")
+
+
+def check_same_probe(path: Path, config: TrainConfig, what: dict[str, str]) -> None:
+    """Refuses, in one line, to add points to a bias.json of another model, task or config."""
+    from stalerl.checkpoint import config_difference
+
+    settings = json.loads(path.read_text()).get("settings", {})
+    earlier = {key: settings.get(key, default) for key, default in (("model", ""), ("task", "addition"))}
+    if earlier != what:
+        raise ConfigError(f"{path} holds a probe of model {earlier['model'] or 'embedded'!r}, "
+                          f"task {earlier['task']!r}, not of {what['model'] or 'embedded'!r}, {what['task']!r}; "
+                          f"use another --out")
+    if "config" in settings:  # older reports recorded only the model and the task
+        difference = config_difference(settings["config"], config, NOT_PROBE_SETTINGS)
+        if difference:
+            raise ConfigError(f"{path} holds a probe of another config ({difference}); its points would be "
+                              f"fitted with these: use another --out")
+
+
 def run_probe(config: TrainConfig, lrs: list[float], anchors: list[int], lags: list[int], batches: int,
               out: Path, probe_seed: int = 10_000, progress: bool = True) -> dict[str, Any]:
     if min(anchors) < max(lags):
@@ -260,13 +282,8 @@ def run_probe(config: TrainConfig, lrs: list[float], anchors: list[int], lags: l
     if batches < 3:
         raise ValueError("--batches must be >= 3 for the jackknife")
     what = {"model": config.model.name_or_path, "task": config.task.name}  # "": the embedded tiny model
-    if (out / "bias.json").is_file():  # a probe is grown only with points of the same policy and task
-        settings = json.loads((out / "bias.json").read_text()).get("settings", {})
-        earlier = {key: settings.get(key, default) for key, default in (("model", ""), ("task", "addition"))}
-        if earlier != what:
-            raise ConfigError(f"{out / 'bias.json'} holds a probe of model {earlier['model'] or 'embedded'!r}, "
-                              f"task {earlier['task']!r}, not of {what['model'] or 'embedded'!r}, {what['task']!r}; "
-                              f"use another --out")
+    if (out / "bias.json").is_file():  # a probe is grown only with points of the same config
+        check_same_probe(out / "bias.json", config, what)
     policy = build_probe_policy(config)
     out.mkdir(parents=True, exist_ok=True)
     points: list[BiasPoint] = []
@@ -289,7 +306,8 @@ def run_probe(config: TrainConfig, lrs: list[float], anchors: list[int], lags: l
         points = [p for p in earlier if (p.lr, p.anchor, p.lag) not in measured] + points
     report = {"points": [asdict(p) for p in points], "fits": fit_exponents(points),
               "settings": {"lrs": sorted({p.lr for p in points}), "anchors": sorted({p.anchor for p in points}),
-                           "lags": sorted({p.lag for p in points}), "batches": batches, **what,
+                           "lags": sorted({p.lag for p in points}), "batches": sorted({p.batches for p in points}),
+                           **what, "config": config.to_dict(),
                            "parameters": count_parameters(policy.model),
                            "device": str(next(policy.model.parameters()).device)}}
     (out / "bias.json").write_text(json.dumps(report, indent=2))

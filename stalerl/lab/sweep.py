@@ -9,15 +9,23 @@ one asked for: before any cell runs, a directory that holds a run of another con
 that is not a run) is refused with a one-line error naming the cell and the setting, and it is never
 deleted. DIR/sweep.json is the table of cells.
 Each run is a separate process with one torch thread, so cells do not fight over the cores.
+Ctrl-C or SIGTERM stops the sweep as it stops a run: each running cell stops after its step with a
+checkpoint, no new cell starts, and the same command goes on from there. A worker whose sweep was
+killed outright does the same and exits, so no orphan keeps writing into a cell.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
 import multiprocessing
+import os
 import shutil
+import signal
 import sys
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +33,7 @@ from typing import Any
 from tqdm import tqdm
 
 from stalerl.config import ConfigError, TrainConfig, load_config, override, validate
+from stalerl.guards import Interrupted, RunStopped
 from stalerl.lab.runs import is_finished, load_run
 
 # Stabilizer name -> config overrides. 'gac' caps the cosine between consecutive updates.
@@ -54,6 +63,9 @@ def cell_configs(base: TrainConfig, out: Path, staleness: list[int], lrs: list[f
     unknown = [name for name in stabilizers if name not in STABILIZERS]
     if unknown:
         raise ConfigError(f"--stabilizers: unknown {unknown[0]!r} (known: {', '.join(STABILIZERS)})")
+    for flag, values in (("--staleness", staleness), ("--lr", lrs), ("--seeds", seeds), ("--stabilizers", stabilizers)):
+        if not values:
+            raise ConfigError(f"{flag}: no values given (e.g. {flag} {SWEEP_EXAMPLES[flag]})")
     cells = []
     for stabilizer in stabilizers:
         for s in staleness:
@@ -72,8 +84,42 @@ def cell_configs(base: TrainConfig, out: Path, staleness: list[int], lrs: list[f
     return cells
 
 
+SWEEP_EXAMPLES = {"--staleness": "0,4,16", "--lr": "1e-4,3e-4", "--seeds": "0,1", "--stabilizers": "none,staleness"}
+
+
 def _describe(cell: Cell) -> str:
     return f"S={cell.staleness} lr={cell.lr!r} seed={cell.seed} stabilizer={cell.stabilizer}"
+
+
+# ---------------------------------------------------------------- worker processes
+
+_sweep_stopping: Any = None  # the sweep's stop event (multiprocessing.Event), set in each worker
+_in_cell = threading.Event()  # a cell is running in this worker
+
+
+def _worker_setup(sweep_pid: int, stopping: Any) -> None:
+    """A local sweep worker: signals come from the sweep only (SweepStop), once the worker runs a cell."""
+    global _sweep_stopping
+    _sweep_stopping = stopping
+    # Out of the terminal's process group: Ctrl-C reaches the sweep, which passes it on to the workers
+    # that run a cell. Between cells a signal is ignored (an idle worker would die with a traceback);
+    # train() takes them while it runs (guards.StopRequests).
+    os.setpgrp()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
+    threading.Thread(target=_follow_sweep, args=(sweep_pid,), name="stalerl-follow-sweep", daemon=True).start()
+
+
+def _follow_sweep(sweep_pid: int) -> None:
+    # The sweep was killed outright (reparented): the cell in progress stops after its step with a
+    # checkpoint, as on SIGTERM, and the worker ends; otherwise it would go on writing into a cell
+    # that a rerun of the sweep may have started again.
+    while os.getppid() == sweep_pid:
+        time.sleep(0.5)
+    os.kill(os.getpid(), signal.SIGTERM)
+    while _in_cell.is_set():
+        time.sleep(0.5)
+    os._exit(1)
 
 
 def run_cell(config_data: dict[str, Any], resume: bool = False) -> dict[str, Any]:
@@ -81,7 +127,45 @@ def run_cell(config_data: dict[str, Any], resume: bool = False) -> dict[str, Any
     from stalerl.config import TrainConfig, from_dict
     from stalerl.train import train
 
-    return train(from_dict(TrainConfig, config_data), resume=resume)
+    if _sweep_stopping is not None and _sweep_stopping.is_set():
+        raise Interrupted("not started: the sweep was stopping")
+    _in_cell.set()
+    try:
+        return train(from_dict(TrainConfig, config_data), resume=resume)
+    finally:
+        _in_cell.clear()
+
+
+class SweepStop:
+    """Ctrl-C / SIGTERM in the sweep's process: no new cell starts, and the signal goes on to the
+    workers, whose running cells stop after their step with a checkpoint (a second one: at once)."""
+
+    def __init__(self, stopping: Any):
+        self.stopping = stopping  # multiprocessing.Event, shared with the workers
+        self.requested: str | None = None
+
+    @contextlib.contextmanager
+    def installed(self):
+        if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+            yield self
+            return
+        previous = {signum: signal.signal(signum, self._handle) for signum in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield self
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        first = self.requested is None
+        self.requested = signal.Signals(signum).name
+        self.stopping.set()
+        for worker in multiprocessing.active_children():  # the pool's processes
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(worker.pid, signum)
+        if first:
+            print(f"stalerl: {self.requested}: the sweep stops; running cells stop after their step with a "
+                  f"checkpoint (again to quit at once)", file=sys.stderr, flush=True)
 
 
 # Settings a fixed-lr run never reads (the staleness-aware cap's), ignored when a saved cell is
@@ -163,7 +247,13 @@ def sweep_row(cell: Cell, summary: dict[str, Any], run_dir: Path) -> dict[str, A
 def run_sweep(cells: list[tuple[Cell, TrainConfig]], out: Path, workers: int, progress: bool = True,
               runtime: str = "local", ray_address: str | None = None, cpus_per_run: float = 1.0) -> list[dict]:
     """Runs the unfinished cells: `workers` local processes, or Ray tasks of `cpus_per_run` CPUs each."""
+    if (out / "config.yaml").is_file():  # the lab would read it as one run and not see the cells
+        raise ConfigError(f"--out {out}: holds a training run (config.yaml), not a sweep; use another directory")
     plan = plan_cells(cells)
+    if runtime == "ray" and any(action != "done" for _, _, action in plan):
+        from stalerl.ray_runtime import check_ray_address
+
+        check_ray_address(ray_address or "")
     out.mkdir(parents=True, exist_ok=True)
     rows: dict[str, dict] = {}
     todo = []
@@ -191,16 +281,34 @@ def run_sweep(cells: list[tuple[Cell, TrainConfig]], out: Path, workers: int, pr
     if one_cell_each and sys.version_info < (3, 11):
         raise ConfigError("rollout.engine: a sweep of vLLM cells needs Python 3.11 or newer (a fresh process per cell)")
     options = {"max_tasks_per_child": 1} if one_cell_each else {}
-    with concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=context, **options) as pool:
+    stop = SweepStop(context.Event())
+    stopped = 0  # cells a signal stopped (with a checkpoint) or kept from starting
+    with stop.installed(), concurrent.futures.ProcessPoolExecutor(
+            max_workers=workers, mp_context=context, initializer=_worker_setup,
+            initargs=(os.getpid(), stop.stopping), **options) as pool:
         futures = {pool.submit(run_cell, config.to_dict(), resume): (cell, config) for cell, config, resume in todo}
         for future in concurrent.futures.as_completed(futures):
             cell, config = futures[future]
-            rows[cell.name] = sweep_row(cell, future.result(), Path(config.out))
+            if stop.requested:
+                for waiting in futures:
+                    waiting.cancel()
+            try:
+                summary = future.result()
+            except (RunStopped, KeyboardInterrupt, concurrent.futures.CancelledError):
+                if not stop.requested:
+                    raise
+                stopped += 1
+                continue
+            rows[cell.name] = sweep_row(cell, summary, Path(config.out))
             collapsed = sum(row["collapse_step"] is not None for row in rows.values())
             bar.set_postfix(collapsed=collapsed, refresh=False)
             bar.update()
             write_table(out, [rows[c.name] for c, _ in cells if c.name in rows])
     bar.close()
+    if stop.requested:
+        write_table(out, [rows[c.name] for c, _ in cells if c.name in rows])
+        raise Interrupted(f"{stop.requested}: sweep stopped, {len(rows)} of {len(cells)} cells finished "
+                          f"({stopped} stopped or not started); rerun the same command to go on from their checkpoints")
     table = [rows[cell.name] for cell, _ in cells]
     write_table(out, table)
     return table

@@ -1,0 +1,89 @@
+"""Stopping a sweep: Ctrl-C and SIGTERM stop it as they stop a run (one line, a checkpoint in every
+running cell, nothing else started), and a sweep killed outright leaves no worker writing on."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from stalerl.checkpoint import newest_valid
+
+CELL = "S2-lr0.0001-seed0"
+
+
+def start_sweep(out: Path, steps: int, workers: int) -> subprocess.Popen:
+    # A session of its own, as a terminal's job: a signal to its process group is what Ctrl-C sends.
+    argv = [sys.executable, "-m", "stalerl.cli", "sweep", "-S", "2", "--lr", "1e-4", "--steps", str(steps),
+            "--out", str(out), "--workers", str(workers), "--no-progress", "--no-figures",
+            "--set", "rollout.prompts_per_step=4", "--set", "checkpoint.every=0"]
+    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def wait_for_steps(sweep: subprocess.Popen, metrics: Path, steps: int, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= steps:
+            return
+        if sweep.poll() is not None:
+            raise AssertionError(f"the sweep ended early: {sweep.communicate()}")
+        time.sleep(0.2)
+    sweep.kill()
+    raise AssertionError("the cell made no steps in time")
+
+
+def children_of(pid: int) -> list[int]:
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        if int(fields[1]) == pid:
+            children.append(int(stat.parent.name))
+    return children
+
+
+def is_gone(pid: int) -> bool:
+    try:  # gone, or a zombie that the reaper has not collected yet
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+
+
+def test_ctrl_c_stops_a_sweep_in_one_line_with_a_checkpoint_in_the_running_cell(tmp_path):
+    out = tmp_path / "sweep"
+    sweep = start_sweep(out, steps=2000, workers=2)  # one cell, so one worker idles
+    wait_for_steps(sweep, out / CELL / "metrics.jsonl", 3)
+    os.killpg(sweep.pid, signal.SIGINT)
+    _, stderr = sweep.communicate(timeout=120)
+    assert sweep.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    assert "SIGINT: the sweep stops" in stderr
+    assert "sweep stopped, 0 of 1 cells finished (1 stopped or not started); rerun the same command" in stderr
+    assert "stopping after this step with a checkpoint" in stderr  # the cell's own line: it got the signal
+    assert newest_valid(out / CELL) is not None
+    assert not (out / CELL / "summary.json").exists()
+    steps_done = len((out / CELL / "metrics.jsonl").read_text().splitlines())
+    assert steps_done < 2000 and json.loads((out / "sweep.json").read_text()) == []
+
+
+def test_a_killed_sweep_leaves_no_worker_training(tmp_path):
+    out = tmp_path / "sweep"
+    sweep = start_sweep(out, steps=2000, workers=1)
+    wait_for_steps(sweep, out / CELL / "metrics.jsonl", 3)
+    workers = [pid for pid in children_of(sweep.pid) if "multiprocessing" in Path(f"/proc/{pid}/cmdline").read_text()
+               and "resource_tracker" not in Path(f"/proc/{pid}/cmdline").read_text()]
+    assert len(workers) == 1, workers
+    sweep.send_signal(signal.SIGKILL)
+    sweep.communicate()
+    deadline = time.monotonic() + 60
+    while not is_gone(workers[0]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if not is_gone(workers[0]):
+        os.kill(workers[0], signal.SIGKILL)
+        raise AssertionError("the sweep's worker went on training for a minute after the sweep was killed")
+    assert newest_valid(out / CELL) is not None  # it stopped as on SIGTERM: after its step, with a checkpoint
+    assert not (out / CELL / "summary.json").exists()
