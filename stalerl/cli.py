@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 import time
 from pathlib import Path
@@ -264,6 +265,21 @@ def _print_bias_fits(report: dict) -> None:
           f"within-cycle drift exponent {text(report['fits']['drift_exponent_pooled'])}")
 
 
+# A negative number in scientific notation, which argparse takes for an option's name ("--lr -1e-3").
+NEGATIVE_SCIENTIFIC = re.compile(r"^-(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
+
+
+def glue_negative_values(argv: list[str]) -> list[str]:
+    """'--lr -1e-3' -> '--lr=-1e-3', so that the value reaches its check ("optim.lr: must be > 0")."""
+    glued: list[str] = []
+    for token in argv:
+        if NEGATIVE_SCIENTIFIC.match(token) and glued and glued[-1].startswith("--") and "=" not in glued[-1]:
+            glued[-1] = f"{glued[-1]}={token}"
+        else:
+            glued.append(token)
+    return glued
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="stalerl", description=__doc__)
     subparsers = parser.add_subparsers(dest="command", required=True)
@@ -271,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     add_sweep_parser(subparsers)
     add_lab_parsers(subparsers)
     add_bench_parser(subparsers)
-    args = parser.parse_args(argv)
+    args = parser.parse_args(glue_negative_values(sys.argv[1:] if argv is None else argv))
     logging.getLogger("transformers").setLevel(logging.ERROR)
     try:
         commands = {"train": run_train, "sweep": run_sweep_command, "advise": run_advise, "plot": run_plot,

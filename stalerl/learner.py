@@ -45,17 +45,21 @@ def learner_step(
     tokens = float(mask_N_L.sum().clamp(min=1))
     in_loss_N = mask_N_L.any(dim=1)  # False for a sample dropped for its failed reward (task.on_reward_error)
 
+    # Every sample's reward failed and was dropped (task.on_reward_error=drop): nothing to learn from.
+    # No step either: with a zero gradient, Adam's momentum and weight decay would still move the weights.
+    empty = not bool(in_loss_N.any())
+
     max_norm = optim.grad_clip if optim.grad_clip > 0 else float("inf")
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-    ess_frac = effective_sample_fraction(logprobs_N_L[in_loss_N], behavior_logprobs_N_L[in_loss_N],
-                                         mask_N_L[in_loss_N])
-    lr = choose_lr({"ess_frac": ess_frac}) if choose_lr is not None else optim.lr
+    ess_frac = None if empty else effective_sample_fraction(logprobs_N_L[in_loss_N], behavior_logprobs_N_L[in_loss_N],
+                                                            mask_N_L[in_loss_N])
+    lr = choose_lr({"ess_frac": ess_frac}) if choose_lr is not None and not empty else optim.lr
     for group in optimizer.param_groups:
         group["lr"] = lr
     # A non-finite loss or gradient would poison the weights and Adam's moments for good: the update
     # is skipped, weights and optimizer untouched (train.py counts these; guard.max_bad_steps stops).
     skipped = not (math.isfinite(surrogate.loss) and math.isfinite(float(grad_norm)))
-    if skipped:
+    if skipped or empty:
         optimizer.zero_grad(set_to_none=True)
     else:
         optimizer.step()
@@ -80,6 +84,7 @@ def learner_step(
         "ess_frac": ess_frac,
         "lr": lr,
         "skipped_update": int(skipped),
+        "in_loss_frac": float(in_loss_N.float().mean()),  # below 1: samples dropped for a failed reward
     }
 
 

@@ -56,6 +56,26 @@ def check_hardware(config: TrainConfig) -> None:
         raise ConfigError("model.device: mps asked for but Apple's MPS backend is not available here")
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tiktoken.model")
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def check_model_files(model: ModelConfig) -> None:
+    """A local model.name_or_path that is not a checkpoint: which file is missing, in one line, before
+    the run directory exists (transformers' own error for it is several lines, and names none)."""
+    if not model.name_or_path:
+        return
+    path = Path(model.name_or_path).expanduser()
+    if is_missing_directory(model.name_or_path):
+        raise ConfigError(f"model.name_or_path: directory not found: {model.name_or_path}")
+    if not path.is_dir():  # a hub name
+        return
+    for what, names in (("config.json", ("config.json",)), ("a tokenizer", TOKENIZER_FILES), ("weights", WEIGHT_FILES)):
+        if not any((path / name).is_file() for name in names):
+            raise ConfigError(f"model.name_or_path: {model.name_or_path} is not a Hugging Face checkpoint directory: "
+                              f"it has no {what} ({', '.join(names)})")
+
+
 def build_policy(config: TrainConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, dict]:
     """(model, tokenizer, record): the cached warm-started tiny model when model.name_or_path is empty."""
     if not config.model.name_or_path:
@@ -106,7 +126,7 @@ def _from_pretrained(auto_class: type, config: ModelConfig, offline: str | None,
         return auto_class.from_pretrained(path, trust_remote_code=config.trust_remote_code,
                                           local_files_only=offline is not None, **kwargs)
     except (OSError, ValueError) as error:  # no such hub name, no weights, an unknown architecture
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        reason = " ".join(str(error).split()) or type(error).__name__  # one line, all of it
         if Path(path).expanduser().is_dir():
             raise ConfigError(f"model.name_or_path: cannot load {path}: {reason}") from None
         if offline is not None:

@@ -31,8 +31,8 @@ from stalerl.metrics import MetricsWriter, UpdateTracker
 from stalerl.data import build_task, check_task_inputs
 from stalerl.guards import (BadStepGuard, Interrupted, StopRequests, check_prompt_lengths, disk_full, is_disk_full,
                             resume_hint)
-from stalerl.policy import (build_policy, build_rollout_engine, check_hardware, hub_access, load_tokenizer,
-                            save_final)
+from stalerl.policy import (build_policy, build_rollout_engine, check_hardware, check_model_files, hub_access,
+                            load_tokenizer, save_final)
 from stalerl.rollout import RolloutWorker, TransformersEngine
 from stalerl.stabilizers import LearningRateControl, align_update
 from stalerl.staleness import PipelineState, RolloutSource, ThreadedRollouts, check_lag
@@ -94,14 +94,20 @@ def make_rollout_source(config: TrainConfig, model: PreTrainedModel, tokenizer: 
                             total_batches=config.steps, start=start)
 
 
+def check_inputs(config: TrainConfig) -> None:
+    """What a run checks before its directory exists or a model loads, each a one-line ConfigError."""
+    check_hardware(config)  # e.g. vLLM without a GPU
+    check_model_files(config.model)  # a checkpoint directory without config.json, a tokenizer or weights
+    check_task_inputs(config)  # a bad data line or reward spec: before a model loads or a warm start trains
+
+
 def train(config: TrainConfig, resume: bool = False) -> dict[str, Any]:
     """Runs one async GRPO run to completion and returns its summary (also in summary.json).
 
     `resume`: go on with the unfinished run in config.out from its newest valid checkpoint.
     """
     config = validate(config)
-    check_hardware(config)  # e.g. vLLM without a GPU: one line, before the run directory exists
-    check_task_inputs(config)  # a bad data line or reward spec: before a model loads or a warm start trains
+    check_inputs(config)
     run_dir = prepare_run_dir(config, resume)
     if not resume:
         save_config(config, run_dir / "config.yaml")
@@ -174,7 +180,8 @@ def train(config: TrainConfig, resume: bool = False) -> dict[str, Any]:
                 decisions |= align_update(tracker, config.stabilizer.gac_cos_threshold)
             source.publish(model.state_dict(), version=step + 1)
             geometry = tracker.after_step(model)
-            if not stats["skipped_update"]:
+            updated = not stats["skipped_update"] and stats["in_loss_frac"] > 0  # learner_step applied an update
+            if updated:
                 lr_control.observe(geometry["update_norm"], stats["lr"])
             train_s = time.perf_counter() - train_start
 
@@ -188,7 +195,7 @@ def train(config: TrainConfig, resume: bool = False) -> dict[str, Any]:
                 "train_reward": float(batch.rewards_N.mean()),
                 "val_reward": val_reward,
                 **geometry,
-                "g_upd": None if stats["skipped_update"] else geometry["update_norm"] / stats["lr"],
+                "g_upd": geometry["update_norm"] / stats["lr"] if updated else None,
                 "lag_mean": float(lag),
                 "lag_max": lag,
                 "version": batch.version,

@@ -188,6 +188,7 @@ BAD_INPUTS = [
     (["--set", "rollout.temperature=.inf"], "rollout.temperature: must be > 0 and finite"),
     (["--set", "model.lora_dropout=1"], "model.lora_dropout: must be in [0, 1)"),
     (["--set", "model.device=gpu"], "model.device: 'gpu' is not auto, cpu, cuda, cuda:N or mps"),
+    (["--lr", "-1e-3"], "optim.lr: learning rate must be > 0 and finite"),  # argparse took it for an option
 ]
 
 

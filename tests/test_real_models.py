@@ -118,7 +118,29 @@ def test_missing_model_dir_is_one_line_error_before_work(tmp_path, capsys):
     assert main(math_argv(tmp_path / "no-such-model", out)) == 2
     err = capsys.readouterr().err.strip()
     assert "model.name_or_path: directory not found" in err and "\n" not in err
-    assert not (out / "metrics.jsonl").exists()
+    assert not out.exists()  # refused before the run directory is made
+
+
+@pytest.mark.parametrize("remove, what", [
+    (["config.json"], "config.json (config.json)"),
+    (["tokenizer.json"], "a tokenizer (tokenizer.json, tokenizer.model, vocab.json, tiktoken.model)"),
+    (["model.safetensors"], "weights (model.safetensors, model.safetensors.index.json, pytorch_model.bin, "
+                            "pytorch_model.bin.index.json)"),
+])
+def test_a_directory_that_is_not_a_checkpoint_names_what_it_lacks(checkpoint, tmp_path, capsys, remove, what):
+    """transformers' error for a directory without a tokenizer file is several lines and names no file;
+    the first of them was all the user saw, cut off at 'from one of:'."""
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(checkpoint, broken)
+    for name in remove:
+        (broken / name).unlink()
+    out = tmp_path / "run"
+    assert main(math_argv(broken, out)) == 2
+    assert capsys.readouterr().err == (f"stalerl: error: model.name_or_path: {broken} is not a Hugging Face "
+                                       f"checkpoint directory: it has no {what}\n")
+    assert not out.exists()
 
 
 def test_math_task_without_checkpoint_is_refused(tmp_path, capsys):

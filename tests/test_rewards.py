@@ -161,6 +161,17 @@ def test_zero_and_drop_policies_count_errors_and_finish(user_file, tmp_path):
         assert all(np.isfinite(row["loss"]) for row in rows)
 
 
+def test_drop_with_every_reward_failing_makes_no_update(user_file, tmp_path):
+    """A batch with no sample left in the loss crashed the ESS (max of an empty tensor); with a zero
+    gradient, Adam's momentum would still have moved the weights."""
+    out = tmp_path / "drop-all"
+    assert main(tiny_argv(out, f"{user_file}:boom", "--set", "task.on_reward_error=drop")) == 0
+    rows = read_metrics(out)
+    assert [row["in_loss_frac"] for row in rows] == [0.0] * 4
+    assert all(row["update_norm"] == 0.0 and row["g_upd"] is None and row["ess_frac"] is None for row in rows)
+    assert rows[-1]["drift"] == 0.0 and rows[-1]["skipped_update"] == 0
+
+
 def test_stop_policy_ends_the_run_and_keeps_finished_steps(user_file, tmp_path, capsys):
     out = tmp_path / "stop"
     code = main(tiny_argv(out, f"{user_file}:late_boom", "--set", "task.on_reward_error=stop"))

@@ -43,6 +43,10 @@ def test_sweep_and_advise_refuse_bad_input(tmp_path, capsys):
     assert "unknown 'magic'" in capsys.readouterr().err
     assert main(["sweep", "--staleness", "-1", "--lr", "1e-3", "--out", str(tmp_path / "s")]) == 2
     assert "staleness.staleness" in capsys.readouterr().err
+    assert main(["sweep", "--staleness", "0,2", "--lr", "1e-3", "--out", str(tmp_path / "s"), "--set", "task.name=math",
+                 "--set", f"task.data={tmp_path / 'missing.jsonl'}", "--set", "model.name_or_path=some/model"]) == 2
+    assert "task.data: file not found" in capsys.readouterr().err  # from the sweep, before any worker starts
+    assert not any((tmp_path / "s").glob("S*"))
     assert main(["sweep", "--staleness", "0", "--lr", "", "--out", str(tmp_path / "s")]) == 2
     assert "--lr: no values given" in capsys.readouterr().err
     assert not (tmp_path / "s").exists()

@@ -37,16 +37,16 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from stalerl.config import ConfigError, TrainConfig
-from stalerl.data import build_task, check_task_inputs
+from stalerl.data import build_task
 from stalerl.guards import check_prompt_lengths
 from stalerl.lab.law import fit_loglog
 from stalerl.learner import learner_step, make_optimizer, surrogate_gradient
 from stalerl.metrics import flat_parameters
 from stalerl.model import count_parameters
-from stalerl.policy import build_policy, check_hardware
+from stalerl.policy import build_policy
 from stalerl.rollout import RolloutBatch
 from stalerl.tasks import Task
-from stalerl.train import build_rollout_worker
+from stalerl.train import build_rollout_worker, check_inputs
 
 
 @dataclass(frozen=True)
@@ -105,8 +105,7 @@ def build_probe_policy(config: TrainConfig) -> Policy:
     if config.rollout.engine != "transformers":
         raise ConfigError("rollout.engine: the bias probe samples with the transformers engine (its shared Gumbel "
                           "noise pairs the stale and the fresh batch); set rollout.engine=transformers")
-    check_hardware(config)  # e.g. model.device=cuda without a GPU: one line
-    check_task_inputs(config)  # a bad data line or reward spec: before the model loads
+    check_inputs(config)  # as train() does: e.g. model.device=cuda without a GPU, a bad data line
     model, tokenizer, _ = build_policy(config)
     task = build_task(config, tokenizer)
     check_prompt_lengths(task, tokenizer, getattr(model.config, "max_position_embeddings", None),

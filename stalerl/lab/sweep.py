@@ -250,10 +250,15 @@ def run_sweep(cells: list[tuple[Cell, TrainConfig]], out: Path, workers: int, pr
     if (out / "config.yaml").is_file():  # the lab would read it as one run and not see the cells
         raise ConfigError(f"--out {out}: holds a training run (config.yaml), not a sweep; use another directory")
     plan = plan_cells(cells)
-    if runtime == "ray" and any(action != "done" for _, _, action in plan):
+    first = next((config for _, config, action in plan if action != "done"), None)
+    if first is not None and runtime == "ray":
         from stalerl.ray_runtime import check_ray_address
 
         check_ray_address(ray_address or "")
+    elif first is not None:  # here, not in a worker after a minute: the cells share model, task and hardware
+        from stalerl.train import check_inputs
+
+        check_inputs(first)
     out.mkdir(parents=True, exist_ok=True)
     rows: dict[str, dict] = {}
     todo = []
