@@ -97,8 +97,8 @@ def make_rollout_source(config: TrainConfig, model: PreTrainedModel, tokenizer: 
 def check_inputs(config: TrainConfig) -> None:
     """What a run checks before its directory exists or a model loads, each a one-line ConfigError."""
     check_hardware(config)  # e.g. vLLM without a GPU
-    check_model_files(config.model)  # a checkpoint directory without config.json, a tokenizer or weights
     check_task_inputs(config)  # a bad data line or reward spec: before a model loads or a warm start trains
+    check_model_files(config.model)  # a checkpoint directory without config.json, a tokenizer or weights
 
 
 def train(config: TrainConfig, resume: bool = False) -> dict[str, Any]:
