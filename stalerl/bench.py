@@ -386,6 +386,7 @@ def bench_memory(plan: Plan, tmp: Path) -> dict:
 
 
 PARTS = ("step", "gen", "async", "sweep", "memory")
+REPORT_FORMAT = 2  # bench.json's layout: one up whenever a part's fields change (kept_parts mixes only equal ones)
 # What the parts vary from run to run (the gen part's variants set the cache and prompt sharing themselves).
 BENCH_SETS = ("steps", "out", "staleness.staleness")
 
@@ -453,7 +454,7 @@ def run_bench(out: Path, quick: bool, plan: Plan | None = None, parts: tuple[str
     out.mkdir(parents=True, exist_ok=True)
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     report: dict[str, Any] = {
-        "quick": quick, "plan": dataclasses.asdict(plan),
+        "format": REPORT_FORMAT, "quick": quick, "plan": dataclasses.asdict(plan),
         "machine": {"cpus": os.cpu_count(), "load_avg_before": os.getloadavg(), "python": platform.python_version(),
                     "torch": torch.__version__, "transformers": transformers.__version__, "trl": trl_version(),
                     "gpu": gpu},
@@ -484,23 +485,30 @@ def run_bench(out: Path, quick: bool, plan: Plan | None = None, parts: tuple[str
 
 def kept_parts(path: Path, parts: tuple[str, ...]) -> dict:
     """The parts of an earlier report in the same directory that this run does not redo, so that
-    `--parts` updates a report instead of replacing it; `earlier_parts` says where each came from."""
+    `--parts` updates a report instead of replacing it; `earlier_parts` says where each came from.
+    A report that is not one, or of another REPORT_FORMAT, is refused rather than overwritten."""
+    from stalerl.config import ConfigError
+
     if not path.is_file():
         return {}
     try:
         earlier = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        from stalerl.config import ConfigError
-
         raise ConfigError(f"{path}: not a bench report ({error}); use another --out or move it away") from None
+    if not isinstance(earlier, dict):
+        raise ConfigError(f"{path}: not a bench report (not a JSON object); use another --out or move it away")
+    others = [part for part in PARTS if part in earlier and part not in parts]
+    if others and earlier.get("format") != REPORT_FORMAT:
+        raise ConfigError(f"{path} is a report of another stalerl version (format {earlier.get('format', 1)}, "
+                          f"this one writes {REPORT_FORMAT}): its {', '.join(others)} part(s) would be lost; "
+                          f"use another --out, or move it away")
     provenance = dict(earlier.get("earlier_parts", {}))
-    kept: dict[str, Any] = {"earlier_parts": {}}
-    for part in PARTS:
-        if part in earlier and part not in parts:
-            kept[part] = earlier[part]
-            kept["earlier_parts"][part] = provenance.get(part) or {
-                key: earlier.get(key) for key in ("quick", "plan", "machine", "model")}
-    return kept if kept["earlier_parts"] else {}
+    kept: dict[str, Any] = {part: earlier[part] for part in others}
+    if others:
+        kept["earlier_parts"] = {part: provenance.get(part) or {key: earlier.get(key) for key in
+                                                                ("quick", "plan", "machine", "model")}
+                                 for part in others}
+    return kept
 
 
 def format_table(report: dict) -> str:
@@ -559,8 +567,9 @@ def format_table(report: dict) -> str:
                      f"{memory['history_kept_up_to_S']} (none kept above); "
                      f"{memory['mb_per_prompt']:.1f} MB per prompt (x G samples)")
     for part, source in report.get("earlier_parts", {}).items():
+        model = (source.get("model") or {}).get("checkpoint", "embedded default")
         lines.append(f"({part}: kept from an earlier bench in this directory, "
-                     f"{'quick' if source.get('quick') else 'full'}, model {source['model']['checkpoint']})")
+                     f"{'quick' if source.get('quick') else 'full'}, model {model})")
     return "\n".join(lines)
 
 

@@ -63,17 +63,25 @@ class BadStepGuard:
 
 class StopRequests:
     """Ctrl-C and SIGTERM ask the loop to stop after the step in progress, so that the checkpoint it
-    writes is consistent; a second signal stops at once. Only the main thread can take signals:
-    elsewhere (a Ray actor, a thread) this does nothing."""
+    writes is consistent; a second signal stops at once (unless `quit_on_second` is off). Only the
+    main thread can take signals: elsewhere (a Ray actor, a thread) this does nothing.
 
-    def __init__(self):
+    A request that an enclosing StopRequests took before this one was installed (a sweep worker's,
+    while its run was starting) is taken over: the run then stops after its first step."""
+
+    def __init__(self, quit_on_second: bool = True):
+        self.quit_on_second = quit_on_second
         self.requested: str | None = None
         self._previous: dict[int, object] = {}
 
     def install(self) -> StopRequests:
         if threading.current_thread() is threading.main_thread():
             for signum in (signal.SIGINT, signal.SIGTERM):
-                self._previous[signum] = signal.signal(signum, self._handle)
+                previous = signal.signal(signum, self._handle)
+                self._previous[signum] = previous
+                enclosing = getattr(previous, "__self__", None)
+                if isinstance(enclosing, StopRequests) and enclosing.requested and self.requested is None:
+                    self.requested = enclosing.requested
         return self
 
     def uninstall(self) -> None:
@@ -83,7 +91,9 @@ class StopRequests:
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.requested is not None:
-            raise KeyboardInterrupt
+            if self.quit_on_second:
+                raise KeyboardInterrupt
+            return
         self.requested = signal.Signals(signum).name
         print(f"stalerl: {self.requested}: stopping after this step with a checkpoint (again to quit at once)",
               file=sys.stderr, flush=True)

@@ -56,24 +56,29 @@ def check_hardware(config: TrainConfig) -> None:
         raise ConfigError("model.device: mps asked for but Apple's MPS backend is not available here")
 
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tiktoken.model")
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+# What transformers reads a local checkpoint's config and weights from (a peft adapter directory has
+# its own pair, and transformers loads it with its base model).
+CONFIG_FILES = ("config.json", "adapter_config.json")
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json",
+                "adapter_model.safetensors", "adapter_model.bin", "tf_model.h5", "flax_model.msgpack")
 
 
 def check_model_files(model: ModelConfig) -> None:
-    """A local model.name_or_path that is not a checkpoint: which file is missing, in one line, before
-    the run directory exists (transformers' own error for it is several lines, and names none)."""
+    """A local model.name_or_path that cannot be a checkpoint, in one line, before the run directory
+    exists: no directory, no config or no weights (named); then its tokenizer, which loads in well
+    under a second, so that its error comes here too and not after the run has started."""
     if not model.name_or_path:
         return
-    path = Path(model.name_or_path).expanduser()
     if is_missing_directory(model.name_or_path):
         raise ConfigError(f"model.name_or_path: directory not found: {model.name_or_path}")
+    path = Path(model.name_or_path).expanduser()
     if not path.is_dir():  # a hub name
         return
-    for what, names in (("config.json", ("config.json",)), ("a tokenizer", TOKENIZER_FILES), ("weights", WEIGHT_FILES)):
+    for what, names in (("config", CONFIG_FILES), ("weights", WEIGHT_FILES)):
         if not any((path / name).is_file() for name in names):
             raise ConfigError(f"model.name_or_path: {model.name_or_path} is not a Hugging Face checkpoint directory: "
-                              f"it has no {what} ({', '.join(names)})")
+                              f"it has no {what} file ({', '.join(names)})")
+    load_tokenizer(model)
 
 
 def build_policy(config: TrainConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, dict]:

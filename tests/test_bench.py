@@ -61,16 +61,27 @@ def test_bench_writes_a_complete_report(tmp_path):
     assert "step" in table and "prompts run whole" in table and "mem" in table
 
 
+REAL_SWEEP_PART = {"cells": 12, "steps": 40, "parallel_wall_s": 38.0, "sum_of_single_runs_s": 51.0,
+                   "parallel_over_sum_of_runs": 0.74, "bound": 0.63, "single_runs_cores_used": 1.3,
+                   "core_utilisation": 0.86, "serial_wall_s": 55.0}
+
+
 def test_rerunning_some_parts_keeps_the_others(tmp_path, capsys):
     """`stalerl bench --parts step,memory` into the full suite's directory replaced its report."""
     from stalerl.bench import kept_parts
 
-    full = {"quick": False, "plan": {"repeats": 3}, "machine": {"cpus": 2}, "model": {"checkpoint": "embedded default"},
-            "step": {"ratio": 1.9}, "sweep": {"cells": 12}, "wall_s": 900.0}
+    from stalerl.bench import REPORT_FORMAT
+
+    full = {"format": REPORT_FORMAT, "quick": False, "plan": {"repeats": 3}, "machine": {"cpus": 2},
+            "model": {"checkpoint": "embedded default"}, "step": {"ratio": 1.9}, "sweep": REAL_SWEEP_PART, "wall_s": 900.0}
     (tmp_path / "bench.json").write_text(json.dumps(full))
     kept = kept_parts(tmp_path / "bench.json", ("step", "memory"))
-    assert kept["sweep"] == {"cells": 12} and "step" not in kept
+    assert kept["sweep"] == REAL_SWEEP_PART and "step" not in kept
     assert kept["earlier_parts"] == {"sweep": {key: full[key] for key in ("quick", "plan", "machine", "model")}}
+    assert "kept from an earlier bench in this directory, full, model embedded default" in format_table(
+        {**full, "machine": {"cpus": 2, "load_avg_before": [1.0], "load_avg_after": [1.0], "gpu": None}, "step": {
+            "stalerl": {"s_per_step": 0.1, "samples_per_s": 1280}, "trl": None, "stalerl_whole_prompts": {
+                "s_per_step": 0.2}, "prompt_sharing_speedup": 2.0}, **kept})
     # a third run keeps the sweep's first source, not the second run's
     again = {**full, "quick": True, "step": {"ratio": 2.0}, **kept}
     (tmp_path / "bench.json").write_text(json.dumps(again))
@@ -79,6 +90,14 @@ def test_rerunning_some_parts_keeps_the_others(tmp_path, capsys):
     (tmp_path / "bench.json").write_text("{not json")
     assert main(["bench", "--out", str(tmp_path), "--parts", "step"]) == 2
     assert "bench.json: not a bench report" in capsys.readouterr().err
+    (tmp_path / "bench.json").write_text("[]")
+    assert main(["bench", "--out", str(tmp_path), "--parts", "step"]) == 2
+    assert "bench.json: not a bench report (not a JSON object)" in capsys.readouterr().err
+    # the committed report predates the format field: its other parts would not read the same way
+    (tmp_path / "bench.json").write_text((Path(__file__).parents[1] / "docs" / "bench" / "bench.json").read_text())
+    assert main(["bench", "--out", str(tmp_path), "--parts", "step"]) == 2
+    assert ("is a report of another stalerl version (format 1, this one writes 2): its gen, async, sweep, memory "
+            "part(s) would be lost") in capsys.readouterr().err
 
 
 def test_bench_refuses_unknown_parts(tmp_path, capsys):

@@ -28,6 +28,8 @@ def test_bias_probe_end_to_end(tmp_path, capsys):
     assert ("holds a probe of another config (loss.objective: 'clipped' -> 'decoupled'); its points would be "
             "fitted with these") in capsys.readouterr().err
     assert json.loads((out / "bias.json").read_text()) == grown  # kept as it was
+    # settings the probe does not read do not make another probe
+    assert main(common + ["--lr", "3e-4", "--lags", "1", "--set", "staleness.staleness=4", "--set", "val_every=7"]) == 0
 
 
 def test_bias_probe_refuses_bad_settings(tmp_path, capsys):

@@ -121,26 +121,45 @@ def test_missing_model_dir_is_one_line_error_before_work(tmp_path, capsys):
     assert not out.exists()  # refused before the run directory is made
 
 
-@pytest.mark.parametrize("remove, what", [
-    (["config.json"], "config.json (config.json)"),
-    (["tokenizer.json"], "a tokenizer (tokenizer.json, tokenizer.model, vocab.json, tiktoken.model)"),
-    (["model.safetensors"], "weights (model.safetensors, model.safetensors.index.json, pytorch_model.bin, "
-                            "pytorch_model.bin.index.json)"),
+@pytest.mark.parametrize("remove, message", [
+    ("config.json", "is not a Hugging Face checkpoint directory: it has no config file (config.json, "
+                    "adapter_config.json)"),
+    ("model.safetensors", "is not a Hugging Face checkpoint directory: it has no weights file (model.safetensors, "
+                          "model.safetensors.index.json, pytorch_model.bin"),
+    # transformers' several lines, of which the first alone was shown, cut off at "from one of:"
+    ("tokenizer.json", "cannot load {broken}: Couldn't instantiate the backend tokenizer from one of: (1) a "
+                       "`tokenizers` library serialization file, (2) a slow tokenizer instance to convert or"),
 ])
-def test_a_directory_that_is_not_a_checkpoint_names_what_it_lacks(checkpoint, tmp_path, capsys, remove, what):
-    """transformers' error for a directory without a tokenizer file is several lines and names no file;
-    the first of them was all the user saw, cut off at 'from one of:'."""
+def test_a_directory_that_is_not_a_checkpoint_is_refused_before_the_run_starts(checkpoint, tmp_path, capsys, remove,
+                                                                               message):
     import shutil
 
     broken = tmp_path / "broken"
     shutil.copytree(checkpoint, broken)
-    for name in remove:
-        (broken / name).unlink()
+    (broken / remove).unlink()
     out = tmp_path / "run"
     assert main(math_argv(broken, out)) == 2
-    assert capsys.readouterr().err == (f"stalerl: error: model.name_or_path: {broken} is not a Hugging Face "
-                                       f"checkpoint directory: it has no {what}\n")
+    err = capsys.readouterr().err
+    assert err.startswith(f"stalerl: error: model.name_or_path: ") and message.format(broken=broken) in err, err
+    assert err.count("\n") == 1
     assert not out.exists()
+
+
+def test_a_peft_adapter_directory_is_not_refused(checkpoint, tmp_path):
+    """transformers loads an adapter directory (adapter_config.json, adapter_model.safetensors) with its base."""
+    import shutil
+
+    from peft import LoraConfig, get_peft_model
+
+    from stalerl.config import ModelConfig
+    from stalerl.policy import check_model_files
+
+    model = AutoModelForCausalLM.from_pretrained(checkpoint)
+    adapter = tmp_path / "adapter"
+    get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(adapter)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(checkpoint / name, adapter / name)
+    check_model_files(ModelConfig(name_or_path=str(adapter)))
 
 
 def test_math_task_without_checkpoint_is_refused(tmp_path, capsys):

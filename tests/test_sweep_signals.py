@@ -14,12 +14,21 @@ from stalerl.checkpoint import newest_valid
 CELL = "S2-lr0.0001-seed0"
 
 
-def start_sweep(out: Path, steps: int, workers: int) -> subprocess.Popen:
+def start_sweep(out: Path, steps: int, workers: int, lrs: str = "1e-4", output=subprocess.PIPE) -> subprocess.Popen:
     # A session of its own, as a terminal's job: a signal to its process group is what Ctrl-C sends.
-    argv = [sys.executable, "-m", "stalerl.cli", "sweep", "-S", "2", "--lr", "1e-4", "--steps", str(steps),
+    argv = [sys.executable, "-m", "stalerl.cli", "sweep", "-S", "2", "--lr", lrs, "--steps", str(steps),
             "--out", str(out), "--workers", str(workers), "--no-progress", "--no-figures",
             "--set", "rollout.prompts_per_step=4", "--set", "checkpoint.every=0"]
-    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    return subprocess.Popen(argv, stdout=output, stderr=output, text=True, start_new_session=True)
+
+
+def wait_for(path: Path, sweep: subprocess.Popen, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not path.exists():
+        if sweep.poll() is not None or time.monotonic() > deadline:
+            sweep.kill()
+            raise AssertionError(f"{path} did not appear")
+        time.sleep(0.01)
 
 
 def wait_for_steps(sweep: subprocess.Popen, metrics: Path, steps: int, timeout_s: float = 120) -> None:
@@ -70,15 +79,30 @@ def test_ctrl_c_stops_a_sweep_in_one_line_with_a_checkpoint_in_the_running_cell(
     assert steps_done < 2000 and json.loads((out / "sweep.json").read_text()) == []
 
 
+def test_ctrl_c_while_a_cell_starts_stops_it_after_its_first_step(tmp_path):
+    """The worker ignored signals until the cell's train() took them, after the model and the first
+    validation: a Ctrl-C in that window was lost and the cell ran to its end."""
+    out = tmp_path / "sweep"
+    sweep = start_sweep(out, steps=300, workers=1)
+    wait_for(out / CELL / "config.yaml", sweep)  # the run directory is made before the model is built
+    os.killpg(sweep.pid, signal.SIGINT)
+    _, stderr = sweep.communicate(timeout=120)
+    assert sweep.returncode == 130 and "Traceback" not in stderr, stderr
+    assert "0 of 1 cells finished" in stderr
+    assert len((out / CELL / "metrics.jsonl").read_text().splitlines()) <= 2
+    assert newest_valid(out / CELL) is not None
+
+
 def test_a_killed_sweep_leaves_no_worker_training(tmp_path):
     out = tmp_path / "sweep"
-    sweep = start_sweep(out, steps=2000, workers=1)
+    # two cells on one worker: the second waits in the pool's queue, which the orphan could still read
+    sweep = start_sweep(out, steps=2000, workers=1, lrs="1e-4,3e-4", output=subprocess.DEVNULL)
     wait_for_steps(sweep, out / CELL / "metrics.jsonl", 3)
     workers = [pid for pid in children_of(sweep.pid) if "multiprocessing" in Path(f"/proc/{pid}/cmdline").read_text()
                and "resource_tracker" not in Path(f"/proc/{pid}/cmdline").read_text()]
     assert len(workers) == 1, workers
     sweep.send_signal(signal.SIGKILL)
-    sweep.communicate()
+    sweep.wait()
     deadline = time.monotonic() + 60
     while not is_gone(workers[0]) and time.monotonic() < deadline:
         time.sleep(0.2)
@@ -87,3 +111,4 @@ def test_a_killed_sweep_leaves_no_worker_training(tmp_path):
         raise AssertionError("the sweep's worker went on training for a minute after the sweep was killed")
     assert newest_valid(out / CELL) is not None  # it stopped as on SIGTERM: after its step, with a checkpoint
     assert not (out / CELL / "summary.json").exists()
+    assert not (out / "S2-lr0.0003-seed0").exists()  # and did not start the queued cell

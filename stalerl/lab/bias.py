@@ -252,9 +252,18 @@ def bias_figure(points: list[BiasPoint], path: Path) -> Path:
     return path
 
 
-# Settings the probe does not read (it takes the learning rates from --lr) or that do not change what
-# it measures; any other difference between two probes in one bias.json would mix their points.
-NOT_PROBE_SETTINGS = ("out", "progress", "optim.lr", "threads", "tensorboard", "steps")
+# Settings the probe does not read (it takes the learning rates from --lr, and trains no run of its
+# own) or that do not change what it measures; any other difference between two probes in one
+# bias.json would mix their points. Names, or sections ending in ".".
+NOT_PROBE_SETTINGS = ("out", "progress", "optim.lr", "threads", "tensorboard", "steps", "val_every", "staleness.",
+                      "stabilizer.", "collapse.", "guard.", "checkpoint.", "runtime.")
+
+
+def _flat_keys(data: dict[str, Any], prefix: str = "") -> list[str]:
+    keys = []
+    for key, value in data.items():
+        keys += _flat_keys(value, f"{prefix}{key}.") if isinstance(value, dict) else [f"{prefix}{key}"]
+    return keys
 
 
 def check_same_probe(path: Path, config: TrainConfig, what: dict[str, str]) -> None:
@@ -268,7 +277,8 @@ def check_same_probe(path: Path, config: TrainConfig, what: dict[str, str]) -> N
                           f"task {earlier['task']!r}, not of {what['model'] or 'embedded'!r}, {what['task']!r}; "
                           f"use another --out")
     if "config" in settings:  # older reports recorded only the model and the task
-        difference = config_difference(settings["config"], config, NOT_PROBE_SETTINGS)
+        ignored = tuple(key for key in _flat_keys(settings["config"]) if key.startswith(NOT_PROBE_SETTINGS))
+        difference = config_difference(settings["config"], config, ignored)
         if difference:
             raise ConfigError(f"{path} holds a probe of another config ({difference}); its points would be "
                               f"fitted with these: use another --out")

@@ -17,6 +17,7 @@ killed outright does the same and exits, so no orphan keeps writing into a cell.
 from __future__ import annotations
 
 import concurrent.futures
+import concurrent.futures.process
 import contextlib
 import json
 import multiprocessing
@@ -33,7 +34,7 @@ from typing import Any
 from tqdm import tqdm
 
 from stalerl.config import ConfigError, TrainConfig, load_config, override, validate
-from stalerl.guards import Interrupted, RunStopped
+from stalerl.guards import Interrupted, RunStopped, StopRequests
 from stalerl.lab.runs import is_finished, load_run
 
 # Stabilizer name -> config overrides. 'gac' caps the cosine between consecutive updates.
@@ -93,29 +94,33 @@ def _describe(cell: Cell) -> str:
 
 # ---------------------------------------------------------------- worker processes
 
-_sweep_stopping: Any = None  # the sweep's stop event (multiprocessing.Event), set in each worker
-_in_cell = threading.Event()  # a cell is running in this worker
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+_sweep_stopping: Any = None  # the sweep's stop event (multiprocessing.Event), shared with the workers
+_worker_stop = StopRequests(quit_on_second=False)  # a worker's signals between cells and while one starts
+_orphaned = threading.Event()  # the sweep's process is gone
+_in_cell = threading.Event()  # a cell is running (or starting) in this worker
 
 
 def _worker_setup(sweep_pid: int, stopping: Any) -> None:
-    """A local sweep worker: signals come from the sweep only (SweepStop), once the worker runs a cell."""
+    """A local sweep worker. It is made with SIGINT and SIGTERM blocked (run_sweep), so that none is
+    lost or kills it before it can take them: from here on _worker_stop records them between cells
+    and while a cell starts (never a traceback), and the cell's train() takes over such a request
+    (guards.StopRequests) and then takes the signals itself."""
     global _sweep_stopping
     _sweep_stopping = stopping
-    # Out of the terminal's process group: Ctrl-C reaches the sweep, which passes it on to the workers
-    # that run a cell. Between cells a signal is ignored (an idle worker would die with a traceback);
-    # train() takes them while it runs (guards.StopRequests).
-    os.setpgrp()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, signal.SIG_IGN)
+    os.setpgrp()  # out of the terminal's process group: Ctrl-C reaches the sweep, which passes it on
+    _worker_stop.install()
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     threading.Thread(target=_follow_sweep, args=(sweep_pid,), name="stalerl-follow-sweep", daemon=True).start()
 
 
 def _follow_sweep(sweep_pid: int) -> None:
     # The sweep was killed outright (reparented): the cell in progress stops after its step with a
-    # checkpoint, as on SIGTERM, and the worker ends; otherwise it would go on writing into a cell
-    # that a rerun of the sweep may have started again.
+    # checkpoint, as on SIGTERM, no queued cell starts, and the worker ends; otherwise it would go on
+    # writing into cells that a rerun of the sweep may have started again.
     while os.getppid() == sweep_pid:
         time.sleep(0.5)
+    _orphaned.set()
     os.kill(os.getpid(), signal.SIGTERM)
     while _in_cell.is_set():
         time.sleep(0.5)
@@ -124,13 +129,13 @@ def _follow_sweep(sweep_pid: int) -> None:
 
 def run_cell(config_data: dict[str, Any], resume: bool = False) -> dict[str, Any]:
     """Runs in a worker process: one training run (resumed from its checkpoint), returns its summary."""
-    from stalerl.config import TrainConfig, from_dict
-    from stalerl.train import train
-
-    if _sweep_stopping is not None and _sweep_stopping.is_set():
-        raise Interrupted("not started: the sweep was stopping")
-    _in_cell.set()
+    _in_cell.set()  # before the checks: _follow_sweep then waits for this cell instead of ending it mid-write
     try:
+        if _orphaned.is_set() or _worker_stop.requested or (_sweep_stopping is not None and _sweep_stopping.is_set()):
+            raise Interrupted("not started: the sweep was stopping")
+        from stalerl.config import TrainConfig, from_dict
+        from stalerl.train import train
+
         return train(from_dict(TrainConfig, config_data), resume=resume)
     finally:
         _in_cell.clear()
@@ -158,8 +163,9 @@ class SweepStop:
 
     def _handle(self, signum: int, frame: Any) -> None:
         first = self.requested is None
-        self.requested = signal.Signals(signum).name
-        self.stopping.set()
+        if first:  # a second signal only passes on: no lock taken twice, nothing printed twice
+            self.requested = signal.Signals(signum).name
+            self.stopping.set()
         for worker in multiprocessing.active_children():  # the pool's processes
             with contextlib.suppress(ProcessLookupError):
                 os.kill(worker.pid, signum)
@@ -287,28 +293,20 @@ def run_sweep(cells: list[tuple[Cell, TrainConfig]], out: Path, workers: int, pr
         raise ConfigError("rollout.engine: a sweep of vLLM cells needs Python 3.11 or newer (a fresh process per cell)")
     options = {"max_tasks_per_child": 1} if one_cell_each else {}
     stop = SweepStop(context.Event())
-    stopped = 0  # cells a signal stopped (with a checkpoint) or kept from starting
-    with stop.installed(), concurrent.futures.ProcessPoolExecutor(
-            max_workers=workers, mp_context=context, initializer=_worker_setup,
-            initargs=(os.getpid(), stop.stopping), **options) as pool:
-        futures = {pool.submit(run_cell, config.to_dict(), resume): (cell, config) for cell, config, resume in todo}
-        for future in concurrent.futures.as_completed(futures):
-            cell, config = futures[future]
-            if stop.requested:
-                for waiting in futures:
-                    waiting.cancel()
-            try:
-                summary = future.result()
-            except (RunStopped, KeyboardInterrupt, concurrent.futures.CancelledError):
-                if not stop.requested:
-                    raise
-                stopped += 1
-                continue
-            rows[cell.name] = sweep_row(cell, summary, Path(config.out))
-            collapsed = sum(row["collapse_step"] is not None for row in rows.values())
-            bar.set_postfix(collapsed=collapsed, refresh=False)
-            bar.update()
-            write_table(out, [rows[c.name] for c, _ in cells if c.name in rows])
+    with stop.installed():
+        # Workers are made with the stop signals blocked (they unblock them in _worker_setup), and so
+        # is the pool's manager thread, which makes the replacement workers of max_tasks_per_child.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            pool = concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=context,
+                                                          initializer=_worker_setup,
+                                                          initargs=(os.getpid(), stop.stopping), **options)
+            futures = {pool.submit(run_cell, config.to_dict(), resume): (cell, config)
+                       for cell, config, resume in todo}
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        with pool:
+            stopped = _collect(futures, stop, rows, cells, out, bar)
     bar.close()
     if stop.requested:
         write_table(out, [rows[c.name] for c, _ in cells if c.name in rows])
@@ -317,6 +315,32 @@ def run_sweep(cells: list[tuple[Cell, TrainConfig]], out: Path, workers: int, pr
     table = [rows[cell.name] for cell, _ in cells]
     write_table(out, table)
     return table
+
+
+def _collect(futures: dict, stop: SweepStop, rows: dict[str, dict], cells: list[tuple[Cell, TrainConfig]],
+             out: Path, bar: tqdm) -> int:
+    """Tables each cell as it finishes; after a stop, cancels the queued ones. Returns how many cells
+    were stopped or never started."""
+    stopped = 0
+    for future in concurrent.futures.as_completed(futures):
+        cell, config = futures[future]
+        if stop.requested:
+            for waiting in futures:
+                waiting.cancel()
+        try:
+            summary = future.result()
+        except (RunStopped, KeyboardInterrupt, concurrent.futures.CancelledError,
+                concurrent.futures.process.BrokenProcessPool):
+            if not stop.requested:
+                raise
+            stopped += 1
+            continue
+        rows[cell.name] = sweep_row(cell, summary, Path(config.out))
+        collapsed = sum(row["collapse_step"] is not None for row in rows.values())
+        bar.set_postfix(collapsed=collapsed, refresh=False)
+        bar.update()
+        write_table(out, [rows[c.name] for c, _ in cells if c.name in rows])
+    return stopped
 
 
 def _run_on_ray(todo: list[tuple[Cell, TrainConfig]], rows: dict[str, dict], out: Path,
