@@ -327,7 +327,8 @@ def truncate_outputs(run_dir: Path, outputs: dict[str, int] | None) -> list[dict
 def config_difference(saved: TrainConfig | dict[str, Any], given: TrainConfig,
                       ignore: tuple[str, ...] = ("out", "progress")) -> str:
     """'key: saved -> given' for each differing field, on one line; empty when they agree. `saved` may
-    be plain data (a checkpoint's, perhaps of an older stalerl: fields it lacks are not compared)."""
+    be plain data (a checkpoint's, perhaps of an older stalerl: fields it lacks are not compared).
+    `ignore`: fields, or whole sections given as "name." ("collapse.")."""
     def flat(data: dict, prefix: str = "") -> dict[str, Any]:
         items: dict[str, Any] = {}
         for key, value in data.items():
@@ -335,8 +336,9 @@ def config_difference(saved: TrainConfig | dict[str, Any], given: TrainConfig,
         return items
 
     old, new = flat(saved if isinstance(saved, dict) else saved.to_dict()), flat(given.to_dict())
+    sections = tuple(name for name in ignore if name.endswith("."))
     return ", ".join(f"{key}: {old[key]!r} -> {new.get(key)!r}" for key in old
-                     if old[key] != new.get(key) and key not in ignore and key in new)
+                     if old[key] != new.get(key) and key not in ignore and not key.startswith(sections) and key in new)
 
 
 def check_resumable(run_dir: Path, config: TrainConfig) -> None:

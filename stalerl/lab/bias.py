@@ -259,13 +259,6 @@ NOT_PROBE_SETTINGS = ("out", "progress", "optim.lr", "threads", "tensorboard", "
                       "stabilizer.", "collapse.", "guard.", "checkpoint.", "runtime.")
 
 
-def _flat_keys(data: dict[str, Any], prefix: str = "") -> list[str]:
-    keys = []
-    for key, value in data.items():
-        keys += _flat_keys(value, f"{prefix}{key}.") if isinstance(value, dict) else [f"{prefix}{key}"]
-    return keys
-
-
 def check_same_probe(path: Path, config: TrainConfig, what: dict[str, str]) -> None:
     """Refuses, in one line, to add points to a bias.json of another model, task or config."""
     from stalerl.checkpoint import config_difference
@@ -277,8 +270,7 @@ def check_same_probe(path: Path, config: TrainConfig, what: dict[str, str]) -> N
                           f"task {earlier['task']!r}, not of {what['model'] or 'embedded'!r}, {what['task']!r}; "
                           f"use another --out")
     if "config" in settings:  # older reports recorded only the model and the task
-        ignored = tuple(key for key in _flat_keys(settings["config"]) if key.startswith(NOT_PROBE_SETTINGS))
-        difference = config_difference(settings["config"], config, ignored)
+        difference = config_difference(settings["config"], config, NOT_PROBE_SETTINGS)
         if difference:
             raise ConfigError(f"{path} holds a probe of another config ({difference}); its points would be "
                               f"fitted with these: use another --out")
