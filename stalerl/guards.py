@@ -6,13 +6,14 @@ Each ends with one line that says what happened and, where a checkpoint exists, 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import signal
 import sys
 import threading
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterator
 
 from stalerl.config import ConfigError
 
@@ -61,33 +62,54 @@ class BadStepGuard:
             f"State from before step {first}: {resume_hint(run_dir, checkpoint)}")
 
 
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
+@contextlib.contextmanager
+def stop_signals_blocked() -> Iterator[None]:
+    """SIGINT and SIGTERM held back (not lost) in this thread, e.g. while their handlers are swapped."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 class StopRequests:
     """Ctrl-C and SIGTERM ask the loop to stop after the step in progress, so that the checkpoint it
-    writes is consistent; a second signal stops at once (unless `quit_on_second` is off). Only the
+    writes is consistent; a second signal stops at once, unless `quit_on_second` is off. Only the
     main thread can take signals: elsewhere (a Ray actor, a thread) this does nothing.
 
-    A request that an enclosing StopRequests took before this one was installed (a sweep worker's,
-    while its run was starting) is taken over: the run then stops after its first step."""
+    A sweep worker holds one with `quit_on_second` off between its cells (lab/sweep.py). A run's
+    StopRequests installed over it takes over its request (a stop asked for while the run was
+    starting: the run stops after its first step), never quits mid-step either, since only the
+    sweep decides to quit at once (it kills its workers), and hands its own request back to it."""
 
     def __init__(self, quit_on_second: bool = True):
         self.quit_on_second = quit_on_second
         self.requested: str | None = None
         self._previous: dict[int, object] = {}
+        self._enclosing: StopRequests | None = None
 
     def install(self) -> StopRequests:
-        if threading.current_thread() is threading.main_thread():
-            for signum in (signal.SIGINT, signal.SIGTERM):
-                previous = signal.signal(signum, self._handle)
-                self._previous[signum] = previous
-                enclosing = getattr(previous, "__self__", None)
-                if isinstance(enclosing, StopRequests) and enclosing.requested and self.requested is None:
-                    self.requested = enclosing.requested
+        if threading.current_thread() is not threading.main_thread():
+            return self
+        with stop_signals_blocked():
+            for signum in STOP_SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._handle)
+        enclosing = getattr(self._previous[signal.SIGTERM], "__self__", None)
+        if isinstance(enclosing, StopRequests) and not enclosing.quit_on_second:
+            self._enclosing, self.quit_on_second = enclosing, False
+            self.requested = self.requested or enclosing.requested
         return self
 
     def uninstall(self) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
+        with stop_signals_blocked():
+            for signum, handler in self._previous.items():
+                signal.signal(signum, handler)
         self._previous.clear()
+        if self._enclosing is not None and self.requested:
+            self._enclosing.requested = self._enclosing.requested or self.requested
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.requested is not None:

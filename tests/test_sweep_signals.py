@@ -112,3 +112,34 @@ def test_a_killed_sweep_leaves_no_worker_training(tmp_path):
     assert newest_valid(out / CELL) is not None  # it stopped as on SIGTERM: after its step, with a checkpoint
     assert not (out / CELL / "summary.json").exists()
     assert not (out / "S2-lr0.0003-seed0").exists()  # and did not start the queued cell
+
+
+def test_sigterm_to_every_process_of_the_job_still_checkpoints(tmp_path):
+    """systemd, Slurm's scancel or `kill -TERM` of the whole job: the worker gets the job's SIGTERM and
+    the one the sweep passes on, and took the second for "quit at once", losing its checkpoint."""
+    out = tmp_path / "sweep"
+    sweep = start_sweep(out, steps=2000, workers=1)
+    wait_for_steps(sweep, out / CELL / "metrics.jsonl", 3)
+    for pid in [sweep.pid, *children_of(sweep.pid)]:
+        os.kill(pid, signal.SIGTERM)
+    _, stderr = sweep.communicate(timeout=120)
+    assert sweep.returncode == 130 and "Traceback" not in stderr, stderr
+    assert newest_valid(out / CELL) is not None
+
+
+def test_a_sweep_killed_after_ctrl_c_still_leaves_the_cells_checkpoint(tmp_path):
+    """The worker's own SIGTERM on finding its sweep gone came on top of the Ctrl-C: a second signal."""
+    out = tmp_path / "sweep"
+    sweep = start_sweep(out, steps=2000, workers=1, output=subprocess.DEVNULL)
+    metrics = out / CELL / "metrics.jsonl"
+    wait_for_steps(sweep, metrics, 3)
+    worker = next(pid for pid in children_of(sweep.pid) if "resource_tracker" not in Path(f"/proc/{pid}/cmdline").read_text())
+    os.killpg(sweep.pid, signal.SIGINT)
+    time.sleep(0.05)
+    sweep.send_signal(signal.SIGKILL)
+    sweep.wait()
+    deadline = time.monotonic() + 60
+    while not is_gone(worker) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert is_gone(worker)
+    assert newest_valid(out / CELL) is not None

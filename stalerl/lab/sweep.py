@@ -34,7 +34,7 @@ from typing import Any
 from tqdm import tqdm
 
 from stalerl.config import ConfigError, TrainConfig, load_config, override, validate
-from stalerl.guards import Interrupted, RunStopped, StopRequests
+from stalerl.guards import STOP_SIGNALS, Interrupted, RunStopped, StopRequests, stop_signals_blocked
 from stalerl.lab.runs import is_finished, load_run
 
 # Stabilizer name -> config overrides. 'gac' caps the cosine between consecutive updates.
@@ -94,7 +94,6 @@ def _describe(cell: Cell) -> str:
 
 # ---------------------------------------------------------------- worker processes
 
-STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 _sweep_stopping: Any = None  # the sweep's stop event (multiprocessing.Event), shared with the workers
 _worker_stop = StopRequests(quit_on_second=False)  # a worker's signals between cells and while one starts
 _orphaned = threading.Event()  # the sweep's process is gone
@@ -105,7 +104,8 @@ def _worker_setup(sweep_pid: int, stopping: Any) -> None:
     """A local sweep worker. It is made with SIGINT and SIGTERM blocked (run_sweep), so that none is
     lost or kills it before it can take them: from here on _worker_stop records them between cells
     and while a cell starts (never a traceback), and the cell's train() takes over such a request
-    (guards.StopRequests) and then takes the signals itself."""
+    (guards.StopRequests). A worker never quits mid-step on a repeated signal (the sweep's own and
+    one sent to the whole job, say): quitting at once is the sweep's decision (SweepStop)."""
     global _sweep_stopping
     _sweep_stopping = stopping
     os.setpgrp()  # out of the terminal's process group: Ctrl-C reaches the sweep, which passes it on
@@ -143,7 +143,8 @@ def run_cell(config_data: dict[str, Any], resume: bool = False) -> dict[str, Any
 
 class SweepStop:
     """Ctrl-C / SIGTERM in the sweep's process: no new cell starts, and the signal goes on to the
-    workers, whose running cells stop after their step with a checkpoint (a second one: at once)."""
+    workers, whose running cells stop after their step with a checkpoint. A second one kills the
+    workers (their earlier checkpoints stay, as after a killed run)."""
 
     def __init__(self, stopping: Any):
         self.stopping = stopping  # multiprocessing.Event, shared with the workers
@@ -163,12 +164,12 @@ class SweepStop:
 
     def _handle(self, signum: int, frame: Any) -> None:
         first = self.requested is None
-        if first:  # a second signal only passes on: no lock taken twice, nothing printed twice
+        if first:  # no lock taken twice, nothing printed twice
             self.requested = signal.Signals(signum).name
             self.stopping.set()
         for worker in multiprocessing.active_children():  # the pool's processes
             with contextlib.suppress(ProcessLookupError):
-                os.kill(worker.pid, signum)
+                os.kill(worker.pid, signum if first else signal.SIGKILL)
         if first:
             print(f"stalerl: {self.requested}: the sweep stops; running cells stop after their step with a "
                   f"checkpoint (again to quit at once)", file=sys.stderr, flush=True)
@@ -296,15 +297,12 @@ def run_sweep(cells: list[tuple[Cell, TrainConfig]], out: Path, workers: int, pr
     with stop.installed():
         # Workers are made with the stop signals blocked (they unblock them in _worker_setup), and so
         # is the pool's manager thread, which makes the replacement workers of max_tasks_per_child.
-        mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-        try:
+        with stop_signals_blocked():
             pool = concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=context,
                                                           initializer=_worker_setup,
                                                           initargs=(os.getpid(), stop.stopping), **options)
             futures = {pool.submit(run_cell, config.to_dict(), resume): (cell, config)
                        for cell, config, resume in todo}
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         with pool:
             stopped = _collect(futures, stop, rows, cells, out, bar)
     bar.close()
