@@ -10,8 +10,9 @@ that is not a run) is refused with a one-line error naming the cell and the sett
 deleted. DIR/sweep.json is the table of cells.
 Each run is a separate process with one torch thread, so cells do not fight over the cores.
 Ctrl-C or SIGTERM stops the sweep as it stops a run: each running cell stops after its step with a
-checkpoint, no new cell starts, and the same command goes on from there. A worker whose sweep was
-killed outright does the same and exits, so no orphan keeps writing into a cell.
+checkpoint, no new cell starts, and the same command goes on from there; a second one quits at once.
+A worker whose sweep was killed outright stops its cell the same way and exits, so no orphan keeps
+writing into a cell.
 """
 
 from __future__ import annotations
