@@ -68,8 +68,36 @@ def shared_prompt_cache(model: PreTrainedModel, input_ids_U_T: torch.Tensor, att
     output = model(input_ids=input_ids_U_T, attention_mask=attention_mask_U_T,
                    position_ids=positions(attention_mask_U_T), use_cache=True, logits_to_keep=1,
                    **{cache_argument(model): cache})
-    cache.reorder_cache(row_of_N)  # index_select on the batch axis: differentiable, gradients sum back
+    for layer in cache.layers:  # what DynamicCache.reorder_cache does, with a faster backward
+        if layer.is_initialized and layer.get_seq_length() > 0:
+            layer.keys, layer.values = copy_rows(layer.keys, row_of_N), copy_rows(layer.values, row_of_N)
     return cache, output.logits[:, -1]
+
+
+class _CopyRows(torch.autograd.Function):
+    """index_select on the batch axis, whose backward sums the rows' gradients back per prompt.
+
+    torch's own backward of index_select (what DynamicCache.reorder_cache calls) scatters the strided
+    gradient it gets (the cache's keys are a slice of what attention saw) in place, which took 4.5 ms
+    of the embedded default's 69 ms learner step on CPU; summing a contiguous copy takes a tenth of
+    that, and the sums are the same, bit for bit (tests/test_prefix.py)."""
+
+    @staticmethod
+    def forward(ctx, source: torch.Tensor, row_of_N: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(row_of_N)
+        ctx.source_rows = source.shape[0]
+        return source.index_select(0, row_of_N)
+
+    @staticmethod
+    def backward(ctx, gradient: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (row_of_N,) = ctx.saved_tensors
+        summed = gradient.new_zeros((ctx.source_rows, *gradient.shape[1:]))
+        return summed.index_add_(0, row_of_N, gradient.contiguous()), None
+
+
+def copy_rows(source_U: torch.Tensor, row_of_N: torch.Tensor) -> torch.Tensor:
+    """source_U[row_of_N], differentiable: gradients of rows that copy the same source row add up."""
+    return _CopyRows.apply(source_U, row_of_N)
 
 
 def response_logits(model: PreTrainedModel, tokens_N_T: torch.Tensor, attention_mask_N_T: torch.Tensor,

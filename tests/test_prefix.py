@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 from hf_checkpoint import save_tiny_checkpoint
 from stalerl.config import ModelConfig, TrainConfig
 from stalerl.policy import add_lora, enable_activation_checkpointing
-from stalerl.prefix import can_share, prompt_groups
+from stalerl.prefix import can_share, copy_rows, prompt_groups
 from stalerl.rollout import STATIC_CACHE_STEP, TransformersEngine, policy_logprobs
 from stalerl.warmstart import warm_started_policy
 
@@ -158,3 +158,20 @@ def test_a_pad_id_used_as_a_real_token_does_not_merge_prompts():
     masks = torch.tensor([[0, 1, 1], [0, 1, 1], [1, 1, 1]])  # ... but row 2's first token is real
     groups = prompt_groups(tokens, masks)
     assert groups.row_of_N[0] == groups.row_of_N[1] != groups.row_of_N[2] and groups.saves_work
+
+
+def test_copy_rows_sums_gradients_as_index_select_does():
+    """Interleaved, uneven groups and a strided incoming gradient (the cache's keys are a slice of
+    attention's): the same values and, bit for bit, the same gradient as torch's index_select."""
+    source = torch.randn(3, 4, 5, 8, dtype=torch.float64, requires_grad=True)
+    row_of_N = torch.tensor([0, 2, 0, 1, 2, 0, 0])
+    upstream = torch.randn(7, 4, 9, 8, dtype=torch.float64)[:, :, 2:7]  # not contiguous
+    assert not upstream.is_contiguous()
+    copied = copy_rows(source, row_of_N)
+    assert torch.equal(copied, source.detach().index_select(0, row_of_N))
+    (ours,) = torch.autograd.grad(copied, source, upstream)
+    (torchs,) = torch.autograd.grad(source.index_select(0, row_of_N), source, upstream)
+    assert torch.equal(ours, torchs)
+    assert torch.autograd.gradcheck(lambda x: copy_rows(x, row_of_N), (source,))
+    with torch.no_grad():  # generation: no graph kept
+        assert not copy_rows(source, row_of_N).requires_grad
