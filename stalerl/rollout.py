@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 import numpy as np
@@ -41,6 +41,13 @@ class Generation:
     @property
     def prompt_width(self) -> int:
         return self.tokens_N_T.shape[1] - self.response_mask_N_L.shape[1]
+
+    def with_tensors_copied(self) -> Generation:
+        """A copy whose tensors autograd can use. Tensors made in inference mode cannot be saved for
+        a backward pass (the learner's embedding saves its token ids) nor changed in place; a copy
+        made outside it can."""
+        copied = {name: value.clone() for name, value in vars(self).items() if isinstance(value, torch.Tensor)}
+        return replace(self, **copied)
 
 
 @dataclass
@@ -178,18 +185,25 @@ class TransformersEngine:
         self.sync_s += time.perf_counter() - start
         self.version = version
 
-    @torch.no_grad()
     def score(self, generation: Generation) -> torch.Tensor:
         """log mu by the learner's forward pass on this engine's (behavior) weights, 0 on padding."""
-        logprobs_N_L, _ = policy_logprobs(self.model, generation, self.temperature, self.share_prompts)
-        return logprobs_N_L * generation.response_mask_N_L
+        with torch.inference_mode():
+            logprobs_N_L, _ = policy_logprobs(self.model, generation, self.temperature, self.share_prompts)
+            scored_N_L = logprobs_N_L * generation.response_mask_N_L
+        return scored_N_L.clone()  # out of inference mode, for the learner (Generation.with_tensors_copied)
 
-    @torch.no_grad()
     def generate(self, prompts: list[str], noise_seed: int | None) -> Generation:
         """Samples one response per prompt string (repeat a prompt G times for a group).
 
         With ``noise_seed=None`` decoding is greedy (used for validation).
         """
+        # Inference mode, not just no_grad: no autograd bookkeeping on any tensor. Sampling the
+        # embedded default's batch takes 5% less time (36.0 against 38.0 ms, medians of 35 calls).
+        with torch.inference_mode():
+            generation = self._sample(prompts, noise_seed)
+        return generation.with_tensors_copied()
+
+    def _sample(self, prompts: list[str], noise_seed: int | None) -> Generation:
         # A group repeats its prompt G times: tokenize each distinct prompt once, then index (the same tensors).
         distinct = list(dict.fromkeys(prompts))
         position = {text: i for i, text in enumerate(distinct)}

@@ -55,6 +55,13 @@ def test_generation_masks_and_behavior_logprobs(policy):
     mask = generation.response_mask_N_L
     assert torch.allclose(learner_logprobs[mask], generation.behavior_logprobs_N_L[mask], atol=1e-4)
     assert (entropy[mask] >= 0).all()
+    # Sampled in inference mode, handed out as ordinary tensors: the learner's backward saves the
+    # token ids (embedding) and the loss may save the behavior log-probs, and a recompute replaces them.
+    tensors = [value for value in vars(generation).values() if isinstance(value, torch.Tensor)]
+    assert len(tensors) == 5 and not any(tensor.is_inference() for tensor in tensors)
+    ((learner_logprobs - generation.behavior_logprobs_N_L).exp() * mask).sum().backward()
+    assert not engine.score(generation).is_inference()
+    generation.behavior_logprobs_N_L.mul_(1.0)
     # Same seed, same samples; another seed, other samples.
     again = engine.generate(prompts, noise_seed=7)
     assert torch.equal(again.tokens_N_T, generation.tokens_N_T)
