@@ -435,6 +435,12 @@ def make_random_checkpoint(shape: str, path: str, data: str) -> dict:
     return {}
 
 
+def default_plan(quick: bool, checkpoint: bool) -> Plan:
+    if checkpoint:
+        return CHECKPOINT_QUICK if quick else CHECKPOINT
+    return QUICK if quick else FULL
+
+
 def run_bench(out: Path, quick: bool, plan: Plan | None = None, parts: tuple[str, ...] = PARTS,
               log: Callable[[str], None] = print, checkpoint: str = "", data: str = "",
               settings: dict | None = None) -> dict:
@@ -450,7 +456,7 @@ def run_bench(out: Path, quick: bool, plan: Plan | None = None, parts: tuple[str
     from stalerl.random_checkpoint import shape_of
 
     model = checked_model_settings(checkpoint, data, settings or {}, parts)
-    plan = plan or ((CHECKPOINT_QUICK if quick else CHECKPOINT) if checkpoint else (QUICK if quick else FULL))
+    plan = plan or default_plan(quick, bool(checkpoint))
     out.mkdir(parents=True, exist_ok=True)
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     report: dict[str, Any] = {
@@ -585,6 +591,8 @@ def add_bench_parser(subparsers: Any) -> None:
     parser.add_argument("--model", default="", help="time gen and async on this Hugging Face checkpoint directory, "
                         "or random:llama-3.2-1b (that shape, random weights), on a GPU where there is one")
     parser.add_argument("--data", default="", help="with --model: the math task's JSONL or Parquet file")
+    parser.add_argument("--repeats", type=int, default=0, help="repeats of every timed comparison, medians "
+                        "reported (default: 3 for the full suite, 1 for --quick or --model)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a config field for the gen and async runs, e.g. --set rollout.max_new_tokens=256 "
                         "(repeatable; step, sweep and memory keep their fixed settings)")
@@ -597,8 +605,14 @@ def run_bench_command(args: Any) -> int:
     unknown = [part for part in parts if part not in PARTS]
     if unknown:
         raise ConfigError(f"--parts: unknown {unknown[0]!r} (known: {', '.join(PARTS)})")
+    if args.repeats < 0:
+        raise ConfigError(f"--repeats: must be >= 1 (got {args.repeats})")
     settings = dict(parse_assignment(text) for text in args.set)
-    report = run_bench(Path(args.out), args.quick, parts=parts or (CHECKPOINT_PARTS if args.model else PARTS),
+    plan = None
+    if args.repeats:  # on a noisy machine, more repeats tighten the medians
+        plan = dataclasses.replace(default_plan(args.quick, bool(args.model)), repeats=args.repeats)
+    report = run_bench(Path(args.out), args.quick, plan=plan,
+                       parts=parts or (CHECKPOINT_PARTS if args.model else PARTS),
                        log=lambda text: print(text, flush=True), checkpoint=args.model, data=args.data,
                        settings=settings)
     print(format_table(report))

@@ -2,6 +2,7 @@
 
 The TRL comparison runs only where TRL is installed (`pip install 'stalerl[bench]'`)."""
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -9,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from stalerl.bench import QUICK, bench_generation, checked_model_settings, format_table, on_gpu, run_bench
+from stalerl.bench import FULL, QUICK, bench_generation, checked_model_settings, format_table, on_gpu, run_bench
 from stalerl.bench_trl import grpo_config_kwargs, trl_version
 from stalerl.cli import main
 
@@ -93,11 +94,31 @@ def test_rerunning_some_parts_keeps_the_others(tmp_path, capsys):
     (tmp_path / "bench.json").write_text("[]")
     assert main(["bench", "--out", str(tmp_path), "--parts", "step"]) == 2
     assert "bench.json: not a bench report (not a JSON object)" in capsys.readouterr().err
-    # the committed report predates the format field: its other parts would not read the same way
-    (tmp_path / "bench.json").write_text((Path(__file__).parents[1] / "docs" / "bench" / "bench.json").read_text())
+    # a report from before the format field (the committed one, as it was): its other parts would
+    # not read the same way
+    committed = json.loads((Path(__file__).parents[1] / "docs" / "bench" / "bench.json").read_text())
+    assert committed["format"] == REPORT_FORMAT
+    (tmp_path / "bench.json").write_text(json.dumps({key: value for key, value in committed.items() if key != "format"}))
     assert main(["bench", "--out", str(tmp_path), "--parts", "step"]) == 2
-    assert ("is a report of another stalerl version (format 1, this one writes 2): its gen, async, sweep, memory "
-            "part(s) would be lost") in capsys.readouterr().err
+    assert (f"is a report of another stalerl version (format 1, this one writes {REPORT_FORMAT}): its gen, async, "
+            "sweep, memory part(s) would be lost") in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, plan", [([], None), (["--repeats", "7"], dataclasses.replace(FULL, repeats=7)),
+                                        (["--quick", "--repeats", "2"], dataclasses.replace(QUICK, repeats=2))])
+def test_repeats_replace_the_plans_repeats_only(tmp_path, monkeypatch, argv, plan):
+    import stalerl.bench as bench
+
+    class Planned(Exception):
+        pass
+
+    def record(out, quick, plan=None, **kwargs):
+        raise Planned(plan)
+
+    monkeypatch.setattr(bench, "run_bench", record)
+    with pytest.raises(Planned) as raised:
+        main(["bench", "--out", str(tmp_path), *argv])
+    assert raised.value.args[0] == plan
 
 
 def test_bench_refuses_unknown_parts(tmp_path, capsys):
@@ -154,6 +175,7 @@ SAMPLE_FILE = str(Path(__file__).resolve().parent.parent / "data" / "gsm8k_sampl
     (["--set", "rollout.group_size=0"], "rollout.group_size"),
     (["--parts", "async", "--set", "staleness.staleness=1"], "--set staleness.staleness: the bench sets it itself"),
     (["--set", "steps=10"], "--set steps: the bench sets it itself"),
+    (["--repeats", "-1"], "--repeats: must be >= 1"),
 ])
 def test_bench_refuses_bad_model_arguments_before_any_work(tmp_path, capsys, argv, message):
     assert main(["bench", "--out", str(tmp_path / "out"), *argv]) == 2
