@@ -591,7 +591,7 @@ def add_bench_parser(subparsers: Any) -> None:
     parser.add_argument("--model", default="", help="time gen and async on this Hugging Face checkpoint directory, "
                         "or random:llama-3.2-1b (that shape, random weights), on a GPU where there is one")
     parser.add_argument("--data", default="", help="with --model: the math task's JSONL or Parquet file")
-    parser.add_argument("--repeats", type=int, default=0, help="repeats of every timed comparison, medians "
+    parser.add_argument("--repeats", type=int, default=None, help="repeats of every timed comparison, medians "
                         "reported (default: 3 for the full suite, 1 for --quick or --model)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a config field for the gen and async runs, e.g. --set rollout.max_new_tokens=256 "
@@ -605,11 +605,11 @@ def run_bench_command(args: Any) -> int:
     unknown = [part for part in parts if part not in PARTS]
     if unknown:
         raise ConfigError(f"--parts: unknown {unknown[0]!r} (known: {', '.join(PARTS)})")
-    if args.repeats < 0:
+    if args.repeats is not None and args.repeats < 1:
         raise ConfigError(f"--repeats: must be >= 1 (got {args.repeats})")
     settings = dict(parse_assignment(text) for text in args.set)
     plan = None
-    if args.repeats:  # on a noisy machine, more repeats tighten the medians
+    if args.repeats is not None:  # on a noisy machine, more repeats tighten the medians
         plan = dataclasses.replace(default_plan(args.quick, bool(args.model)), repeats=args.repeats)
     report = run_bench(Path(args.out), args.quick, plan=plan,
                        parts=parts or (CHECKPOINT_PARTS if args.model else PARTS),

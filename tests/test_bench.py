@@ -176,6 +176,7 @@ SAMPLE_FILE = str(Path(__file__).resolve().parent.parent / "data" / "gsm8k_sampl
     (["--parts", "async", "--set", "staleness.staleness=1"], "--set staleness.staleness: the bench sets it itself"),
     (["--set", "steps=10"], "--set steps: the bench sets it itself"),
     (["--repeats", "-1"], "--repeats: must be >= 1"),
+    (["--repeats", "0"], "--repeats: must be >= 1 (got 0)"),
 ])
 def test_bench_refuses_bad_model_arguments_before_any_work(tmp_path, capsys, argv, message):
     assert main(["bench", "--out", str(tmp_path / "out"), *argv]) == 2

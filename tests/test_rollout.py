@@ -56,7 +56,7 @@ def test_generation_masks_and_behavior_logprobs(policy):
     assert torch.allclose(learner_logprobs[mask], generation.behavior_logprobs_N_L[mask], atol=1e-4)
     assert (entropy[mask] >= 0).all()
     # Sampled in inference mode, handed out as ordinary tensors: the learner's backward saves the
-    # token ids (embedding) and the loss may save the behavior log-probs, and a recompute replaces them.
+    # token ids (embedding) and the loss may save the behavior log-probs; in-place changes work too.
     tensors = [value for value in vars(generation).values() if isinstance(value, torch.Tensor)]
     assert len(tensors) == 5 and not any(tensor.is_inference() for tensor in tensors)
     ((learner_logprobs - generation.behavior_logprobs_N_L).exp() * mask).sum().backward()
