@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import functools
 import inspect
 import logging
 import math
@@ -54,16 +55,32 @@ def math_reward(completion: str, answer: str) -> float:
     math-verify's own timeouts use signal.alarm, which only works on the main thread; rewards run in
     the rollout thread, so they are off here and the guard's timeout bounds the call instead.
     """
-    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
+    from math_verify import parse, verify
 
-    extraction = [LatexExtractionConfig(), ExprExtractionConfig()]
-    reference = gold_text(answer)
+    gold = parsed_reference(gold_text(answer))
+    predicted = parse(completion, extraction_config=_math_extraction(), parsing_timeout=None)
+    return float(bool(predicted) and verify(gold, predicted, timeout_seconds=None))
+
+
+@functools.lru_cache(maxsize=1)
+def _math_extraction() -> list:
+    from math_verify import ExprExtractionConfig, LatexExtractionConfig
+
+    return [LatexExtractionConfig(), ExprExtractionConfig()]
+
+
+@functools.lru_cache(maxsize=4096)
+def parsed_reference(reference: str) -> list:
+    """math-verify's parse of a reference answer, once per answer: the G samples of a prompt share
+    it, and parsing it took a quarter of math_reward's time. verify does not change what it gets."""
+    from math_verify import parse
+
+    extraction = _math_extraction()
     gold = parse(reference, extraction_config=extraction, parsing_timeout=None) or parse(
         f"${reference}$", extraction_config=extraction, parsing_timeout=None)
     if not gold:
         raise ValueError(f"math-verify cannot parse the reference answer {reference!r}")
-    predicted = parse(completion, extraction_config=extraction, parsing_timeout=None)
-    return float(bool(predicted) and verify(gold, predicted, timeout_seconds=None))
+    return gold
 
 
 # math-verify warns once that its timeouts are off; the guard owns the timeout (see math_reward).

@@ -10,7 +10,8 @@ import pytest
 from stalerl.cli import main
 from stalerl.config import ConfigError
 from stalerl.metrics import read_metrics
-from stalerl.rewards import GuardedTask, RewardError, gold_text, load_reward_function, math_reward, user_reward
+from stalerl.rewards import (GuardedTask, RewardError, gold_text, load_reward_function, math_reward,
+                             parsed_reference, user_reward)
 from stalerl.tasks import AdditionTask, Prompt
 
 
@@ -38,6 +39,16 @@ def test_math_verify_accepts_equivalent_forms(completion, answer):
 ])
 def test_math_verify_rejects_wrong_answers(completion, answer):
     assert math_reward(completion, answer) == 0.0
+
+
+def test_a_reference_is_parsed_once_and_a_bad_one_fails_every_time():
+    """The G samples of a prompt share its reference: parsed once (cached), the same verdicts."""
+    parsed_reference.cache_clear()
+    assert [math_reward(completion, "#### 72") for completion in ("#### 72", "72.0", "#### 73")] == [1.0, 1.0, 0.0]
+    assert parsed_reference.cache_info().misses == 1 and parsed_reference.cache_info().hits == 2
+    for _ in range(2):  # an exception is not cached: each call says what is wrong
+        with pytest.raises(ValueError, match="cannot parse the reference answer"):
+            math_reward("#### 1", "#### ")
 
 
 def test_gold_text_takes_what_follows_the_last_marker():
