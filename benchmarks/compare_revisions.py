@@ -8,7 +8,8 @@ Each revision is checked out into a temporary git worktree; each run is a fresh 
 imports stalerl from its revision (PYTHONPATH), with this environment's torch and transformers.
 Runs alternate between the revisions, so machine noise hits both. Each run is the revision's own
 `stalerl.bench.train_run`, which times a step as `stalerl bench` does (the first 5 steps are not
-timed). Prints medians and the ratio; writes nothing but temporary run directories and worktrees.
+timed). Prints medians and the ratio; writes nothing but temporary run directories and worktrees
+(removed at the end; after a killed run, `git worktree prune` drops their entries).
 """
 
 from __future__ import annotations
