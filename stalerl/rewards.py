@@ -13,9 +13,9 @@ large for a float or a non-number, or hangs, into a *failed* reward: NaN, which 
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
-import functools
 import inspect
 import logging
 import math
@@ -62,7 +62,6 @@ def math_reward(completion: str, answer: str) -> float:
     return float(bool(predicted) and verify(gold, predicted, timeout_seconds=None))
 
 
-@functools.lru_cache(maxsize=1)
 def _math_extraction() -> list:
     from math_verify import ExprExtractionConfig, LatexExtractionConfig
 
