@@ -57,14 +57,19 @@ def main() -> None:
         raise SystemExit("--steps must be > 5 (the first 5 are not timed) and --repeats >= 1")
     changes = dict(parse_assignment(text) for text in args.set)
     repository = Path(__file__).resolve().parent.parent
+    for revision in args.revisions:
+        known = subprocess.run(["git", "-C", str(repository), "rev-parse", "--verify", "--quiet", f"{revision}^{{commit}}"],
+                               capture_output=True)
+        if known.returncode:
+            raise SystemExit(f"compare_revisions: {revision!r} is not a commit of {repository}")
     with tempfile.TemporaryDirectory(prefix="stalerl-compare-") as scratch:
-        trees = []
-        for index, revision in enumerate(args.revisions):
-            tree = Path(scratch) / f"tree-{index}"
-            subprocess.run(["git", "-C", str(repository), "worktree", "add", "--detach", "-q", str(tree), revision],
-                           check=True)
-            trees.append(tree)
+        trees: list[Path] = []
         try:
+            for index, revision in enumerate(args.revisions):
+                tree = Path(scratch) / f"tree-{index}"
+                subprocess.run(["git", "-C", str(repository), "worktree", "add", "--detach", "-q", str(tree),
+                                revision], check=True)
+                trees.append(tree)
             runs: list[list[dict]] = [[], []]
             for repeat in range(args.repeats):
                 for index, tree in enumerate(trees):
