@@ -10,7 +10,9 @@ it. Before producing batch i the rollout worker syncs its weights:
            waits (paced, not discarded). Every consumed sample has lag in [0, S].
 
 Here the worker is a thread of the learner's process (the local runtime); the weights travel
-through a one-slot mailbox and the batches through a queue.
+through a one-slot mailbox and the batches through a queue. ``produce_batches`` is the worker's
+loop and ``QueuedRollouts`` the learner's side of it, shared with process_rollouts.py, where the
+same worker runs in a process of its own (runtime.local_worker: process).
 
 Checkpoints (checkpoint.py) need the pipeline's state between two learner steps. When the learner
 holds theta_V, exact mode has batches V..V+S-1 sampled from versions older than V that nobody keeps
@@ -86,8 +88,8 @@ class RolloutWorkerError(RuntimeError):
     pass
 
 
-class _Closed(Exception):
-    pass
+class MailboxClosed(Exception):
+    """The learner closed the weight mailbox: the worker stops."""
 
 
 class WeightMailbox:
@@ -115,12 +117,18 @@ class WeightMailbox:
             if block:
                 self._condition.wait_for(ready)
             if self._closed:
-                raise _Closed
+                raise MailboxClosed
             if not ready():
                 return None
             item, self._slot = self._slot, None
             self._condition.notify_all()
             return item
+
+    def load_into(self, engine: RolloutEngine, min_version: int, block: bool) -> None:
+        """Loads the staged weights into `engine` if their version is >= min_version (see take)."""
+        item = self.take(min_version, block)
+        if item is not None:  # a private copy: loaded outside the lock
+            engine.load_weights(*item)
 
     def close(self) -> None:
         with self._condition:
@@ -128,76 +136,77 @@ class WeightMailbox:
             self._condition.notify_all()
 
 
-class _Failure:
+class Mailbox(Protocol):
+    """The worker's side of a weight mailbox: WeightMailbox (a thread), or process_rollouts' shared one."""
+
+    def load_into(self, engine: RolloutEngine, min_version: int, block: bool) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class WorkerFailure:
+    """What a worker puts in place of a batch when it fails: the learner raises it (RolloutWorkerError)."""
+
     def __init__(self, error: BaseException):
         self.error = error
 
 
-class ThreadedRollouts:
-    """Local runtime: one rollout worker thread, up to S steps ahead of the learner."""
+def sync_weights(engine: RolloutEngine, mailbox: Mailbox, mode: Mode, staleness: int, batch_index: int) -> None:
+    """Before batch i: exact mode loads versions one by one, in order, up to i - S; bounded mode
+    loads the newest version on offer, and waits only when the worker would get more than S ahead."""
+    needed = required_version(batch_index, staleness)
+    if mode == "exact":
+        while engine.version < needed:
+            mailbox.load_into(engine, engine.version + 1, block=True)
+    else:
+        mailbox.load_into(engine, max(needed, engine.version + 1), block=engine.version < needed)
 
-    def __init__(
-        self,
-        engine: RolloutEngine,
-        produce: Callable[[int], RolloutBatch],
-        mode: Mode,
-        staleness: int,
-        total_batches: int,
-        start: PipelineState | None = None,
-    ):
-        """`start`: resume from a checkpoint's pipeline; the engine must already hold theta_{start.version}."""
-        self.engine = engine
-        self.produce = produce
+
+def produce_batches(engine: RolloutEngine, produce: Callable[[int], RolloutBatch], mode: Mode, staleness: int,
+                    batches: range, mailbox: Mailbox, put: Callable[[object], None], stop: Callable[[], bool]) -> None:
+    """The rollout worker's loop, in a thread or a process of its own: each batch after its weights.
+    A failure is handed to the learner (`put`), which raises it; a closed mailbox ends the loop."""
+    try:
+        for batch_index in batches:
+            if stop():
+                return
+            sync_weights(engine, mailbox, mode, staleness, batch_index)
+            put(produce(batch_index))
+    except MailboxClosed:
+        return
+    except BaseException as error:
+        put(WorkerFailure(error))
+    finally:
+        mailbox.close()
+
+
+class QueuedRollouts:
+    """The learner's side of one rollout worker that feeds it through a queue, up to S steps ahead:
+    ThreadedRollouts (a thread) and process_rollouts.ProcessRollouts (a process of its own)."""
+
+    def __init__(self, mode: Mode, staleness: int, total_batches: int, start: PipelineState | None):
         self.mode = mode
         self.staleness = staleness
         self.total_batches = total_batches
-        self._mailbox = WeightMailbox(deliver_every_version=(mode == "exact"))
-        self._batches: queue.Queue = queue.Queue()
         # Batches the learner has taken off the queue for a snapshot (or restored from one): served first.
         self._ready: deque[RolloutBatch] = deque(start.batches if start else [])
         self._first_batch = start.next_batch if start else 0
         self._taken_until = self._first_batch  # 1 + the index of the last batch taken off the queue
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="stalerl-rollout-worker", daemon=True)
-        self._thread.start()
 
-    # ---------------------------------------------------------------- worker side
+    def _get(self, block: bool) -> object:
+        """The next item the worker put: a batch or a WorkerFailure; raises queue.Empty if none and not `block`."""
+        raise NotImplementedError
 
-    def _sync_weights(self, batch_index: int) -> None:
-        needed = required_version(batch_index, self.staleness)
-        if self.mode == "exact":
-            while self.engine.version < needed:  # versions arrive one by one, in order
-                state_dict, version = self._mailbox.take(self.engine.version + 1, block=True)
-                self.engine.load_weights(state_dict, version)
-        else:
-            # The newest version on offer; wait only when the worker would get more than S ahead.
-            behind = self.engine.version < needed
-            item = self._mailbox.take(max(needed, self.engine.version + 1), block=behind)
-            if item is not None:
-                self.engine.load_weights(*item)
-
-    def _run(self) -> None:
-        try:
-            for batch_index in range(self._first_batch, self.total_batches):
-                if self._stop.is_set():
-                    return
-                self._sync_weights(batch_index)
-                self._batches.put(self.produce(batch_index))
-        except _Closed:
-            return
-        except BaseException as error:  # handed to the learner, which raises it
-            self._batches.put(_Failure(error))
-        finally:
-            self._mailbox.close()
-
-    # ---------------------------------------------------------------- learner side
+    def _hand_over(self, state_dict: dict[str, torch.Tensor], version: int) -> None:
+        """Stages theta_version in the worker's mailbox (in exact mode, once it took the one before)."""
+        raise NotImplementedError
 
     def next_batch(self) -> RolloutBatch:
         return self._ready.popleft() if self._ready else self._take(block=True)
 
     def _take(self, block: bool) -> RolloutBatch:
-        item = self._batches.get(block=block)
-        if isinstance(item, _Failure):
+        item = self._get(block)
+        if isinstance(item, WorkerFailure):
             raise RolloutWorkerError(f"rollout worker failed: {item.error!r}") from item.error
         self._taken_until = item.batch_index + 1
         return item
@@ -221,7 +230,38 @@ class ThreadedRollouts:
         """Hands theta_version to the worker, if any batch still to be produced may use it."""
         last_useful = self.total_batches - 1 - (self.staleness if self.mode == "exact" else 0)
         if version <= last_useful:
-            self._mailbox.publish(state_dict, version)
+            self._hand_over(state_dict, version)
+
+
+class ThreadedRollouts(QueuedRollouts):
+    """Local runtime: one rollout worker thread, up to S steps ahead of the learner."""
+
+    def __init__(
+        self,
+        engine: RolloutEngine,
+        produce: Callable[[int], RolloutBatch],
+        mode: Mode,
+        staleness: int,
+        total_batches: int,
+        start: PipelineState | None = None,
+    ):
+        """`start`: resume from a checkpoint's pipeline; the engine must already hold theta_{start.version}."""
+        super().__init__(mode, staleness, total_batches, start)
+        self._mailbox = WeightMailbox(deliver_every_version=(mode == "exact"))
+        self.engine = engine
+        self._batches: queue.Queue = queue.Queue()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=produce_batches, name="stalerl-rollout-worker", daemon=True,
+            args=(engine, produce, mode, staleness, range(self._first_batch, total_batches), self._mailbox,
+                  self._batches.put, self._stop.is_set))
+        self._thread.start()
+
+    def _get(self, block: bool) -> object:
+        return self._batches.get(block=block)
+
+    def _hand_over(self, state_dict: dict[str, torch.Tensor], version: int) -> None:
+        self._mailbox.publish(state_dict, version)
 
     def close(self) -> None:
         self._stop.set()
@@ -231,4 +271,4 @@ class ThreadedRollouts:
             self.engine.close()
 
     def report(self) -> dict:
-        return {"runtime": "local", "num_workers": 1, "lost_batches": 0}  # a thread is not restarted
+        return {"runtime": "local", "worker": "thread", "num_workers": 1, "lost_batches": 0}  # a thread is not restarted
