@@ -34,6 +34,7 @@ def build_train_config(args: argparse.Namespace) -> TrainConfig:
         "task.data": args.data,
         "task.reward": args.reward,
         "runtime.runtime": args.runtime,
+        "runtime.local_worker": args.local_worker,
         "runtime.num_workers": args.num_workers,
         "runtime.ray_address": args.ray_address,
     }
@@ -75,6 +76,9 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--reward", help="MODULE:FUNCTION or FILE.py:FUNCTION, (prompt, completion, **record) -> float")
     parser.add_argument("--runtime", choices=["local", "ray"], help="local: a rollout thread; ray: rollout actors "
                         "and a learner actor (README, 'Ray runtime')")
+    parser.add_argument("--local-worker", choices=["thread", "process"],
+                        help="local: the rollout worker in a thread (default) or a process of its own: no shared "
+                             "GIL, for long runs with S >= 1 (a few seconds to start)")
     parser.add_argument("--num-workers", type=int, help="ray: rollout-worker actors")
     parser.add_argument("--ray-address", help="ray: join this cluster; default: a private Ray on 127.0.0.1")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

@@ -207,9 +207,12 @@ class GuardConfig:
 class RuntimeConfig:
     """Where the rollout workers and the learner run; the loop and the staleness contract are the same."""
 
-    # local: one rollout thread in the learner's process. ray: a learner actor and num_workers
+    # local: one rollout worker beside the learner (local_worker). ray: a learner actor and num_workers
     # rollout actors (ray_runtime.py, ray_rollouts.py; extra `stalerl[ray]`).
     runtime: Literal["local", "ray"] = "local"
+    # local: the rollout worker in a thread of the learner's process, or in a process of its own,
+    # free of the learner's GIL but a few seconds slower to start (process_rollouts.py).
+    local_worker: Literal["thread", "process"] = "thread"
     num_workers: int = 2  # ray: rollout-worker actors; they help only while S >= 1 leaves them work ahead
     ray_address: str = ""  # ray: join this cluster ("auto", "host:port"); empty: a private Ray on 127.0.0.1
     worker_cpus: float = 1.0  # ray: CPUs each rollout actor asks for
@@ -458,6 +461,10 @@ def validate(config: TrainConfig) -> TrainConfig:
         (config.stabilizer.gac_cos_threshold == 0 or config.model.lora_rank == 0, "stabilizer.gac_cos_threshold",
          "is not available with LoRA (the merged update is not a vector of the adapters' coordinates)"),
         (config.collapse.min_tail >= 1, "collapse.min_tail", "must be >= 1"),
+        (config.runtime.local_worker == "thread" or config.runtime.runtime == "local", "runtime.local_worker",
+         "is for the local runtime (Ray's rollout workers are processes already)"),
+        (config.runtime.local_worker == "thread" or config.rollout.engine != "vllm", "runtime.local_worker",
+         "process is for the transformers engine (vLLM runs its engine in a process of its own already)"),
         (config.runtime.num_workers >= 1, "runtime.num_workers", "must be >= 1"),
         (config.runtime.worker_cpus > 0, "runtime.worker_cpus", "must be > 0"),
         (config.runtime.learner_cpus > 0, "runtime.learner_cpus", "must be > 0"),

@@ -53,7 +53,7 @@ def math_reward(completion: str, answer: str) -> float:
 
     Equivalent forms count: ``\\boxed{\\frac{1}{2}}`` = 0.5, ``#### 1,000`` = 1000, ``$5.00`` = 5.
     math-verify's own timeouts use signal.alarm, which only works on the main thread; rewards run in
-    the rollout thread, so they are off here and the guard's timeout bounds the call instead.
+    the guard's call thread, so they are off here and the guard's timeout bounds the call instead.
     """
     from math_verify import parse, verify
 

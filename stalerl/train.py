@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import json
+import resource
 import time
 from pathlib import Path
 from typing import Any
@@ -81,17 +82,27 @@ def build_rollout_worker_from_config(config: TrainConfig) -> RolloutWorker:
 
 def make_rollout_source(config: TrainConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
                         task: Task, start: PipelineState | None = None) -> RolloutSource:
-    """The transport between rollout workers and learner: a thread (local) or actors (ray).
+    """The transport between rollout workers and learner: a thread or a process (local), or actors (ray).
     `start`: a checkpoint's pipeline; the model holds the learner's restored theta_{start.version}."""
     if config.runtime.runtime == "ray":
         from stalerl.ray_rollouts import rollouts_for_config  # Ray loads only when asked for
 
         return rollouts_for_config(config, model.state_dict(), start)
+    if config.runtime.local_worker == "process":
+        from stalerl.process_rollouts import ProcessRollouts
+
+        return ProcessRollouts(config, model.state_dict(), start)  # it builds its own policy copy
     worker = build_rollout_worker(config, model, tokenizer, task)
     if start is not None:  # resuming: the worker goes on from the learner's restored weights
         worker.engine.load_weights(model.state_dict(), start.version)
     return ThreadedRollouts(worker.engine, worker.produce, config.staleness.mode, config.staleness.staleness,
                             total_batches=config.steps, start=start)
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process's threads and of its finished child processes (a rollout worker's)."""
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + children.ru_utime + children.ru_stime
 
 
 def check_inputs(config: TrainConfig) -> None:
@@ -111,7 +122,7 @@ def train(config: TrainConfig, resume: bool = False) -> dict[str, Any]:
     run_dir = prepare_run_dir(config, resume)
     if not resume:
         save_config(config, run_dir / "config.yaml")
-    started, cpu_started = time.perf_counter(), time.process_time()
+    started, cpu_started = time.perf_counter(), cpu_seconds()
     if config.threads:
         torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
@@ -152,7 +163,7 @@ def train(config: TrainConfig, resume: bool = False) -> dict[str, Any]:
 
     def save_checkpoint(steps_done: int, pipeline: PipelineState) -> Path:
         run = {"initial_val_reward": initial_val, "wall_s": time.perf_counter() - started,
-               "cpu_s": time.process_time() - cpu_started, "config": config.to_dict()}
+               "cpu_s": cpu_seconds() - cpu_started, "config": config.to_dict()}
         return checkpoint.save(run_dir, steps_done, learner, pipeline, writer.position(), run, config.checkpoint.keep)
 
     stop_requests = StopRequests().install()  # Ctrl-C / SIGTERM: finish the step, checkpoint, stop
@@ -243,7 +254,7 @@ def train(config: TrainConfig, resume: bool = False) -> dict[str, Any]:
         writer.close()
 
     summary = summarize(config, history, initial_val, warm_record, wall_s=time.perf_counter() - started)
-    summary["cpu_s"] = time.process_time() - cpu_started  # all of this process's threads: cores used = cpu_s / wall_s
+    summary["cpu_s"] = cpu_seconds() - cpu_started  # cores used = cpu_s / wall_s
     summary["rollouts"] = source.report()
     summary["reward_errors"] = sum(row.get("reward_errors", 0) for row in history)
     summary["skipped_updates"] = sum(row.get("skipped_update", 0) for row in history)

@@ -115,6 +115,37 @@ def small(small_config, out, **changes):
                                checkpoint=dataclasses.replace(config.checkpoint, every=2, keep=2))
 
 
+def child_pids(pid):
+    return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def is_running(pid):
+    try:
+        return "zombie" not in Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children").exists(),
+                    reason="needs /proc/PID/task/PID/children (Linux)")
+def test_a_process_worker_does_not_outlive_a_killed_learner(tmp_path):
+    out = tmp_path / "killed"
+    args = cli_train(out, "exact", 40) + ["--set", "runtime.local_worker=process"]
+    process = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not ((out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_bytes().count(b"\n") >= 2):
+        assert process.poll() is None and time.monotonic() < deadline
+        time.sleep(0.01)
+    children = child_pids(process.pid)
+    assert children  # the rollout worker (and multiprocessing's resource tracker)
+    process.kill()
+    process.wait()
+    deadline = time.monotonic() + 10
+    while any(is_running(pid) for pid in children):
+        assert time.monotonic() < deadline, "the rollout worker outlived its learner"
+        time.sleep(0.1)
+
+
 def test_sigterm_checkpoints_at_once_and_a_corrupt_newest_checkpoint_falls_back(small_config, tmp_path,
                                                                                    monkeypatch, capsys):
     train(small(small_config, tmp_path / "reference"))
@@ -135,6 +166,21 @@ def test_sigterm_checkpoints_at_once_and_a_corrupt_newest_checkpoint_falls_back(
     warning = capsys.readouterr().err
     assert "step-000005 is unusable: model.safetensors does not match its sha256" in warning
     assert "resuming from step-000004 instead" in warning
+    assert without_timings(read_metrics(run)) == without_timings(read_metrics(tmp_path / "reference"))
+    assert (run / "samples.jsonl").read_text() == (tmp_path / "reference" / "samples.jsonl").read_text()
+
+
+def test_a_process_worker_stops_and_resumes_into_the_thread_workers_run(small_config, tmp_path, monkeypatch):
+    """runtime.local_worker=process: the pipeline's snapshot and restart across a SIGTERM, bit for bit."""
+    train(small(small_config, tmp_path / "reference"))
+    run = tmp_path / "run"
+    config = small(small_config, run, runtime=dataclasses.replace(small_config.runtime, local_worker="process"))
+    stop_at(monkeypatch, 4)  # the signal reaches the learner's process only; it closes the worker
+    with pytest.raises(Interrupted, match="stopped by SIGTERM after step 4"):
+        train(config)
+    monkeypatch.undo()
+    summary = train(config, resume=True)
+    assert summary["rollouts"]["worker"] == "process"
     assert without_timings(read_metrics(run)) == without_timings(read_metrics(tmp_path / "reference"))
     assert (run / "samples.jsonl").read_text() == (tmp_path / "reference" / "samples.jsonl").read_text()
 

@@ -45,6 +45,17 @@ def test_gac_is_refused_with_lora():
         validate(override(TrainConfig(), {"stabilizer.gac_cos_threshold": 0.9, "model.lora_rank": 4}))
 
 
+def test_a_process_worker_is_for_the_local_runtime_and_the_transformers_engine():
+    process = {"runtime.local_worker": "process"}
+    with pytest.raises(ConfigError, match=r"^runtime.local_worker: is for the local runtime"):
+        validate(override(TrainConfig(), process | {"runtime.runtime": "ray"}))
+    with pytest.raises(ConfigError, match=r"^runtime.local_worker: process is for the transformers engine"):
+        validate(override(TrainConfig(), process | {"rollout.engine": "vllm", "model.name_or_path": "some/model"}))
+    with pytest.raises(ConfigError, match=r"^runtime.local_worker: 'fork' is not one of \['thread', 'process'\]"):
+        validate(override(TrainConfig(), {"runtime.local_worker": "fork"}))
+    validate(override(TrainConfig(), process))
+
+
 def test_static_cache_is_for_the_transformers_engine():
     with pytest.raises(ConfigError, match="rollout.static_cache: is for the transformers engine"):
         validate(override(TrainConfig(), {"rollout.engine": "vllm", "rollout.static_cache": True,

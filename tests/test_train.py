@@ -56,6 +56,53 @@ def test_exact_mode_same_seed_same_metrics(small_config, tmp_path):
     assert [r["train_reward"] for r in read_metrics(tmp_path / "c")] != [r["train_reward"] for r in runs[0]]
 
 
+def test_a_process_worker_makes_the_thread_workers_run(small_config, tmp_path):
+    """runtime.local_worker=process: the rollout worker in a child process, the same run bit for bit."""
+    runs = {}
+    for worker in ("thread", "process"):
+        config = with_staleness(small_config, "exact", 3, out=str(tmp_path / worker), seed=2,
+                                runtime=dataclasses.replace(small_config.runtime, local_worker=worker))
+        summary = train(config)
+        runs[worker] = ([{k: v for k, v in row.items() if k not in TIMING_KEYS} for row in read_metrics(config.out)],
+                        read_samples(tmp_path / worker))
+    assert summary["rollouts"]["worker"] == "process"
+    assert summary["cpu_s"] > summary["wall_s"]  # the child's CPU time is counted: it imports torch on its own
+    assert runs["thread"] == runs["process"]
+    bounded = with_staleness(small_config, "bounded", 2, out=str(tmp_path / "bounded"), steps=12,
+                             runtime=dataclasses.replace(small_config.runtime, local_worker="process"))
+    train(bounded)
+    rows = read_samples(tmp_path / "bounded")
+    assert all(0 <= row["step"] - version <= 2 for row in rows for version in row["versions"])
+    ids = [i for row in rows for i in row["sample_ids"]]
+    assert len(ids) == len(set(ids)) == 12 * 32
+
+
+@pytest.mark.parametrize("staleness, dies_after, message", [
+    (0, 40, r"rollout worker process exited \(code 3\) without the next batch"),  # the learner waits for batch 1
+    (2, 96, r"rollout worker process exited before taking the learner's weights"),  # it publishes theta_3
+])
+def test_a_dead_process_worker_fails_the_run_in_one_line(small_config, tmp_path, staleness, dies_after, message):
+    from stalerl.staleness import RolloutWorkerError
+
+    rewards = tmp_path / "dying_reward.py"
+    rewards.write_text(
+        "import multiprocessing, os\n"
+        "calls = 0\n"
+        "def reward(prompt, completion, **record):\n"
+        "    global calls\n"
+        "    calls += 1\n"
+        f"    if multiprocessing.parent_process() is not None and calls > {dies_after}:  # the worker only\n"
+        "        os._exit(3)\n"
+        "    return 0.0\n")
+    config = with_staleness(small_config, "exact", staleness,
+                            task=dataclasses.replace(small_config.task, reward=f"{rewards}:reward"),
+                            runtime=dataclasses.replace(small_config.runtime, local_worker="process"))
+    with pytest.raises(RolloutWorkerError, match=message):
+        train(config)
+    # S = 0: step 0 ran on batch 0. S = 2: steps 0 and 1 ran; step 2's publish found the worker gone.
+    assert len(read_metrics(tmp_path / "run")) == (1 if staleness == 0 else 2)
+
+
 def test_exact_mode_s4_every_sample_after_warmup_has_lag_4(small_config, tmp_path):
     config = with_staleness(small_config, "exact", 4, steps=14, val_every=100)
     train(config)
