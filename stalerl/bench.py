@@ -60,6 +60,8 @@ class Plan:
     sweep_steps: int
     memory_staleness: tuple[int, ...]
     memory_prompts: tuple[int, ...]
+    # The async runs again with the rollout worker in a process of its own (runtime.local_worker).
+    async_process: bool = True
     # A wider embedded Llama for the memory runs, so that a copy of the weights stands out of the
     # interpreter's ~0.5 GB; its warm start is one step (the reward does not matter for memory).
     memory_model: dict = dataclasses.field(default_factory=lambda: {
@@ -287,28 +289,47 @@ def bench_generation(plan: Plan, model: dict, with_static_cache: bool) -> dict:
 
 
 def bench_async(plan: Plan, tmp: Path, model: dict) -> dict:
-    """The ideal overlap takes the rollout side's whole time per batch (sampling, reward, weight load)."""
+    """The ideal overlap takes the rollout side's whole time per batch (sampling, reward, weight load).
+    Rows for S >= 1 come twice with `plan.async_process`: the rollout worker in a thread, and in a
+    process of its own; a process run that fails is reported, and the thread rows stand."""
     staleness = (0, *plan.async_staleness)
-    runs: dict[int, list[dict]] = {s: [] for s in staleness}
+    workers = ("thread", "process") if plan.async_process else ("thread",)
+    runs: dict[tuple[int, str], list[dict]] = {}
+    error = None
     for repeat in range(plan.repeats):
-        for s in staleness:  # alternating: S=0, 1, 2, 4, S=0, ...
-            config = base_config(steps=plan.async_steps, **model,
-                                 **{"staleness.staleness": s, "out": str(tmp / f"async-S{s}-r{repeat}")})
-            runs[s].append(isolated(train_run, config.to_dict(), WARMUP_STEPS))
-    t_gen, t_train = median_of(runs[0], "rollout_s"), median_of(runs[0], "train_s")
+        for s in staleness:  # alternating: S=0, 1 (thread, process), 2 (...), ..., S=0, ...
+            for worker in workers if s > 0 and error is None else ("thread",):
+                config = base_config(steps=plan.async_steps, **model,
+                                     **{"staleness.staleness": s, "runtime.local_worker": worker,
+                                        "out": str(tmp / f"async-S{s}-{worker}-r{repeat}")})
+                try:
+                    runs.setdefault((s, worker), []).append(isolated(train_run, config.to_dict(), WARMUP_STEPS))
+                except Exception as failure:  # noqa: BLE001 - only the process rows are optional
+                    if worker == "thread":
+                        raise
+                    error = f"{type(failure).__name__}: {failure}"
+    sync = runs[(0, "thread")]
+    t_gen, t_train = median_of(sync, "rollout_s"), median_of(sync, "train_s")
     ideal = (t_gen + t_train) / max(t_gen, t_train)
-    sync_rate = median_of(runs[0], "steps_per_s")
+    sync_rate = median_of(sync, "steps_per_s")
     rows = []
-    for s in staleness:
-        rate = median_of(runs[s], "steps_per_s")
+    for (s, worker), timed in runs.items():
+        if error is not None and worker == "process":
+            continue
+        rate = median_of(timed, "steps_per_s")
         speedup = rate / sync_rate
-        rows.append({"S": s, "steps_per_s": rate, "speedup": speedup, "fraction_of_ideal": speedup / ideal,
+        rows.append({"S": s, "worker": worker, "steps_per_s": rate, "speedup": speedup,
+                     "fraction_of_ideal": speedup / ideal,
                      "share_of_ideal_gain": (speedup - 1) / (ideal - 1) if ideal > 1 else None,
                      # each side's time while they overlap: what the overlap cost them
-                     "rollout_s": median_of(runs[s], "rollout_s"), "train_s": median_of(runs[s], "train_s")})
-    return {"t_gen_s": t_gen, "t_train_s": t_train, "ideal_overlap": ideal, "threads_per_process": 1,
-            "t_sample_s": median_of(runs[0], "gen_s"), "weight_sync_s": median_of(runs[0], "weight_sync_s"),
-            "steps": plan.async_steps, "rows": rows}
+                     "rollout_s": median_of(timed, "rollout_s"), "train_s": median_of(timed, "train_s"),
+                     "wall_s": median_of(timed, "wall_s")})  # the whole run: start-up and validation too
+    result = {"t_gen_s": t_gen, "t_train_s": t_train, "ideal_overlap": ideal, "threads_per_process": 1,
+              "t_sample_s": median_of(sync, "gen_s"), "weight_sync_s": median_of(sync, "weight_sync_s"),
+              "steps": plan.async_steps, "rows": rows}
+    if error is not None:
+        result["process_worker_error"] = error
+    return result
 
 
 def bench_sweep(plan: Plan, tmp: Path) -> dict:
@@ -549,11 +570,21 @@ def format_table(report: dict) -> str:
             lines.append(f"      static cache (compiled decoding) failed: {gen['static_cache_error']}")
     if "async" in report:
         pipe = report["async"]
-        cells = ", ".join(f"S={row['S']} {row['steps_per_s']:.2f}/s {row['speedup']:.2f}x "
-                          f"({row['fraction_of_ideal']:.0%} of ideal)" for row in pipe["rows"])
+        def cells(worker: str) -> str:
+            return ", ".join(f"S={row['S']} {row['steps_per_s']:.2f}/s {row['speedup']:.2f}x "
+                             f"({row['fraction_of_ideal']:.0%} of ideal)" for row in pipe["rows"]
+                             if row.get("worker", "thread") == worker and (worker == "thread" or row["S"] > 0))
         lines.append(f"async ideal {pipe['ideal_overlap']:.2f}x (t_gen {pipe['t_gen_s']:.3f} s, of which sampling "
                      f"{pipe['t_sample_s']:.3f} s and weight sync {pipe['weight_sync_s'] * 1e3:.1f} ms; "
-                     f"t_train {pipe['t_train_s']:.3f} s): {cells}")
+                     f"t_train {pipe['t_train_s']:.3f} s): {cells('thread')}")
+        if any(row.get("worker") == "process" for row in pipe["rows"]):
+            walls = {(row["S"], row["worker"]): row["wall_s"] for row in pipe["rows"]}
+            start_up = statistics.median(walls[(s, "process")] - walls[(s, "thread")]
+                                         for s, worker in walls if worker == "process")
+            lines.append(f"      rollout worker in a process: {cells('process')}; each run {start_up:+.1f} s "
+                         f"of wall time against the thread's (start-up)")
+        elif "process_worker_error" in pipe:
+            lines.append(f"      rollout worker in a process failed: {pipe['process_worker_error']}")
     if "sweep" in report:
         sweep = report["sweep"]
         lines.append(f"sweep {sweep['cells']} cells x {sweep['steps']} steps: 2 workers {sweep['parallel_wall_s']:.0f} s "

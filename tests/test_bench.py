@@ -48,7 +48,8 @@ def test_bench_writes_a_complete_report(tmp_path):
     assert gen["stalerl"]["tokens_per_s"] > 0 and gen["plain_generate"]["tokens_per_s"] > 0
     assert gen["ratio_stalerl_over_plain"] > 0 and gen["ratio_whole_prompts_over_plain"] > 0
     pipe = report["async"]
-    assert pipe["ideal_overlap"] >= 1 and [row["S"] for row in pipe["rows"]] == [0, 2]
+    assert pipe["ideal_overlap"] >= 1 and "process_worker_error" not in pipe
+    assert [(row["S"], row["worker"]) for row in pipe["rows"]] == [(0, "thread"), (2, "thread"), (2, "process")]
     assert pipe["rows"][0]["speedup"] == 1 and all(row["steps_per_s"] > 0 for row in pipe["rows"])
     sweep = report["sweep"]
     assert sweep["cells"] == 2 and sweep["parallel_wall_s"] > 0 and sweep["sum_of_single_runs_s"] > 0
@@ -138,7 +139,8 @@ def test_bench_times_a_checkpoint_on_the_math_task(tmp_path):
     assert settings["task.name"] == "math" and settings["rollout.max_new_tokens"] == 8
     assert report["gen"]["max_new_tokens"] == 8 and report["gen"]["plain_generate"]["tokens_per_s"] > 0
     pipe = report["async"]
-    assert [row["S"] for row in pipe["rows"]] == [0, 1] and pipe["weight_sync_s"] > 0
+    assert [(row["S"], row["worker"]) for row in pipe["rows"]] == [(0, "thread"), (1, "thread"), (1, "process")]
+    assert pipe["weight_sync_s"] > 0
     assert pipe["t_gen_s"] >= pipe["t_sample_s"] > 0  # the rollout side: sampling, reward, weight load
     assert all(math.isfinite(x) for x in _numbers(report))
     assert "model random:tiny" in format_table(report)
