@@ -31,17 +31,18 @@ import torch
 import torch.multiprocessing
 
 from stalerl.staleness import (
+    MailboxClosed,
     Mode,
     PipelineState,
     QueuedRollouts,
     RolloutWorkerError,
-    MailboxClosed,
     WorkerFailure,
     produce_batches,
 )
 
 if TYPE_CHECKING:
     from stalerl.config import TrainConfig
+    from stalerl.rollout import RolloutEngine
 
 _EMPTY = -1  # the version slot holds no weights
 
@@ -78,7 +79,7 @@ class SharedWeightMailbox:
             self._slot.value = version
             self._condition.notify_all()
 
-    def load_into(self, engine, min_version: int, block: bool) -> None:
+    def load_into(self, engine: RolloutEngine, min_version: int, block: bool) -> None:
         """Loads the staged weights into the child's engine if their version is >= min_version;
         under the lock, since the learner may stage a newer version into the same buffers."""
         with self._condition:
