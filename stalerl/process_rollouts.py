@@ -35,8 +35,8 @@ from stalerl.staleness import (
     Mode,
     PipelineState,
     QueuedRollouts,
-    RolloutWorkerError,
     WorkerFailure,
+    WorkerLost,
     produce_batches,
 )
 
@@ -69,7 +69,7 @@ class SharedWeightMailbox:
             while self.deliver_every_version and not self._condition.wait_for(
                     lambda: self._slot.value == _EMPTY or self._closed.value, timeout=1.0):
                 if not worker_alive():
-                    raise RolloutWorkerError("rollout worker process exited before taking the learner's weights")
+                    raise WorkerLost("rollout worker process exited before taking the learner's weights")
             if self._closed.value:
                 return
             for name, tensor in state_dict.items():
@@ -177,8 +177,8 @@ class ProcessRollouts(QueuedRollouts):
                     try:  # what it put just before it exited
                         return pickle.loads(self._batches.get(timeout=1.0))
                     except queue.Empty:
-                        raise RolloutWorkerError(f"rollout worker process exited (code {self._process.exitcode}) "
-                                                 f"without the next batch") from None
+                        raise WorkerLost(f"rollout worker process exited (code {self._process.exitcode}) "
+                                         f"without the next batch") from None
 
     def close(self) -> None:
         self._stop.set()

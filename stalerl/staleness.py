@@ -88,6 +88,10 @@ class RolloutWorkerError(RuntimeError):
     pass
 
 
+class WorkerLost(RolloutWorkerError):
+    """The worker's process is gone (killed, out of memory): the run can go on from a checkpoint."""
+
+
 class MailboxClosed(Exception):
     """The learner closed the weight mailbox: the worker stops."""
 

@@ -30,13 +30,13 @@ from stalerl.config import ConfigError, TrainConfig, is_run_config, save_config,
 from stalerl.learner import learner_step, make_optimizer
 from stalerl.metrics import MetricsWriter, UpdateTracker
 from stalerl.data import build_task, check_task_inputs
-from stalerl.guards import (BadStepGuard, Interrupted, StopRequests, check_prompt_lengths, disk_full, is_disk_full,
-                            resume_hint)
+from stalerl.guards import (BadStepGuard, Interrupted, RunStopped, StopRequests, check_prompt_lengths, disk_full,
+                            is_disk_full, resume_hint)
 from stalerl.policy import (build_policy, build_rollout_engine, check_hardware, check_model_files, hub_access,
                             load_tokenizer, save_final)
 from stalerl.rollout import RolloutWorker, TransformersEngine
 from stalerl.stabilizers import LearningRateControl, align_update
-from stalerl.staleness import PipelineState, RolloutSource, ThreadedRollouts, check_lag
+from stalerl.staleness import PipelineState, RolloutSource, ThreadedRollouts, WorkerLost, check_lag
 from stalerl.tasks import Task
 from stalerl.warmstart import accuracy
 
@@ -247,6 +247,8 @@ def train(config: TrainConfig, resume: bool = False) -> dict[str, Any]:
         if is_disk_full(error):
             raise disk_full(error, run_dir, latest_checkpoint) from error
         raise
+    except WorkerLost as error:  # killed or out of memory, not a bug: say how to go on
+        raise RunStopped(f"{error}; {resume_hint(run_dir, latest_checkpoint)}") from error
     finally:
         stop_requests.uninstall()
         progress.close()

@@ -82,7 +82,7 @@ def test_a_process_worker_makes_the_thread_workers_run(small_config, tmp_path):
     (2, 96, r"rollout worker process exited before taking the learner's weights"),  # it publishes theta_3
 ])
 def test_a_dead_process_worker_fails_the_run_in_one_line(small_config, tmp_path, staleness, dies_after, message):
-    from stalerl.staleness import RolloutWorkerError
+    from stalerl.guards import RunStopped
 
     rewards = tmp_path / "dying_reward.py"
     rewards.write_text(
@@ -97,7 +97,7 @@ def test_a_dead_process_worker_fails_the_run_in_one_line(small_config, tmp_path,
     config = with_staleness(small_config, "exact", staleness,
                             task=dataclasses.replace(small_config.task, reward=f"{rewards}:reward"),
                             runtime=dataclasses.replace(small_config.runtime, local_worker="process"))
-    with pytest.raises(RolloutWorkerError, match=message):
+    with pytest.raises(RunStopped, match=message + "; no checkpoint was written$"):
         train(config)
     # S = 0: step 0 ran on batch 0. S = 2: steps 0 and 1 ran; step 2's publish found the worker gone.
     assert len(read_metrics(tmp_path / "run")) == (1 if staleness == 0 else 2)
