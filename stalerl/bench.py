@@ -34,7 +34,6 @@ import platform
 import resource
 import statistics
 import tempfile
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,16 +91,12 @@ def base_config(**changes: Any) -> TrainConfig:
 # ---------------------------------------------------------------- isolation
 
 
-def _exit_with(parent_pid: int) -> None:
-    # A killed bench leaves its pool worker behind, still running a timed run (a 1B model's, say) and
-    # holding the terminal's or a pipe's output open: it goes when it finds itself reparented.
-    while os.getppid() == parent_pid:
-        time.sleep(0.5)
-    os._exit(1)
-
-
 def _measured(parent_pid: int, function: Callable[..., dict], *args: Any) -> dict:
-    threading.Thread(target=_exit_with, args=(parent_pid,), name="stalerl-exit-with-parent", daemon=True).start()
+    from stalerl.guards import exit_with_parent
+
+    # A killed bench would leave its pool worker behind, still running a timed run (a 1B model's, say)
+    # and holding the terminal's or a pipe's output open.
+    exit_with_parent(parent_pid, "stalerl-exit-with-parent")
     result = function(*args)
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     return result

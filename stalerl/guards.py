@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import os
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Iterator
@@ -21,6 +23,17 @@ if TYPE_CHECKING:  # the cli imports this module for RunStopped before torch and
     from stalerl.data import MathTask
     from stalerl.rewards import GuardedTask
     from stalerl.tasks import AdditionTask
+
+
+def exit_with_parent(parent_pid: int, name: str) -> None:
+    """A child process (a bench run, a rollout worker) ends itself once it is reparented: its parent
+    died without closing it, and nobody will read what it makes. A daemon thread polls for it."""
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, name=name, daemon=True).start()
 
 
 class RunStopped(RuntimeError):

@@ -23,13 +23,12 @@ import os
 import pickle
 import queue
 import signal
-import threading
-import time
 from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 import torch.multiprocessing
 
+from stalerl.guards import exit_with_parent
 from stalerl.staleness import (
     MailboxClosed,
     Mode,
@@ -108,17 +107,11 @@ def _picklable(item: object) -> bytes:
         return pickle.dumps(WorkerFailure(RuntimeError(f"{error!r} (not picklable)")))
 
 
-def _exit_with(parent_pid: int) -> None:
-    while os.getppid() == parent_pid:
-        time.sleep(0.5)
-    os._exit(1)  # the learner is gone: nobody will read what this process makes
-
-
 def _worker_main(config_data: dict[str, Any], mailbox: SharedWeightMailbox, batches, stop, first_batch: int,
                  parent_pid: int) -> None:
     """The child: builds its rollout worker, then produce_batches until done, stopped or closed."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the learner's to handle; it closes this
-    threading.Thread(target=_exit_with, args=(parent_pid,), name="stalerl-follow-learner", daemon=True).start()
+    exit_with_parent(parent_pid, "stalerl-follow-learner")
     from stalerl.config import TrainConfig, from_dict
     from stalerl.train import build_rollout_worker_from_config
 
