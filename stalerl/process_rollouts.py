@@ -56,6 +56,7 @@ class SharedWeightMailbox:
         for tensor in self.buffers.values():
             if tensor.device.type == "cpu":
                 tensor.share_memory_()  # CUDA tensors travel by IPC handle
+        self.on_gpu = any(tensor.is_cuda for tensor in self.buffers.values())
         self.deliver_every_version = deliver_every_version
         self._condition = context.Condition()
         self._slot = context.Value("q", version, lock=False)  # staged: the child's first load
@@ -73,7 +74,7 @@ class SharedWeightMailbox:
                 return
             for name, tensor in state_dict.items():
                 self.buffers[name].copy_(tensor.detach())
-            if any(tensor.is_cuda for tensor in self.buffers.values()):
+            if self.on_gpu:
                 torch.cuda.synchronize()  # the child reads on its own stream, in its own process
             self._slot.value = version
             self._condition.notify_all()
