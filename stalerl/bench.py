@@ -44,6 +44,7 @@ import numpy as np
 from stalerl.config import TrainConfig, override, validate
 
 WARMUP_STEPS = 3  # allocator and cache warm-up: not timed
+OFF_STEADY = 0.10  # an async row whose rate is this far off sides_rate() is flagged in the table
 
 
 @dataclass(frozen=True)
@@ -313,11 +314,13 @@ def bench_async(plan: Plan, tmp: Path, model: dict) -> dict:
             continue
         rate = median_of(timed, "steps_per_s")
         speedup = rate / sync_rate
+        # each side's time while they overlap: what the overlap cost them
+        rollout_s, train_s = median_of(timed, "rollout_s"), median_of(timed, "train_s")
         rows.append({"S": s, "worker": worker, "steps_per_s": rate, "speedup": speedup,
                      "fraction_of_ideal": speedup / ideal,
                      "share_of_ideal_gain": (speedup - 1) / (ideal - 1) if ideal > 1 else None,
-                     # each side's time while they overlap: what the overlap cost them
-                     "rollout_s": median_of(timed, "rollout_s"), "train_s": median_of(timed, "train_s"),
+                     "rollout_s": rollout_s, "train_s": train_s, "weight_sync_s": median_of(timed, "weight_sync_s"),
+                     "sides_steps_per_s": sides_rate(s, rollout_s, train_s),
                      "wall_s": median_of(timed, "wall_s")})  # the whole run: start-up and validation too
     result = {"t_gen_s": t_gen, "t_train_s": t_train, "ideal_overlap": ideal, "threads_per_process": 1,
               "t_sample_s": median_of(sync, "gen_s"), "weight_sync_s": median_of(sync, "weight_sync_s"),
@@ -325,6 +328,14 @@ def bench_async(plan: Plan, tmp: Path, model: dict) -> dict:
     if error is not None:
         result["process_worker_error"] = error
     return result
+
+
+def sides_rate(staleness: int, rollout_s: float, train_s: float) -> float:
+    """The steady rate that a run's median batch and step times allow: one after the other at S = 0,
+    the slower side alone at S >= 1. A measured rate well off it says the timed steps were no steady
+    state: an outlier step (a recompilation, say) below it, the rollout side's head start of up to S
+    queued batches above it (a few timed steps of a rollout-bound run)."""
+    return 1 / (rollout_s + train_s) if staleness == 0 else 1 / max(rollout_s, train_s)
 
 
 def bench_sweep(plan: Plan, tmp: Path) -> dict:
@@ -580,6 +591,12 @@ def format_table(report: dict) -> str:
                          f"of wall time against the thread's (start-up)")
         elif "process_worker_error" in pipe:
             lines.append(f"      rollout worker in a process failed: {pipe['process_worker_error']}")
+        off = [row for row in pipe["rows"] if "sides_steps_per_s" in row
+               and abs(row["steps_per_s"] / row["sides_steps_per_s"] - 1) > OFF_STEADY]
+        if off:
+            lines.append("      not steady (rate against what its median batch and step allow): " + ", ".join(
+                f"S={row['S']} {row.get('worker', 'thread')} {row['steps_per_s']:.2f}/s against "
+                f"{row['sides_steps_per_s']:.2f}/s" for row in off) + "; time more steps: --async-steps")
     if "sweep" in report:
         sweep = report["sweep"]
         lines.append(f"sweep {sweep['cells']} cells x {sweep['steps']} steps: 2 workers {sweep['parallel_wall_s']:.0f} s "
@@ -619,6 +636,8 @@ def add_bench_parser(subparsers: Any) -> None:
     parser.add_argument("--data", default="", help="with --model: the math task's JSONL or Parquet file")
     parser.add_argument("--repeats", type=int, default=None, help="repeats of every timed comparison, medians "
                         "reported (default: 3 for the full suite, 1 for --quick or --model)")
+    parser.add_argument("--async-steps", type=int, default=None, help="steps of each async run, the first "
+                        f"{WARMUP_STEPS} untimed (default: 50, 8 with --model)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a config field for the gen and async runs, e.g. --set rollout.max_new_tokens=256 "
                         "(repeatable; step, sweep and memory keep their fixed settings)")
@@ -633,10 +652,15 @@ def run_bench_command(args: Any) -> int:
         raise ConfigError(f"--parts: unknown {unknown[0]!r} (known: {', '.join(PARTS)})")
     if args.repeats is not None and args.repeats < 1:
         raise ConfigError(f"--repeats: must be >= 1 (got {args.repeats})")
+    if args.async_steps is not None and args.async_steps < WARMUP_STEPS + 2:
+        raise ConfigError(f"--async-steps: must be >= {WARMUP_STEPS + 2}, the first {WARMUP_STEPS} are not timed "
+                          f"(got {args.async_steps})")
     settings = dict(parse_assignment(text) for text in args.set)
-    plan = None
+    plan = default_plan(args.quick, bool(args.model))
     if args.repeats is not None:  # on a noisy machine, more repeats tighten the medians
-        plan = dataclasses.replace(default_plan(args.quick, bool(args.model)), repeats=args.repeats)
+        plan = dataclasses.replace(plan, repeats=args.repeats)
+    if args.async_steps is not None:  # a rollout-bound run reaches its steady rate only after its queue drains
+        plan = dataclasses.replace(plan, async_steps=args.async_steps)
     report = run_bench(Path(args.out), args.quick, plan=plan,
                        parts=parts or (CHECKPOINT_PARTS if args.model else PARTS),
                        log=lambda text: print(text, flush=True), checkpoint=args.model, data=args.data,

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from stalerl.bench import FULL, QUICK, bench_generation, checked_model_settings, format_table, on_gpu, run_bench
+from stalerl.bench import (CHECKPOINT, FULL, QUICK, bench_generation, checked_model_settings, format_table, on_gpu,
+                           run_bench, sides_rate)
 from stalerl.bench_trl import grpo_config_kwargs, trl_version
 from stalerl.cli import main
 
@@ -63,6 +64,29 @@ def test_bench_writes_a_complete_report(tmp_path):
     assert "step" in table and "prompts run whole" in table and "mem" in table
 
 
+def test_async_rows_off_their_steady_rate_are_flagged():
+    """What a 1B model's 8-step async runs on the H100 gave: an S = 0 run slower than its median batch and
+    step allow, and S = 2 runs faster than their slower side (their queue's head start)."""
+    rows = [{"S": 0, "worker": "thread", "steps_per_s": 0.747, "speedup": 1.0, "fraction_of_ideal": 0.69,
+             "sides_steps_per_s": sides_rate(0, 0.739, 0.327), "wall_s": 49.5},
+            {"S": 1, "worker": "thread", "steps_per_s": 1.043, "speedup": 1.40, "fraction_of_ideal": 0.97,
+             "sides_steps_per_s": sides_rate(1, 0.957, 0.419), "wall_s": 26.1},
+            {"S": 2, "worker": "thread", "steps_per_s": 1.145, "speedup": 1.53, "fraction_of_ideal": 1.06,
+             "sides_steps_per_s": sides_rate(2, 0.999, 0.628), "wall_s": 27.2},
+            {"S": 2, "worker": "process", "steps_per_s": 1.255, "speedup": 1.68, "fraction_of_ideal": 1.16,
+             "sides_steps_per_s": sides_rate(2, 0.929, 0.830), "wall_s": 39.4}]
+    assert rows[0]["sides_steps_per_s"] == pytest.approx(1 / 1.066) and rows[3]["sides_steps_per_s"] == pytest.approx(1 / 0.929)
+    table = format_table({"quick": False, "plan": {"repeats": 1}, "model": {"checkpoint": "1b"},
+                          "machine": {"cpus": 16, "load_avg_before": [0], "load_avg_after": [0], "gpu": "H100"},
+                          "async": {"ideal_overlap": 1.44, "t_gen_s": 0.739, "t_sample_s": 0.711, "weight_sync_s": 0.016,
+                                    "t_train_s": 0.327, "rows": rows}})
+    flagged = table.splitlines()[-1]
+    assert flagged.startswith("      not steady") and "--async-steps" in flagged
+    assert "S=0 thread 0.75/s against 0.94/s" in flagged and "S=2 thread 1.15/s against 1.00/s" in flagged
+    assert "S=2 process 1.25/s against 1.08/s" in flagged
+    assert "S=1 thread" not in flagged  # 1.043 against 1.045: steady
+
+
 REAL_SWEEP_PART = {"cells": 12, "steps": 40, "parallel_wall_s": 38.0, "sum_of_single_runs_s": 51.0,
                    "parallel_over_sum_of_runs": 0.74, "bound": 0.63, "single_runs_cores_used": 1.3,
                    "core_utilisation": 0.86, "serial_wall_s": 55.0}
@@ -105,9 +129,12 @@ def test_rerunning_some_parts_keeps_the_others(tmp_path, capsys):
             "sweep, memory part(s) would be lost") in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("argv, plan", [([], None), (["--repeats", "7"], dataclasses.replace(FULL, repeats=7)),
-                                        (["--quick", "--repeats", "2"], dataclasses.replace(QUICK, repeats=2))])
-def test_repeats_replace_the_plans_repeats_only(tmp_path, monkeypatch, argv, plan):
+@pytest.mark.parametrize("argv, plan", [([], FULL), (["--repeats", "7"], dataclasses.replace(FULL, repeats=7)),
+                                        (["--quick", "--repeats", "2"], dataclasses.replace(QUICK, repeats=2)),
+                                        (["--async-steps", "20"], dataclasses.replace(FULL, async_steps=20)),
+                                        (["--model", "random:tiny", "--data", "d.jsonl", "--async-steps", "16"],
+                                         dataclasses.replace(CHECKPOINT, async_steps=16))])
+def test_repeats_and_async_steps_replace_only_their_field_of_the_plan(tmp_path, monkeypatch, argv, plan):
     import stalerl.bench as bench
 
     class Planned(Exception):
@@ -140,7 +167,8 @@ def test_bench_times_a_checkpoint_on_the_math_task(tmp_path):
     assert report["gen"]["max_new_tokens"] == 8 and report["gen"]["plain_generate"]["tokens_per_s"] > 0
     pipe = report["async"]
     assert [(row["S"], row["worker"]) for row in pipe["rows"]] == [(0, "thread"), (1, "thread"), (1, "process")]
-    assert pipe["weight_sync_s"] > 0
+    assert pipe["weight_sync_s"] > 0 and all(row["sides_steps_per_s"] > 0 and row["weight_sync_s"] >= 0
+                                             for row in pipe["rows"])
     assert pipe["t_gen_s"] >= pipe["t_sample_s"] > 0  # the rollout side: sampling, reward, weight load
     assert all(math.isfinite(x) for x in _numbers(report))
     assert "model random:tiny" in format_table(report)
@@ -179,6 +207,7 @@ SAMPLE_FILE = str(Path(__file__).resolve().parent.parent / "data" / "gsm8k_sampl
     (["--set", "steps=10"], "--set steps: the bench sets it itself"),
     (["--repeats", "-1"], "--repeats: must be >= 1"),
     (["--repeats", "0"], "--repeats: must be >= 1 (got 0)"),
+    (["--async-steps", "4"], "--async-steps: must be >= 5, the first 3 are not timed (got 4)"),
 ])
 def test_bench_refuses_bad_model_arguments_before_any_work(tmp_path, capsys, argv, message):
     assert main(["bench", "--out", str(tmp_path / "out"), *argv]) == 2
