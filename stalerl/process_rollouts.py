@@ -186,6 +186,8 @@ class ProcessRollouts(QueuedRollouts):
             self._process.join()
         self._batches.close()
         self._batches.cancel_join_thread()
+        if self._mailbox.on_gpu:  # the child has let go of the buffers: free what CUDA IPC still holds for it
+            torch.cuda.ipc_collect()
 
     def report(self) -> dict:
         return {"runtime": "local", "worker": "process", "num_workers": 1, "lost_batches": 0}
