@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The GPU checks of one device session, in the order of what they are worth, within a time limit:
+#   bash benchmarks/gpu_check.sh OUT_DIR [SECONDS]      (default 570)
+# 1. the async pipeline on a 1B Llama with the static cache: S = 0, 1, 2, rollout worker in a
+#    thread and in a process (the S = 0 row's train_s is the learner step, fp32 masters included);
+# 2. generation, stalerl's engine against plain generate (dynamic and static cache);
+# 3. generation again, in fresh processes (their spread is as large as the engines' difference);
+# 4. a profile of one call of each while time is left (benchmarks/generate_profile.py, about 95 s).
+# On an H100 (2026-11-27) the checkpoint took 16 s, stage 1 271 s, stages 2 and 3 111 s and 92 s; the
+# machine's start comes on top. Needs stalerl importable (PYTHONPATH=$PWD where it is not installed).
+# Each stage has its own time limit and writes its own report, so a stage cut short loses only itself.
+set -u -o pipefail
+out=${1:?OUT_DIR}
+budget=${2:-570}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+log="$out/check.log"
+left() { local rest=$((budget - SECONDS)); (( rest < $1 )) && echo "$rest" || echo "$1"; }
+stage() {  # stage NAME MAX_SECONDS COMMAND...
+  local name=$1 limit; limit=$(left "$2"); shift 2
+  if (( limit < 20 )); then echo "== $name: skipped, ${limit} s left" | tee -a "$log"; return; fi
+  echo "== $name (limit ${limit} s, at ${SECONDS} s)" | tee -a "$log"
+  timeout "$limit" "$@" 2>&1 | tee -a "$log"
+  echo "== $name: exit ${PIPESTATUS[0]} at ${SECONDS} s" | tee -a "$log"
+}
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
+} 2>&1 | tee -a "$log"
+checkpoint=/tmp/stalerl-random-llama-3.2-1b
+data=data/gsm8k_sample.jsonl
+stage checkpoint 120 python3 -c "from pathlib import Path; from stalerl.random_checkpoint import save_random_checkpoint as s; \
+s('llama-3.2-1b', Path('$checkpoint'), Path('$data'))"
+model=(--model "$checkpoint" --data "$data")
+stage async 280 python3 -m stalerl.cli bench --out "$out/async" --parts async "${model[@]}" --set rollout.static_cache=true
+stage gen 160 python3 -m stalerl.cli bench --out "$out/gen" --parts gen "${model[@]}"
+stage gen-again 160 python3 -m stalerl.cli bench --out "$out/gen2" --parts gen "${model[@]}"
+stage profile 120 python3 benchmarks/generate_profile.py --model "$checkpoint" --data "$data"
