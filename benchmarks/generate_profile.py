@@ -14,16 +14,11 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
-import numpy as np
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from stalerl.bench import CHECKPOINT_DEFAULTS, base_config
-from stalerl.config import override
-from stalerl.data import build_task
-from stalerl.policy import build_policy, build_rollout_engine
+from generate_ops import DATA, checkpoint_config, generation_calls  # this folder is on sys.path when run
 
 LAUNCHES = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx")
 SYNCS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
@@ -50,37 +45,15 @@ def report(name: str, prof, wall_s: float, steps: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="a Hugging Face checkpoint directory")
-    parser.add_argument("--data", default=str(Path(__file__).resolve().parent.parent / "data" / "gsm8k_sample.jsonl"))
+    parser.add_argument("--data", default=str(DATA))
     parser.add_argument("--tokens", type=int, default=64)  # 128 took over 70 s on the H100 (profiling costs)
     args = parser.parse_args()
-    config = base_config(**(CHECKPOINT_DEFAULTS | {"model.name_or_path": args.model, "task.data": args.data,
-                                                   "rollout.max_new_tokens": args.tokens}))
-    model, tokenizer, _ = build_policy(config)
-    model.eval()
-    task = build_task(config, tokenizer)
-    prompts = task.sample_prompts(np.random.default_rng([0, 0]), config.rollout.prompts_per_step)
-    texts = [prompt.text for prompt in prompts for _ in range(config.rollout.group_size)]
-
-    def engine(changes: dict):
-        built = build_rollout_engine(override(config, changes), model, tokenizer)
-        return lambda: built.generate(texts, noise_seed=1).response_mask_N_L.shape[1]
-
-    @torch.no_grad()
-    def plain() -> int:
-        encoded = tokenizer(texts, return_tensors="pt", padding=True).to(model.device)
-        sequences = model.generate(**encoded, do_sample=True, top_k=0, top_p=1.0, max_new_tokens=args.tokens,
-                                   pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-        tokenizer.batch_decode(sequences[:, encoded["input_ids"].shape[1]:], skip_special_tokens=True)
-        return sequences.shape[1] - encoded["input_ids"].shape[1]
-
-    calls = {"stalerl (a group's prompt shared)": engine({}),
-             "stalerl (prompts whole)": engine({"model.share_prompt_prefix": False}),
-             "plain generate": plain}
+    calls = generation_calls(checkpoint_config(args.model, args.data, args.tokens), args.tokens)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     synchronize = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-    print(f"device {model.device}, {len(texts)} rows, up to {args.tokens} new tokens")
+    print(f"{'cuda' if torch.cuda.is_available() else 'cpu'}, the bench's gen batch, up to {args.tokens} new tokens")
     with profile(activities=activities):  # the profiler's own first start (CUPTI) is slower: not counted
-        plain()
+        calls["plain generate"]()
     for name, call in calls.items():
         call()  # warm-up
         synchronize()

@@ -1,0 +1,24 @@
+"""The profiling script that the GPU checks run (benchmarks/gpu_check.sh), run here on CPU."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hf_checkpoint import ROOT, save_tiny_checkpoint
+
+
+@pytest.mark.slow  # one interpreter, a tiny checkpoint: about 10 s on 2 cores
+def test_generate_profile_reports_each_call_per_decoding_step(tmp_path: Path):
+    checkpoint = save_tiny_checkpoint(tmp_path / "tiny")
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "generate_profile.py"), "--model", str(checkpoint),
+                           "--tokens", "4"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    lines = [line for line in done.stdout.splitlines() if "ms a step" in line]
+    assert [line.split(":")[0] for line in lines] == [
+        "stalerl (a group's prompt shared)", "stalerl (prompts whole)", "plain generate"]
+    for line in lines:
+        steps = int(re.search(r"(\d+) steps", line).group(1))
+        assert 1 <= steps <= 4 and "kernel launches" in line and "GPU busy" in line
+    assert "aten::mm" in done.stdout  # the operators with the most host time, under each call
