@@ -637,7 +637,7 @@ def add_bench_parser(subparsers: Any) -> None:
     parser.add_argument("--repeats", type=int, default=None, help="repeats of every timed comparison, medians "
                         "reported (default: 3 for the full suite, 1 for --quick or --model)")
     parser.add_argument("--async-steps", type=int, default=None, help="steps of each async run, the first "
-                        f"{WARMUP_STEPS} untimed (default: 50, 8 with --model)")
+                        f"{WARMUP_STEPS} untimed (default: 50; 8 with --quick or --model, 5 with both)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a config field for the gen and async runs, e.g. --set rollout.max_new_tokens=256 "
                         "(repeatable; step, sweep and memory keep their fixed settings)")
