@@ -92,5 +92,6 @@ def main() -> None:
             total = sum(counter.count.values())
             print(f"{name:36s} {total:7d} operators, {steps} steps: {total / steps:6.0f} a step")
 
+
 if __name__ == "__main__":
     main()
