@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # The GPU checks of one device session, in the order of what they are worth, within a time limit:
 #   bash benchmarks/gpu_check.sh OUT_DIR [SECONDS]      (default 570)
-# 1. the async pipeline on a 1B Llama with the static cache: S = 0, 1, 2, rollout worker in a
-#    thread and in a process (the S = 0 row's train_s is the learner step, fp32 masters included);
-# 2. generation, stalerl's engine against plain generate (dynamic and static cache);
-# 3. generation again, in fresh processes (their spread is as large as the engines' difference);
+# 1. the GPU test: a rollout thread on a CUDA stream of its own makes the default stream's run, bit
+#    for bit (tests/test_train.py; about 30 s, most of it the warm start);
+# 2. the async pipeline on a 1B Llama with the static cache, 20 steps a run: S = 0 and S = 1 with
+#    the rollout worker in a thread, in a process, and in a thread on a CUDA stream of its own
+#    (the S = 0 row's train_s is the learner step, fp32 masters included);
+# 3. generation, stalerl's engine against plain generate (dynamic and static cache);
 # 4. a profile of one call of each while time is left (benchmarks/generate_profile.py, about 95 s).
-# On an H100 (2026-11-27) the checkpoint took 16 s, stage 1 271 s, stages 2 and 3 111 s and 92 s; the
+# On an H100 (2026-11-27) the checkpoint took 16 s, the async pipeline 271 s for five runs of 8
+# steps (about 54 s a run, most of it loading and compiling), the generation bench 92-111 s; the
 # machine's start comes on top. Needs stalerl importable (PYTHONPATH=$PWD where it is not installed).
 # Each stage has its own time limit and writes its own report, so a stage cut short loses only itself.
 set -u -o pipefail
@@ -31,7 +34,9 @@ data=data/gsm8k_sample.jsonl
 stage checkpoint 120 python3 -c "from pathlib import Path; from stalerl.random_checkpoint import save_random_checkpoint as s; \
 s('llama-3.2-1b', Path('$checkpoint'), Path('$data'))"
 model=(--model "$checkpoint" --data "$data")
-stage async 280 python3 -m stalerl.cli bench --out "$out/async" --parts async "${model[@]}" --set rollout.static_cache=true
+stage gpu-test 120 python3 -m pytest -q -p no:cacheprovider \
+  tests/test_train.py::test_a_rollout_thread_on_its_own_cuda_stream_makes_the_same_run
+stage async 300 python3 -m stalerl.cli bench --out "$out/async" --parts async "${model[@]}" \
+  --async-staleness 1 --async-steps 20 --set rollout.static_cache=true
 stage gen 160 python3 -m stalerl.cli bench --out "$out/gen" --parts gen "${model[@]}"
-stage gen-again 160 python3 -m stalerl.cli bench --out "$out/gen2" --parts gen "${model[@]}"
 stage profile 120 python3 benchmarks/generate_profile.py --model "$checkpoint" --data "$data"

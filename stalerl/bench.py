@@ -284,33 +284,42 @@ def bench_generation(plan: Plan, model: dict, with_static_cache: bool) -> dict:
     return result
 
 
-def bench_async(plan: Plan, tmp: Path, model: dict) -> dict:
+# The rollout worker of an async row: a thread (the default), a process of its own, or (on a GPU)
+# a thread whose kernels run on a CUDA stream of their own (runtime.rollout_cuda_stream).
+WORKER_SETTINGS = {"thread": {}, "process": {"runtime.local_worker": "process"},
+                   "own_stream": {"runtime.rollout_cuda_stream": "own"}}
+
+
+def bench_async(plan: Plan, tmp: Path, model: dict, gpu: bool = False) -> dict:
     """The ideal overlap takes the rollout side's whole time per batch (sampling, reward, weight load).
-    Rows for S >= 1 come twice with `plan.async_process`: the rollout worker in a thread, and in a
-    process of its own; a process run that fails is reported, and the thread rows stand."""
+    Rows for S >= 1 come again with `plan.async_process`, the rollout worker in a process of its
+    own, and on a GPU with the thread on a CUDA stream of its own; a run of those that fails is
+    reported (`<worker>_worker_error`), and the thread rows stand."""
     staleness = (0, *plan.async_staleness)
-    workers = ("thread", "process") if plan.async_process else ("thread",)
+    workers = ["thread"] + ["process"] * plan.async_process + ["own_stream"] * gpu
     runs: dict[tuple[int, str], list[dict]] = {}
-    error = None
+    errors: dict[str, str] = {}
     for repeat in range(plan.repeats):
-        for s in staleness:  # alternating: S=0, 1 (thread, process), 2 (...), ..., S=0, ...
-            for worker in workers if s > 0 and error is None else ("thread",):
+        for s in staleness:  # alternating: S=0, 1 (thread, process, own_stream), 2 (...), ..., S=0, ...
+            for worker in workers if s > 0 else ["thread"]:
+                if worker in errors:
+                    continue
                 config = base_config(steps=plan.async_steps, **model,
-                                     **{"staleness.staleness": s, "runtime.local_worker": worker,
+                                     **{"staleness.staleness": s, **WORKER_SETTINGS[worker],
                                         "out": str(tmp / f"async-S{s}-{worker}-r{repeat}")})
                 try:
                     runs.setdefault((s, worker), []).append(isolated(train_run, config.to_dict(), WARMUP_STEPS))
-                except Exception as failure:  # noqa: BLE001 - only the process rows are optional
+                except Exception as failure:  # noqa: BLE001 - only the thread rows are needed
                     if worker == "thread":
                         raise
-                    error = f"{type(failure).__name__}: {failure}"
+                    errors[worker] = f"{type(failure).__name__}: {failure}"
     sync = runs[(0, "thread")]
     t_gen, t_train = median_of(sync, "rollout_s"), median_of(sync, "train_s")
     ideal = (t_gen + t_train) / max(t_gen, t_train)
     sync_rate = median_of(sync, "steps_per_s")
     rows = []
     for (s, worker), timed in runs.items():
-        if error is not None and worker == "process":
+        if worker in errors:
             continue
         rate = median_of(timed, "steps_per_s")
         speedup = rate / sync_rate
@@ -325,8 +334,8 @@ def bench_async(plan: Plan, tmp: Path, model: dict) -> dict:
     result = {"t_gen_s": t_gen, "t_train_s": t_train, "ideal_overlap": ideal, "threads_per_process": 1,
               "t_sample_s": median_of(sync, "gen_s"), "weight_sync_s": median_of(sync, "weight_sync_s"),
               "steps": plan.async_steps, "rows": rows}
-    if error is not None:
-        result["process_worker_error"] = error
+    for worker, error in errors.items():
+        result[f"{worker}_worker_error"] = error
     return result
 
 
@@ -415,7 +424,7 @@ def bench_memory(plan: Plan, tmp: Path) -> dict:
 PARTS = ("step", "gen", "async", "sweep", "memory")
 REPORT_FORMAT = 2  # bench.json's layout: one up whenever a part's fields change (kept_parts mixes only equal ones)
 # What the parts vary from run to run (the gen part's variants set the cache and prompt sharing themselves).
-BENCH_SETS = ("steps", "out", "staleness.staleness")
+BENCH_SETS = ("steps", "out", "staleness.staleness", "runtime.local_worker", "runtime.rollout_cuda_stream")
 
 
 def checked_model_settings(checkpoint: str, data: str, settings: dict, parts: tuple[str, ...]) -> dict:
@@ -503,7 +512,7 @@ def run_bench(out: Path, quick: bool, plan: Plan | None = None, parts: tuple[str
             isolated(make_random_checkpoint, shape, model["model.name_or_path"], data)
             log(f"bench: random {shape} checkpoint written in {time.perf_counter() - started:.0f} s")
         steps = {"step": lambda: bench_step(plan, tmp, log), "gen": lambda: bench_generation(plan, model, on_gpu(model)),
-                 "async": lambda: bench_async(plan, tmp, model), "sweep": lambda: bench_sweep(plan, tmp),
+                 "async": lambda: bench_async(plan, tmp, model, on_gpu(model)), "sweep": lambda: bench_sweep(plan, tmp),
                  "memory": lambda: bench_memory(plan, tmp)}
         for part in parts:
             part_start = time.perf_counter()
@@ -591,6 +600,10 @@ def format_table(report: dict) -> str:
                          f"of wall time against the thread's (start-up)")
         elif "process_worker_error" in pipe:
             lines.append(f"      rollout worker in a process failed: {pipe['process_worker_error']}")
+        if any(row.get("worker") == "own_stream" for row in pipe["rows"]):
+            lines.append(f"      rollout thread on a CUDA stream of its own: {cells('own_stream')}")
+        elif "own_stream_worker_error" in pipe:
+            lines.append(f"      rollout thread on a CUDA stream of its own failed: {pipe['own_stream_worker_error']}")
         off = [row for row in pipe["rows"] if "sides_steps_per_s" in row
                and abs(row["steps_per_s"] / row["sides_steps_per_s"] - 1) > OFF_STEADY]
         if off:
@@ -638,9 +651,21 @@ def add_bench_parser(subparsers: Any) -> None:
                         "reported (default: 3 for the full suite, 1 for --quick or --model)")
     parser.add_argument("--async-steps", type=int, default=None, help="steps of each async run, the first "
                         f"{WARMUP_STEPS} untimed (default: 50; 8 with --quick or --model, 5 with both)")
+    parser.add_argument("--async-staleness", default="", metavar="S,S,...", help="the staleness of the async "
+                        "rows besides S = 0 (default: 1,2,4; 1,2 with --model, 1 with --model and --quick)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a config field for the gen and async runs, e.g. --set rollout.max_new_tokens=256 "
                         "(repeatable; step, sweep and memory keep their fixed settings)")
+
+
+def parse_async_staleness(text: str) -> tuple[int, ...]:
+    """--async-staleness: comma-separated S >= 1, in the order given; empty: the plan's own."""
+    from stalerl.config import ConfigError
+
+    values = [part.strip() for part in text.split(",") if part.strip()]
+    if not all(value.isdigit() and int(value) >= 1 for value in values):
+        raise ConfigError(f"--async-staleness: comma-separated whole numbers >= 1 (S = 0 always runs), got {text!r}")
+    return tuple(dict.fromkeys(int(value) for value in values))
 
 
 def run_bench_command(args: Any) -> int:
@@ -655,12 +680,15 @@ def run_bench_command(args: Any) -> int:
     if args.async_steps is not None and args.async_steps < WARMUP_STEPS + 2:
         raise ConfigError(f"--async-steps: must be >= {WARMUP_STEPS + 2}, the first {WARMUP_STEPS} are not timed "
                           f"(got {args.async_steps})")
+    staleness = parse_async_staleness(args.async_staleness)
     settings = dict(parse_assignment(text) for text in args.set)
     plan = default_plan(args.quick, bool(args.model))
     if args.repeats is not None:  # on a noisy machine, more repeats tighten the medians
         plan = dataclasses.replace(plan, repeats=args.repeats)
     if args.async_steps is not None:  # a rollout-bound run reaches its steady rate only after its queue drains
         plan = dataclasses.replace(plan, async_steps=args.async_steps)
+    if staleness:  # a device session's minutes go to the rows that matter
+        plan = dataclasses.replace(plan, async_staleness=staleness)
     report = run_bench(Path(args.out), args.quick, plan=plan,
                        parts=parts or (CHECKPOINT_PARTS if args.model else PARTS),
                        log=lambda text: print(text, flush=True), checkpoint=args.model, data=args.data,

@@ -213,6 +213,10 @@ class RuntimeConfig:
     # local: the rollout worker in a thread of the learner's process, or in a process of its own,
     # free of the learner's GIL but a few seconds slower to start (process_rollouts.py).
     local_worker: Literal["thread", "process"] = "thread"
+    # The thread's kernels on a GPU: on the default CUDA stream, which the learner's share, so the
+    # GPU runs the two sides' kernels one after the other; or on a stream of their own, so that it
+    # can run them side by side (streams.py). For the transformers engine; not yet timed on a GPU.
+    rollout_cuda_stream: Literal["default", "own"] = "default"
     num_workers: int = 2  # ray: rollout-worker actors; they help only while S >= 1 leaves them work ahead
     ray_address: str = ""  # ray: join this cluster ("auto", "host:port"); empty: a private Ray on 127.0.0.1
     worker_cpus: float = 1.0  # ray: CPUs each rollout actor asks for
@@ -465,6 +469,12 @@ def validate(config: TrainConfig) -> TrainConfig:
          "is for the local runtime (Ray's rollout workers are processes already)"),
         (config.runtime.local_worker == "thread" or config.rollout.engine != "vllm", "runtime.local_worker",
          "process is for the transformers engine (vLLM runs its engine in a process of its own already)"),
+        (config.runtime.rollout_cuda_stream == "default" or (config.runtime.runtime == "local"
+                                                             and config.runtime.local_worker == "thread"),
+         "runtime.rollout_cuda_stream", "own is for the local runtime's rollout thread (a worker process has a "
+         "CUDA context of its own)"),
+        (config.runtime.rollout_cuda_stream == "default" or config.rollout.engine == "transformers",
+         "runtime.rollout_cuda_stream", "own is for the transformers engine (vLLM runs its own streams)"),
         (config.runtime.num_workers >= 1, "runtime.num_workers", "must be >= 1"),
         (config.runtime.worker_cpus > 0, "runtime.worker_cpus", "must be > 0"),
         (config.runtime.learner_cpus > 0, "runtime.learner_cpus", "must be > 0"),

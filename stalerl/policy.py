@@ -54,6 +54,10 @@ def check_hardware(config: TrainConfig) -> None:
                           f"GPU(s) are visible (cuda:0 .. cuda:{torch.cuda.device_count() - 1})")
     if config.model.device == "mps" and not torch.backends.mps.is_available():
         raise ConfigError("model.device: mps asked for but Apple's MPS backend is not available here")
+    device = resolve_device(config.model)
+    if config.runtime.rollout_cuda_stream == "own" and device.type != "cuda":
+        raise ConfigError(f"runtime.rollout_cuda_stream: own needs the model on a CUDA GPU (model.device "
+                          f"{config.model.device} runs it on {device.type} here)")
 
 
 # What transformers reads a local checkpoint's config and weights from (a peft adapter directory has

@@ -181,7 +181,8 @@ class TransformersEngine:
         start = time.perf_counter()
         self.model.load_state_dict(state_dict)
         if self.device.type == "cuda":  # the copies run asynchronously: wait, so that sync_s is their time
-            torch.cuda.synchronize(self.device)
+            # (this thread's stream only: a rollout thread on a stream of its own does not wait for the learner)
+            torch.cuda.current_stream(self.device).synchronize()
         self.sync_s += time.perf_counter() - start
         self.version = version
 

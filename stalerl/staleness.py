@@ -36,6 +36,8 @@ from typing import TYPE_CHECKING, Callable, Literal, Protocol
 
 import torch
 
+from stalerl.streams import CopyReady, finished_on_own_stream, run_on_stream, staged_copy_ready, used_on_current_stream
+
 if TYPE_CHECKING:  # annotations only: Ray's stub actors import this module without transformers
     from stalerl.rollout import RolloutBatch, RolloutEngine
 
@@ -101,7 +103,7 @@ class WeightMailbox:
 
     def __init__(self, deliver_every_version: bool):
         self.deliver_every_version = deliver_every_version
-        self._slot: tuple[dict[str, torch.Tensor], int] | None = None
+        self._slot: tuple[dict[str, torch.Tensor], int, CopyReady | None] | None = None
         self._closed = False
         self._condition = threading.Condition()
 
@@ -111,11 +113,15 @@ class WeightMailbox:
                 self._condition.wait_for(lambda: self._slot is None or self._closed)
             if self._closed:
                 return
-            self._slot = ({name: tensor.detach().clone() for name, tensor in state_dict.items()}, version)
+            copy = {name: tensor.detach().clone() for name, tensor in state_dict.items()}
+            # On a GPU the clone is queued on the learner's stream: a worker on a stream of its own
+            # waits for this event before it reads the copy (streams.py).
+            self._slot = (copy, version, staged_copy_ready(copy.values()))
             self._condition.notify_all()
 
     def take(self, min_version: int, block: bool) -> tuple[dict[str, torch.Tensor], int] | None:
-        """The staged weights if their version is >= min_version; waits for them if `block`."""
+        """The staged weights if their version is >= min_version; waits for them if `block`.
+        On a GPU, the calling thread's stream will have waited for the learner's copy."""
         with self._condition:
             ready = lambda: self._closed or (self._slot is not None and self._slot[1] >= min_version)  # noqa: E731
             if block:
@@ -124,9 +130,11 @@ class WeightMailbox:
                 raise MailboxClosed
             if not ready():
                 return None
-            item, self._slot = self._slot, None
+            (state_dict, version, copied), self._slot = self._slot, None
             self._condition.notify_all()
-            return item
+        if copied is not None:
+            copied.wait()
+        return state_dict, version
 
     def load_into(self, engine: RolloutEngine, min_version: int, block: bool) -> None:
         """Loads the staged weights into `engine` if their version is >= min_version (see take)."""
@@ -248,21 +256,32 @@ class ThreadedRollouts(QueuedRollouts):
         staleness: int,
         total_batches: int,
         start: PipelineState | None = None,
+        cuda_stream: torch.cuda.Stream | None = None,
     ):
-        """`start`: resume from a checkpoint's pipeline; the engine must already hold theta_{start.version}."""
+        """`start`: resume from a checkpoint's pipeline; the engine must already hold theta_{start.version}.
+        `cuda_stream`: the stream the worker's kernels run on (runtime.rollout_cuda_stream: own;
+        streams.py); None: the thread's default one, which the learner's kernels share."""
         super().__init__(mode, staleness, total_batches, start)
         self._mailbox = WeightMailbox(deliver_every_version=(mode == "exact"))
         self.engine = engine
         self._batches: queue.Queue = queue.Queue()
         self._stop = threading.Event()
+        self._own_stream = cuda_stream is not None
+        if cuda_stream is not None:
+            # The worker's first kernels come after what the learner queued so far (the worker's copy of the policy).
+            cuda_stream.wait_stream(torch.cuda.current_stream(cuda_stream.device))
+            produce = finished_on_own_stream(produce, cuda_stream)
         self._thread = threading.Thread(
-            target=produce_batches, name="stalerl-rollout-worker", daemon=True,
-            args=(engine, produce, mode, staleness, range(self._first_batch, total_batches), self._mailbox,
-                  self._batches.put, self._stop.is_set))
+            target=run_on_stream, name="stalerl-rollout-worker", daemon=True,
+            args=(cuda_stream, produce_batches, engine, produce, mode, staleness,
+                  range(self._first_batch, total_batches), self._mailbox, self._batches.put, self._stop.is_set))
         self._thread.start()
 
     def _get(self, block: bool) -> object:
-        return self._batches.get(block=block)
+        item = self._batches.get(block=block)
+        if self._own_stream and not isinstance(item, WorkerFailure):
+            used_on_current_stream(item)  # the learner's stream, not the worker's, frees its memory
+        return item
 
     def _hand_over(self, state_dict: dict[str, torch.Tensor], version: int) -> None:
         self._mailbox.publish(state_dict, version)
@@ -275,4 +294,5 @@ class ThreadedRollouts(QueuedRollouts):
             self.engine.close()
 
     def report(self) -> dict:
-        return {"runtime": "local", "worker": "thread", "num_workers": 1, "lost_batches": 0}  # a thread is not restarted
+        return {"runtime": "local", "worker": "thread", "num_workers": 1, "lost_batches": 0,  # a thread is not restarted
+                "cuda_stream": "own" if self._own_stream else "default"}

@@ -95,8 +95,11 @@ def make_rollout_source(config: TrainConfig, model: PreTrainedModel, tokenizer: 
     worker = build_rollout_worker(config, model, tokenizer, task)
     if start is not None:  # resuming: the worker goes on from the learner's restored weights
         worker.engine.load_weights(model.state_dict(), start.version)
+    own_stream = None
+    if config.runtime.rollout_cuda_stream == "own":  # check_hardware made sure the model is on a GPU
+        own_stream = torch.cuda.Stream(next(model.parameters()).device)
     return ThreadedRollouts(worker.engine, worker.produce, config.staleness.mode, config.staleness.staleness,
-                            total_batches=config.steps, start=start)
+                            total_batches=config.steps, start=start, cuda_stream=own_stream)
 
 
 def cpu_seconds() -> float:

@@ -87,6 +87,26 @@ def test_async_rows_off_their_steady_rate_are_flagged():
     assert "S=1 thread" not in flagged  # 1.043 against 1.045: steady
 
 
+def test_the_own_stream_rows_get_a_line_of_their_own_and_a_failure_is_named():
+    def table(pipe: dict) -> list[str]:
+        report = {"quick": False, "plan": {"repeats": 1}, "model": {"checkpoint": "1b"},
+                  "machine": {"cpus": 16, "load_avg_before": [0], "load_avg_after": [0], "gpu": "H100"},
+                  "async": {"ideal_overlap": 1.44, "t_gen_s": 0.739, "t_sample_s": 0.711, "weight_sync_s": 0.016,
+                            "t_train_s": 0.327} | pipe}
+        return format_table(report).splitlines()
+
+    def row(s: int, worker: str, rate: float) -> dict:
+        return {"S": s, "worker": worker, "steps_per_s": rate, "speedup": rate / 0.9, "fraction_of_ideal": rate / 1.3,
+                "sides_steps_per_s": rate, "wall_s": 30.0}
+
+    lines = table({"rows": [row(0, "thread", 0.9), row(1, "thread", 1.0), row(1, "own_stream", 1.2)]})
+    assert "S=1 1.00/s" in lines[-2] and "own_stream" not in lines[-2] and "S=0 0.90/s" in lines[-2]
+    assert lines[-1] == "      rollout thread on a CUDA stream of its own: S=1 1.20/s 1.33x (92% of ideal)"
+    lines = table({"rows": [row(0, "thread", 0.9), row(1, "thread", 1.0)],
+                   "own_stream_worker_error": "RuntimeError: CUDA error"})
+    assert lines[-1] == "      rollout thread on a CUDA stream of its own failed: RuntimeError: CUDA error"
+
+
 REAL_SWEEP_PART = {"cells": 12, "steps": 40, "parallel_wall_s": 38.0, "sum_of_single_runs_s": 51.0,
                    "parallel_over_sum_of_runs": 0.74, "bound": 0.63, "single_runs_cores_used": 1.3,
                    "core_utilisation": 0.86, "serial_wall_s": 55.0}
@@ -133,8 +153,10 @@ def test_rerunning_some_parts_keeps_the_others(tmp_path, capsys):
                                         (["--quick", "--repeats", "2"], dataclasses.replace(QUICK, repeats=2)),
                                         (["--async-steps", "20"], dataclasses.replace(FULL, async_steps=20)),
                                         (["--model", "random:tiny", "--data", "d.jsonl", "--async-steps", "16"],
-                                         dataclasses.replace(CHECKPOINT, async_steps=16))])
-def test_repeats_and_async_steps_replace_only_their_field_of_the_plan(tmp_path, monkeypatch, argv, plan):
+                                         dataclasses.replace(CHECKPOINT, async_steps=16)),
+                                        (["--async-staleness", "4, 1,4"],
+                                         dataclasses.replace(FULL, async_staleness=(4, 1)))])
+def test_each_plan_option_replaces_only_its_field_of_the_plan(tmp_path, monkeypatch, argv, plan):
     import stalerl.bench as bench
 
     class Planned(Exception):
@@ -208,6 +230,10 @@ SAMPLE_FILE = str(Path(__file__).resolve().parent.parent / "data" / "gsm8k_sampl
     (["--repeats", "-1"], "--repeats: must be >= 1"),
     (["--repeats", "0"], "--repeats: must be >= 1 (got 0)"),
     (["--async-steps", "4"], "--async-steps: must be >= 5, the first 3 are not timed (got 4)"),
+    (["--async-staleness", "0,2"], "--async-staleness: comma-separated whole numbers >= 1 (S = 0 always runs), "
+                                   "got '0,2'"),
+    (["--async-staleness", "two"], "--async-staleness: comma-separated whole numbers >= 1"),
+    (["--set", "runtime.local_worker=process"], "--set runtime.local_worker: the bench sets it itself"),
 ])
 def test_bench_refuses_bad_model_arguments_before_any_work(tmp_path, capsys, argv, message):
     assert main(["bench", "--out", str(tmp_path / "out"), *argv]) == 2

@@ -189,6 +189,11 @@ BAD_INPUTS = [
     (["--set", "model.lora_dropout=1"], "model.lora_dropout: must be in [0, 1)"),
     (["--set", "model.device=gpu"], "model.device: 'gpu' is not auto, cpu, cuda, cuda:N or mps"),
     (["--lr", "-1e-3"], "optim.lr: learning rate must be > 0 and finite"),  # argparse took it for an option
+    (["--set", "runtime.rollout_cuda_stream=own", "--set", "runtime.local_worker=process"],
+     "runtime.rollout_cuda_stream: own is for the local runtime's rollout thread (a worker process has a CUDA "
+     "context of its own)"),
+    (["--set", "runtime.rollout_cuda_stream=own"],  # checked on this machine: the embedded default runs on CPU
+     "runtime.rollout_cuda_stream: own needs the model on a CUDA GPU (model.device auto runs it on cpu here)"),
 ]
 
 
@@ -269,6 +274,15 @@ def test_a_cuda_index_beyond_the_gpus_is_refused(monkeypatch):
     config = override(TrainConfig(), {"model.device": "cuda:2"})
     with pytest.raises(ConfigError, match=r"^model.device: cuda:2 asked for but 2 CUDA GPU\(s\) are visible"):
         check_hardware(config)
+
+
+@pytest.mark.parametrize("setting, why", [
+    ({"rollout.engine": "vllm", "model.name_or_path": "ckpt"}, "own is for the transformers engine"),
+    ({"runtime.runtime": "ray"}, "own is for the local runtime's rollout thread"),
+])
+def test_an_own_rollout_stream_is_only_for_the_transformers_thread(setting, why):
+    with pytest.raises(ConfigError, match=f"^runtime.rollout_cuda_stream: {why}"):
+        validate(override(TrainConfig(), {"runtime.rollout_cuda_stream": "own", **setting}))
 
 
 @pytest.fixture(scope="module")

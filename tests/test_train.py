@@ -4,6 +4,7 @@ import dataclasses
 import json
 
 import pytest
+import torch
 
 from stalerl.cli import main
 from stalerl.config import load_config
@@ -75,6 +76,43 @@ def test_a_process_worker_makes_the_thread_workers_run(small_config, tmp_path):
     assert all(0 <= row["step"] - version <= 2 for row in rows for version in row["versions"])
     ids = [i for row in rows for i in row["sample_ids"]]
     assert len(ids) == len(set(ids)) == 12 * 32
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_rollout_thread_on_its_own_cuda_stream_makes_the_same_run(small_config, tmp_path, monkeypatch):
+    """runtime.rollout_cuda_stream=own: the worker's kernels on a stream of their own, and the weights
+    and batches handed between the two streams in order (streams.py), so with deterministic kernels
+    the run is the default stream's, bit for bit. Runs on a GPU only."""
+    from stalerl.rollout import RolloutWorker
+
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts: run this test first
+    streams = []  # the stream each batch was made on
+    produce = RolloutWorker.produce
+
+    def produce_noting_the_stream(worker, batch_index):
+        streams.append(torch.cuda.current_stream())
+        return produce(worker, batch_index)
+
+    monkeypatch.setattr(RolloutWorker, "produce", produce_noting_the_stream)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    runs, made_on = {}, {}
+    try:
+        for name, stream in (("default", "default"), ("own", "own"), ("default-again", "default")):
+            streams.clear()
+            config = with_staleness(small_config, "exact", 2, out=str(tmp_path / name), seed=5, steps=12,
+                                    model=dataclasses.replace(small_config.model, device="cuda"),
+                                    runtime=dataclasses.replace(small_config.runtime, rollout_cuda_stream=stream))
+            summary = train(config)
+            assert summary["rollouts"]["cuda_stream"] == stream
+            runs[name] = ([{k: v for k, v in row.items() if k not in TIMING_KEYS} for row in read_metrics(config.out)],
+                          read_samples(tmp_path / name))
+            made_on[name] = {s == torch.cuda.default_stream() for s in streams}
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert made_on == {"default": {True}, "own": {False}, "default-again": {True}}
+    assert runs["default"] == runs["default-again"], "two default-stream runs differ: the GPU run is not deterministic"
+    assert runs["own"] == runs["default"]
 
 
 @pytest.mark.parametrize("staleness, dies_after, message", [
