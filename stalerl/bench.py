@@ -659,13 +659,13 @@ def add_bench_parser(subparsers: Any) -> None:
 
 
 def parse_async_staleness(text: str) -> tuple[int, ...]:
-    """--async-staleness: comma-separated S >= 1, in the order given; empty: the plan's own."""
+    """--async-staleness: comma-separated S >= 1, run in increasing order; empty: the plan's own."""
     from stalerl.config import ConfigError
 
     values = [part.strip() for part in text.split(",") if part.strip()]
     if not all(value.isdigit() and int(value) >= 1 for value in values):
         raise ConfigError(f"--async-staleness: comma-separated whole numbers >= 1 (S = 0 always runs), got {text!r}")
-    return tuple(dict.fromkeys(int(value) for value in values))
+    return tuple(sorted({int(value) for value in values}))
 
 
 def run_bench_command(args: Any) -> int:

@@ -155,7 +155,7 @@ def test_rerunning_some_parts_keeps_the_others(tmp_path, capsys):
                                         (["--model", "random:tiny", "--data", "d.jsonl", "--async-steps", "16"],
                                          dataclasses.replace(CHECKPOINT, async_steps=16)),
                                         (["--async-staleness", "4, 1,4"],
-                                         dataclasses.replace(FULL, async_staleness=(4, 1)))])
+                                         dataclasses.replace(FULL, async_staleness=(1, 4)))])
 def test_each_plan_option_replaces_only_its_field_of_the_plan(tmp_path, monkeypatch, argv, plan):
     import stalerl.bench as bench
 
