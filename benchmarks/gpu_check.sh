@@ -6,11 +6,13 @@
 # 2. the async pipeline on a 1B Llama with the static cache, 20 steps a run: S = 0 and S = 1 with
 #    the rollout worker in a thread, in a process, and in a thread on a CUDA stream of its own
 #    (the S = 0 row's train_s is the learner step, fp32 masters included);
-# 3. generation, stalerl's engine against plain generate (dynamic and static cache);
-# 4. a profile of one call of each while time is left (benchmarks/generate_profile.py, about 95 s).
+# 3. generation, stalerl's engine against plain generate (dynamic and static cache), and 4. a
+#    profile of one call of each (benchmarks/generate_profile.py, about 95 s), while time is left:
+#    generation was measured twice and profiled once on 2026-11-27, so they come last.
 # On an H100 (2026-11-27) the checkpoint took 16 s, the async pipeline 271 s for five runs of 8
-# steps (about 54 s a run, most of it loading and compiling), the generation bench 92-111 s; the
-# machine's start comes on top. Needs stalerl importable (PYTHONPATH=$PWD where it is not installed).
+# steps (about 54 s a run, most of it loading and compiling; a run of 20 steps should take about
+# 15 s more), the generation bench 92-111 s; the machine's start comes on top.
+# Needs stalerl importable (PYTHONPATH=$PWD where it is not installed).
 # Each stage has its own time limit and writes its own report, so a stage cut short loses only itself.
 set -u -o pipefail
 out=${1:?OUT_DIR}
@@ -36,7 +38,7 @@ s('llama-3.2-1b', Path('$checkpoint'), Path('$data'))"
 model=(--model "$checkpoint" --data "$data")
 stage gpu-test 120 python3 -m pytest -q -p no:cacheprovider \
   tests/test_train.py::test_a_rollout_thread_on_its_own_cuda_stream_makes_the_same_run
-stage async 300 python3 -m stalerl.cli bench --out "$out/async" --parts async "${model[@]}" \
+stage async 360 python3 -m stalerl.cli bench --out "$out/async" --parts async "${model[@]}" \
   --async-staleness 1 --async-steps 20 --set rollout.static_cache=true
 stage gen 160 python3 -m stalerl.cli bench --out "$out/gen" --parts gen "${model[@]}"
 stage profile 120 python3 benchmarks/generate_profile.py --model "$checkpoint" --data "$data"
