@@ -290,29 +290,39 @@ WORKER_SETTINGS = {"thread": {}, "process": {"runtime.local_worker": "process"},
                    "own_stream": {"runtime.rollout_cuda_stream": "own"}}
 
 
-def bench_async(plan: Plan, tmp: Path, model: dict, gpu: bool = False) -> dict:
+def bench_async(plan: Plan, tmp: Path, model: dict, gpu: bool = False,
+                progress: Callable[[dict], None] = lambda partial: None) -> dict:
     """The ideal overlap takes the rollout side's whole time per batch (sampling, reward, weight load).
     Rows for S >= 1 come again with `plan.async_process`, the rollout worker in a process of its
     own, and on a GPU with the thread on a CUDA stream of its own; a run of those that fails is
-    reported (`<worker>_worker_error`), and the thread rows stand."""
+    reported (`<worker>_worker_error`), and the thread rows stand. After each run, `progress` gets
+    the part as far as it goes (`unfinished`: runs done and planned), so a bench killed at a time
+    limit (a GPU session's) keeps the runs it finished."""
     staleness = (0, *plan.async_staleness)
     workers = ["thread"] + ["process"] * plan.async_process + ["own_stream"] * gpu
+    planned = [(repeat, s, worker) for repeat in range(plan.repeats)  # alternating: S=0, 1 (thread, process,
+               for s in staleness for worker in (workers if s > 0 else ["thread"])]  # own_stream), 2 (...), ..., S=0
     runs: dict[tuple[int, str], list[dict]] = {}
     errors: dict[str, str] = {}
-    for repeat in range(plan.repeats):
-        for s in staleness:  # alternating: S=0, 1 (thread, process, own_stream), 2 (...), ..., S=0, ...
-            for worker in workers if s > 0 else ["thread"]:
-                if worker in errors:
-                    continue
-                config = base_config(steps=plan.async_steps, **model,
-                                     **{"staleness.staleness": s, **WORKER_SETTINGS[worker],
-                                        "out": str(tmp / f"async-S{s}-{worker}-r{repeat}")})
-                try:
-                    runs.setdefault((s, worker), []).append(isolated(train_run, config.to_dict(), WARMUP_STEPS))
-                except Exception as failure:  # noqa: BLE001 - only the thread rows are needed
-                    if worker == "thread":
-                        raise
-                    errors[worker] = f"{type(failure).__name__}: {failure}"
+    for done, (repeat, s, worker) in enumerate(planned, start=1):
+        if worker in errors:
+            continue
+        config = base_config(steps=plan.async_steps, **model,
+                             **{"staleness.staleness": s, **WORKER_SETTINGS[worker],
+                                "out": str(tmp / f"async-S{s}-{worker}-r{repeat}")})
+        try:
+            runs.setdefault((s, worker), []).append(isolated(train_run, config.to_dict(), WARMUP_STEPS))
+        except Exception as failure:  # noqa: BLE001 - only the thread rows are needed
+            if worker == "thread":
+                raise
+            errors[worker] = f"{type(failure).__name__}: {failure}"
+        if done < len(planned):
+            progress(async_summary(runs, errors, plan.async_steps) | {"unfinished": [done, len(planned)]})
+    return async_summary(runs, errors, plan.async_steps)
+
+
+def async_summary(runs: dict[tuple[int, str], list[dict]], errors: dict[str, str], steps: int) -> dict:
+    """The async part from the runs so far (the S = 0 thread run comes first): medians per row."""
     sync = runs[(0, "thread")]
     t_gen, t_train = median_of(sync, "rollout_s"), median_of(sync, "train_s")
     ideal = (t_gen + t_train) / max(t_gen, t_train)
@@ -333,7 +343,7 @@ def bench_async(plan: Plan, tmp: Path, model: dict, gpu: bool = False) -> dict:
                      "wall_s": median_of(timed, "wall_s")})  # the whole run: start-up and validation too
     result = {"t_gen_s": t_gen, "t_train_s": t_train, "ideal_overlap": ideal, "threads_per_process": 1,
               "t_sample_s": median_of(sync, "gen_s"), "weight_sync_s": median_of(sync, "weight_sync_s"),
-              "steps": plan.async_steps, "rows": rows}
+              "steps": steps, "rows": rows}
     for worker, error in errors.items():
         result[f"{worker}_worker_error"] = error
     return result
@@ -511,14 +521,18 @@ def run_bench(out: Path, quick: bool, plan: Plan | None = None, parts: tuple[str
             model["model.name_or_path"] = str(tmp / f"random-{shape}")
             isolated(make_random_checkpoint, shape, model["model.name_or_path"], data)
             log(f"bench: random {shape} checkpoint written in {time.perf_counter() - started:.0f} s")
+        def save(partial: dict) -> None:  # a killed bench keeps what it finished
+            (out / "bench.json").write_text(json.dumps(report | partial, indent=2))
+
         steps = {"step": lambda: bench_step(plan, tmp, log), "gen": lambda: bench_generation(plan, model, on_gpu(model)),
-                 "async": lambda: bench_async(plan, tmp, model, on_gpu(model)), "sweep": lambda: bench_sweep(plan, tmp),
-                 "memory": lambda: bench_memory(plan, tmp)}
+                 "async": lambda: bench_async(plan, tmp, model, on_gpu(model),
+                                              progress=lambda unfinished: save({"async": unfinished})),
+                 "sweep": lambda: bench_sweep(plan, tmp), "memory": lambda: bench_memory(plan, tmp)}
         for part in parts:
             part_start = time.perf_counter()
             report[part] = steps[part]()
             log(f"bench: {part} done in {time.perf_counter() - part_start:.0f} s")
-            (out / "bench.json").write_text(json.dumps(report, indent=2))  # a killed bench keeps finished parts
+            save({})
     report["machine"]["load_avg_after"] = os.getloadavg()
     report["wall_s"] = time.perf_counter() - started
     (out / "bench.json").write_text(json.dumps(report, indent=2))
@@ -604,6 +618,9 @@ def format_table(report: dict) -> str:
             lines.append(f"      rollout thread on a CUDA stream of its own: {cells('own_stream')}")
         elif "own_stream_worker_error" in pipe:
             lines.append(f"      rollout thread on a CUDA stream of its own failed: {pipe['own_stream_worker_error']}")
+        if "unfinished" in pipe:
+            lines.append(f"      unfinished: the bench stopped after {pipe['unfinished'][0]} of its "
+                         f"{pipe['unfinished'][1]} async runs")
         off = [row for row in pipe["rows"] if "sides_steps_per_s" in row
                and abs(row["steps_per_s"] / row["sides_steps_per_s"] - 1) > OFF_STEADY]
         if off:

@@ -105,6 +105,36 @@ def test_the_own_stream_rows_get_a_line_of_their_own_and_a_failure_is_named():
     lines = table({"rows": [row(0, "thread", 0.9), row(1, "thread", 1.0)],
                    "own_stream_worker_error": "RuntimeError: CUDA error"})
     assert lines[-1] == "      rollout thread on a CUDA stream of its own failed: RuntimeError: CUDA error"
+    lines = table({"rows": [row(0, "thread", 0.9), row(1, "thread", 1.0)], "unfinished": [2, 4]})
+    assert lines[-1] == "      unfinished: the bench stopped after 2 of its 4 async runs"
+
+
+def test_an_async_part_cut_short_keeps_the_runs_it_finished(tmp_path, monkeypatch):
+    """A GPU session's time limit can stop the bench mid-part: bench.json then has the runs so far.
+    The timed runs are replaced by their figures here (the report's bookkeeping is under test; the
+    real runs are in test_bench_writes_a_complete_report), and the fourth one fails."""
+    import stalerl.bench as bench
+
+    started = []
+
+    def timed_run(function, config_data, warmup):
+        assert function is bench.train_run and warmup == bench.WARMUP_STEPS
+        started.append((config_data["staleness"]["staleness"], config_data["runtime"]["local_worker"]))
+        if len(started) == 4:
+            raise RuntimeError("time is up")
+        return {"s_per_step": 0.1, "steps_per_s": 10.0 + len(started), "gen_s": 0.03, "rollout_s": 0.04,
+                "weight_sync_s": 0.001, "train_s": 0.06, "wall_s": 5.0, "steps_timed": 2}
+
+    monkeypatch.setattr(bench, "isolated", timed_run)
+    with pytest.raises(RuntimeError, match="time is up"):
+        run_bench(tmp_path, quick=True, plan=dataclasses.replace(TINY, async_staleness=(1, 2)), parts=("async",),
+                  log=lambda text: None)
+    assert started == [(0, "thread"), (1, "thread"), (1, "process"), (2, "thread")]
+    pipe = json.loads((tmp_path / "bench.json").read_text())["async"]
+    assert pipe["unfinished"] == [3, 5]
+    assert [(row["S"], row["worker"], row["steps_per_s"]) for row in pipe["rows"]] == [
+        (0, "thread", 11.0), (1, "thread", 12.0), (1, "process", 13.0)]
+    assert pipe["rows"][2]["speedup"] == pytest.approx(13 / 11)
 
 
 REAL_SWEEP_PART = {"cells": 12, "steps": 40, "parallel_wall_s": 38.0, "sum_of_single_runs_s": 51.0,
