@@ -13,7 +13,8 @@
 # steps (about 54 s a run, most of it loading and compiling; a run of 20 steps should take about
 # 15 s more), the generation bench 92-111 s; the machine's start comes on top.
 # Needs stalerl importable (PYTHONPATH=$PWD where it is not installed).
-# Each stage has its own time limit and writes its own report, so a stage cut short loses only itself.
+# Each stage has its own time limit and writes its own report, so a stage cut short loses only itself
+# (and the async stage keeps the runs it finished: bench.json's async part is then `unfinished`).
 set -u -o pipefail
 out=${1:?OUT_DIR}
 budget=${2:-570}
