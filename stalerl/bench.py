@@ -300,8 +300,9 @@ def bench_async(plan: Plan, tmp: Path, model: dict, gpu: bool = False,
     limit (a GPU session's) keeps the runs it finished."""
     staleness = (0, *plan.async_staleness)
     workers = ["thread"] + ["process"] * plan.async_process + ["own_stream"] * gpu
-    planned = [(repeat, s, worker) for repeat in range(plan.repeats)  # alternating: S=0, 1 (thread, process,
-               for s in staleness for worker in (workers if s > 0 else ["thread"])]  # own_stream), 2 (...), ..., S=0
+    # Alternating within each repeat: S = 0, then each S >= 1 with every worker in turn.
+    planned = [(repeat, s, worker) for repeat in range(plan.repeats) for s in staleness
+               for worker in (workers if s > 0 else ["thread"])]
     runs: dict[tuple[int, str], list[dict]] = {}
     errors: dict[str, str] = {}
     for done, (repeat, s, worker) in enumerate(planned, start=1):
@@ -521,6 +522,7 @@ def run_bench(out: Path, quick: bool, plan: Plan | None = None, parts: tuple[str
             model["model.name_or_path"] = str(tmp / f"random-{shape}")
             isolated(make_random_checkpoint, shape, model["model.name_or_path"], data)
             log(f"bench: random {shape} checkpoint written in {time.perf_counter() - started:.0f} s")
+
         def save(partial: dict) -> None:  # a killed bench keeps what it finished
             (out / "bench.json").write_text(json.dumps(report | partial, indent=2))
 

@@ -13,7 +13,9 @@ free then needs saying, at the three places where the two threads hand tensors o
   give it back to that stream as soon as the learner drops it, while the learner's kernels may
   still read it; the learner marks it in use on its own stream (used_on_current_stream).
 
-None of this runs on a CPU: there every function is a no-op or is not called.
+The price: torch's allocator caches freed GPU memory per stream, so each side reuses only its own,
+and the memory held can grow somewhat. None of this runs on a CPU: there every function here is a
+no-op or is not called.
 """
 
 from __future__ import annotations
