@@ -682,7 +682,7 @@ def parse_async_staleness(text: str) -> tuple[int, ...]:
     from stalerl.config import ConfigError
 
     values = [part.strip() for part in text.split(",") if part.strip()]
-    if not all(value.isdigit() and int(value) >= 1 for value in values):
+    if not all(value.isdecimal() and int(value) >= 1 for value in values):  # isdecimal: what int() reads
         raise ConfigError(f"--async-staleness: comma-separated whole numbers >= 1 (S = 0 always runs), got {text!r}")
     return tuple(sorted({int(value) for value in values}))
 

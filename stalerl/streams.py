@@ -73,11 +73,10 @@ def finished_on_own_stream(produce: Callable[[int], T], stream: torch.cuda.Strea
     return produce_and_wait
 
 
-def used_on_current_stream(batch: RolloutBatch) -> RolloutBatch:
+def used_on_current_stream(batch: RolloutBatch) -> None:
     """Marks the batch's GPU tensors in use on the learner's current stream (see the module doc)."""
     tensors = [value for value in vars(batch.generation).values() if isinstance(value, torch.Tensor)]
     tensors += [batch.rewards_N] + ([batch.valid_N] if batch.valid_N is not None else [])
     for tensor in tensors:
         if tensor.is_cuda:
             tensor.record_stream(torch.cuda.current_stream(tensor.device))
-    return batch

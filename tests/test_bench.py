@@ -263,6 +263,7 @@ SAMPLE_FILE = str(Path(__file__).resolve().parent.parent / "data" / "gsm8k_sampl
     (["--async-staleness", "0,2"], "--async-staleness: comma-separated whole numbers >= 1 (S = 0 always runs), "
                                    "got '0,2'"),
     (["--async-staleness", "two"], "--async-staleness: comma-separated whole numbers >= 1"),
+    (["--async-staleness", "1,²"], "--async-staleness: comma-separated whole numbers >= 1"),
     (["--set", "runtime.local_worker=process"], "--set runtime.local_worker: the bench sets it itself"),
 ])
 def test_bench_refuses_bad_model_arguments_before_any_work(tmp_path, capsys, argv, message):
