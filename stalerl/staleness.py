@@ -266,7 +266,7 @@ class ThreadedRollouts(QueuedRollouts):
         self.engine = engine
         self._batches: queue.Queue = queue.Queue()
         self._stop = threading.Event()
-        self._own_stream = cuda_stream is not None
+        self._cuda_stream = cuda_stream
         if cuda_stream is not None:
             # The worker's first kernels come after what the learner queued so far (the worker's copy of the policy).
             cuda_stream.wait_stream(torch.cuda.current_stream(cuda_stream.device))
@@ -279,7 +279,7 @@ class ThreadedRollouts(QueuedRollouts):
 
     def _get(self, block: bool) -> object:
         item = self._batches.get(block=block)
-        if self._own_stream and not isinstance(item, WorkerFailure):
+        if self._cuda_stream is not None and not isinstance(item, WorkerFailure):
             used_on_current_stream(item)  # the learner's stream, not the worker's, frees its memory
         return item
 
@@ -295,4 +295,4 @@ class ThreadedRollouts(QueuedRollouts):
 
     def report(self) -> dict:
         return {"runtime": "local", "worker": "thread", "num_workers": 1, "lost_batches": 0,  # a thread is not restarted
-                "cuda_stream": "own" if self._own_stream else "default"}
+                "cuda_stream": "default" if self._cuda_stream is None else "own"}
