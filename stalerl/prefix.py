@@ -6,11 +6,16 @@ rollout time), and the learner's log-probs run the prompt block once per group, 
 on the copied cache; gradients flow back through the copy into the shared prompt pass. The result
 equals the whole-sequence forward up to float rounding (tests/test_prefix.py checks log-probs and
 gradients). vLLM does the same for its side with its prefix cache.
+
+The learner also skips most of the padding after short responses: a batch is as wide as its
+longest response, so when most responses are shorter, those rows run in a narrower pass of their
+own (`length_buckets`), on the same prompt pass.
 """
 
 from __future__ import annotations
 
 import inspect
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -64,14 +69,29 @@ def shared_prompt_cache(model: PreTrainedModel, input_ids_U_T: torch.Tensor, att
                         row_of_N: torch.Tensor) -> tuple[DynamicCache, torch.Tensor]:
     """Runs the distinct prompts once; returns their KV cache copied to the N rows, and the [U, V]
     logits at each prompt's last position (they predict its first response token)."""
+    cache_U, last_logits_U_V = prompt_cache(model, input_ids_U_T, attention_mask_U_T)
+    return copied_cache(cache_U, row_of_N, model), last_logits_U_V
+
+
+def prompt_cache(model: PreTrainedModel, input_ids_U_T: torch.Tensor,
+                 attention_mask_U_T: torch.Tensor) -> tuple[DynamicCache, torch.Tensor]:
+    """The distinct prompts' KV cache, one row each, and the [U, V] logits at their last position."""
     cache = DynamicCache(config=model.config)
     output = model(input_ids=input_ids_U_T, attention_mask=attention_mask_U_T,
                    position_ids=positions(attention_mask_U_T), use_cache=True, logits_to_keep=1,
                    **{cache_argument(model): cache})
-    for layer in cache.layers:  # what DynamicCache.reorder_cache does, with a faster backward
-        if layer.is_initialized and layer.get_seq_length() > 0:
-            layer.keys, layer.values = copy_rows(layer.keys, row_of_N), copy_rows(layer.values, row_of_N)
     return cache, output.logits[:, -1]
+
+
+def copied_cache(cache_U: DynamicCache, row_of_n: torch.Tensor, model: PreTrainedModel) -> DynamicCache:
+    """A new cache whose row i is cache_U's row row_of_n[i] (what DynamicCache.reorder_cache does,
+    with a faster backward, and leaving cache_U as it was, for other rows to copy from)."""
+    cache = DynamicCache(config=model.config)
+    for layer, source in zip(cache.layers, cache_U.layers, strict=True):
+        if source.is_initialized and source.get_seq_length() > 0:
+            layer.lazy_initialization(source.keys, source.values)
+            layer.keys, layer.values = copy_rows(source.keys, row_of_n), copy_rows(source.values, row_of_n)
+    return cache
 
 
 class _CopyRows(torch.autograd.Function):
@@ -100,25 +120,68 @@ def copy_rows(source_U: torch.Tensor, row_of_N: torch.Tensor) -> torch.Tensor:
     return _CopyRows.apply(source_U, row_of_N)
 
 
-def response_logits(model: PreTrainedModel, tokens_N_T: torch.Tensor, attention_mask_N_T: torch.Tensor,
-                    prompt_width: int, share_prompts: bool = True) -> torch.Tensor:
-    """[N, L, V] logits that predict the L response tokens (positions T_p - 1 .. T - 2)."""
+# A narrower pass for the short responses pays when it skips at least this share of the batch's
+# response positions: below it, a second pass's fixed cost (kernel launches, Python) eats the saving.
+MIN_PADDING_SKIPPED = 0.15
+
+
+def length_buckets(response_mask_N_L: torch.Tensor) -> list[tuple[torch.Tensor | None, int]]:
+    """(rows, width) passes that cover every row's response: one pass of the whole width (rows None),
+    or one for the rows whose responses fit in a narrower width and one for the rest (if any).
+
+    The width is the one that skips the most padded positions; the split is made only when that is
+    at least MIN_PADDING_SKIPPED of N x L. A batch of the embedded default is as wide as its longest
+    response (up to 6 tokens) while most responses take 3: about a third of its positions are padding.
+    """
+    count, width = response_mask_N_L.shape
+    lengths_N = response_mask_N_L.sum(dim=1)
+    best_width, best_skipped = width, 0
+    for narrow in range(1, width):
+        skipped = int((lengths_N <= narrow).sum()) * (width - narrow)
+        if skipped > best_skipped:
+            best_width, best_skipped = narrow, skipped
+    if best_skipped < MIN_PADDING_SKIPPED * count * width:
+        return [(None, width)]
+    short_N = lengths_N <= best_width
+    buckets = [(short_N.nonzero().squeeze(1), best_width), ((~short_N).nonzero().squeeze(1), width)]
+    return [(rows, width) for rows, width in buckets if len(rows)]  # a batch padded past its longest response
+
+
+def response_logit_parts(model: PreTrainedModel, tokens_N_T: torch.Tensor, attention_mask_N_T: torch.Tensor,
+                         prompt_width: int, share_prompts: bool = True) -> Iterator[tuple[torch.Tensor | None, torch.Tensor]]:
+    """(rows, [n, W, V] logits that predict those rows' first W response tokens), one per length bucket;
+    rows None is every row. The prompts run once for all buckets when their rows share them."""
     response_width = tokens_N_T.shape[1] - prompt_width
     groups = (prompt_groups(tokens_N_T[:, :prompt_width], attention_mask_N_T[:, :prompt_width])
               if share_prompts and can_share(model) else None)
+    buckets = length_buckets(attention_mask_N_T[:, prompt_width:])
     if groups is None or not groups.saves_work:
-        # Logits only where they are used: for a 128k vocabulary they are most of the activations.
-        logits_N_K_V = model(input_ids=tokens_N_T, attention_mask=attention_mask_N_T,
-                             position_ids=positions(attention_mask_N_T), logits_to_keep=response_width + 1).logits
-        return logits_N_K_V[:, :-1]
+        for rows, width in buckets:
+            tokens_n_T, mask_n_T = rows_of(tokens_N_T, rows), rows_of(attention_mask_N_T, rows)
+            # Logits only where they are used: for a 128k vocabulary they are most of the activations.
+            logits_n_K_V = model(input_ids=tokens_n_T[:, :prompt_width + width],
+                                 attention_mask=mask_n_T[:, :prompt_width + width],
+                                 position_ids=positions(mask_n_T[:, :prompt_width + width]),
+                                 logits_to_keep=width + 1).logits
+            yield rows, logits_n_K_V[:, :-1]
+        return
     first_N = groups.first_N_of_U
-    cache, first_logits_U_V = shared_prompt_cache(model, tokens_N_T[first_N, :prompt_width],
-                                                  attention_mask_N_T[first_N, :prompt_width], groups.row_of_N)
-    first_logits_N_1_V = first_logits_U_V[groups.row_of_N, None]
-    if response_width == 1:
-        return first_logits_N_1_V
-    # The last response token predicts nothing that is scored: it is not fed.
-    rest_logits_N_L_V = model(input_ids=tokens_N_T[:, prompt_width:-1], attention_mask=attention_mask_N_T[:, :-1],
-                              position_ids=positions(attention_mask_N_T)[:, prompt_width:-1], use_cache=True,
-                              **{cache_argument(model): cache}).logits
-    return torch.cat([first_logits_N_1_V, rest_logits_N_L_V], dim=1)
+    cache_U, first_logits_U_V = prompt_cache(model, tokens_N_T[first_N, :prompt_width],
+                                             attention_mask_N_T[first_N, :prompt_width])
+    for rows, width in buckets:
+        row_of_n = rows_of(groups.row_of_N, rows)
+        first_logits_n_1_V = first_logits_U_V[row_of_n, None]
+        if width == 1:
+            yield rows, first_logits_n_1_V
+            continue
+        # The last response token predicts nothing that is scored: it is not fed.
+        tokens_n_T, mask_n_T = rows_of(tokens_N_T, rows), rows_of(attention_mask_N_T, rows)
+        end = prompt_width + width - 1
+        rest_logits_n_L_V = model(input_ids=tokens_n_T[:, prompt_width:end], attention_mask=mask_n_T[:, :end],
+                                  position_ids=positions(mask_n_T)[:, prompt_width:end], use_cache=True,
+                                  **{cache_argument(model): copied_cache(cache_U, row_of_n, model)}).logits
+        yield rows, torch.cat([first_logits_n_1_V, rest_logits_n_L_V], dim=1)
+
+
+def rows_of(tensor_N: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    return tensor_N if rows is None else tensor_N[rows]

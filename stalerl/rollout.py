@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase
 
-from stalerl.prefix import cache_argument, response_logits, shared_prompt_cache
+from stalerl.prefix import cache_argument, response_logit_parts, rows_of, shared_prompt_cache
 from stalerl.tasks import Prompt, Task
 
 STATIC_CACHE_STEP = 64  # tokens: the static KV cache's length is a multiple of this
@@ -265,19 +265,35 @@ def policy_logprobs(
     """The learner's log pi_theta of the sampled response tokens, and the policy's entropy there.
 
     Positions follow the attention mask, as in generation, so that left padding does not shift them.
-    With `share_prompts`, a prompt repeated over a group runs once (prefix.py).
+    With `share_prompts`, a prompt repeated over a group runs once (prefix.py). Rows whose responses
+    are much shorter than the batch's longest run in a narrower pass (prefix.length_buckets): their
+    positions past it hold 0.
     Returns ([N, L] log-probs with gradient, [N, L] entropy without).
     """
-    logits_N_L_V = response_logits(model, generation.tokens_N_T, generation.attention_mask_N_T,
-                                   generation.prompt_width, share_prompts)
-    log_softmax_N_L_V = torch.log_softmax(logits_N_L_V.float() / temperature, dim=-1)
-    response_N_L = generation.tokens_N_T[:, generation.prompt_width :]
-    logprobs_N_L = log_softmax_N_L_V.gather(-1, response_N_L[..., None]).squeeze(-1)
-    with torch.no_grad():
-        entropy_N_L = -(log_softmax_N_L_V.exp() * log_softmax_N_L_V).sum(dim=-1)
+    prompt_width = generation.prompt_width
+    parts = []
+    for rows, logits_n_W_V in response_logit_parts(model, generation.tokens_N_T, generation.attention_mask_N_T,
+                                                   prompt_width, share_prompts):
+        width = logits_n_W_V.shape[1]
+        log_softmax_n_W_V = torch.log_softmax(logits_n_W_V.float() / temperature, dim=-1)
+        response_n_W = rows_of(generation.tokens_N_T, rows)[:, prompt_width : prompt_width + width]
+        logprobs_n_W = log_softmax_n_W_V.gather(-1, response_n_W[..., None]).squeeze(-1)
+        with torch.no_grad():
+            entropy_n_W = -(log_softmax_n_W_V.exp() * log_softmax_n_W_V).sum(dim=-1)
+        parts.append((rows, logprobs_n_W, entropy_n_W))
+    if len(parts) == 1 and parts[0][0] is None:
+        return parts[0][1], parts[0][2]
+    width = generation.response_mask_N_L.shape[1]
+    order_N = torch.cat([rows for rows, _, _ in parts])
+    back_N = torch.empty_like(order_N)
+    back_N[order_N] = torch.arange(len(order_N), device=order_N.device)  # row n is at back_N[n] of the parts
+    logprobs_N_L = torch.cat([pad_to(part, width) for _, part, _ in parts])[back_N]
+    entropy_N_L = torch.cat([pad_to(part, width) for _, _, part in parts])[back_N]
     return logprobs_N_L, entropy_N_L
 
 
+def pad_to(values_n_W: torch.Tensor, width: int) -> torch.Tensor:
+    return torch.nn.functional.pad(values_n_W, (0, width - values_n_W.shape[1]))
 
 
 class RolloutWorker:

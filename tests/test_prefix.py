@@ -1,6 +1,7 @@
 """A group's prompt computed once (prefix.py) gives what the whole-sequence forward gives."""
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -9,7 +10,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 from hf_checkpoint import save_tiny_checkpoint
 from stalerl.config import ModelConfig, TrainConfig
 from stalerl.policy import add_lora, enable_activation_checkpointing
-from stalerl.prefix import can_share, copy_rows, prompt_groups
+import stalerl.prefix
+from stalerl.prefix import can_share, copy_rows, length_buckets, prompt_groups
 from stalerl.rollout import STATIC_CACHE_STEP, TransformersEngine, policy_logprobs
 from stalerl.warmstart import warm_started_policy
 
@@ -175,3 +177,56 @@ def test_copy_rows_sums_gradients_as_index_select_does():
     assert torch.autograd.gradcheck(lambda x: copy_rows(x, row_of_N), (source,))
     with torch.no_grad():  # generation: no graph kept
         assert not copy_rows(source, row_of_N).requires_grad
+
+
+def response_mask(lengths: list[int], width: int) -> torch.Tensor:
+    return torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]
+
+
+def test_short_responses_get_a_narrower_pass_only_where_it_skips_enough_padding():
+    # 7 rows of 3 tokens and one of 6: a pass of width 3 for the 7 skips 21 of 48 positions
+    buckets = length_buckets(response_mask([3, 3, 1, 3, 6, 3, 2, 3], 6))
+    assert [(rows.tolist(), width) for rows, width in buckets] == [([0, 1, 2, 3, 5, 6, 7], 3), ([4], 6)]
+    assert length_buckets(response_mask([6, 6, 6, 6], 6)) == [(None, 6)]
+    # width 5 for the three would skip 3 of 24 positions (12.5%): not worth a second pass
+    assert length_buckets(response_mask([5, 5, 5, 6], 6)) == [(None, 6)]
+    # a batch padded past its longest response: one narrower pass of every row
+    [(rows, width)] = length_buckets(response_mask([2, 1, 2, 2], 6))
+    assert rows.tolist() == [0, 1, 2, 3] and width == 2
+
+
+def with_response_lengths(generation, lengths: list[int]):
+    """The same sequences cut to the given response lengths (the tokens after a cut stay, as padding)."""
+    mask_N_L = response_mask(lengths, generation.response_mask_N_L.shape[1])
+    attention_mask_N_T = generation.attention_mask_N_T.clone()
+    attention_mask_N_T[:, generation.prompt_width:] = mask_N_L
+    return dataclasses.replace(generation, response_mask_N_L=mask_N_L, attention_mask_N_T=attention_mask_N_T,
+                               behavior_logprobs_N_L=generation.behavior_logprobs_N_L * mask_N_L)
+
+
+@pytest.mark.parametrize("share", [True, False])
+@pytest.mark.parametrize("which", ["policy", "bpe_policy"])
+def test_narrower_passes_for_short_responses_equal_one_pass_of_the_whole_width(which, share, request, monkeypatch):
+    model, tokenizer = request.getfixturevalue(which)
+    prompts = [text for text in (GROUPS if which == "policy" else BPE_GROUPS) for _ in range(4)]
+    # hot sampling, for a batch as wide as max_new_tokens
+    generation = TransformersEngine(copy.deepcopy(model), tokenizer, 6, 4.0).generate(prompts, noise_seed=3)
+    assert generation.response_mask_N_L.shape[1] == 6
+    # two long responses, in two groups, among short ones: 11 rows of up to 2 tokens get a pass of
+    # width 2 (skipping 44 positions of 96; width 3 for 14 rows would skip 42)
+    generation = with_response_lengths(generation, [2, 3, 2, 2, 6, 2, 3, 1, 2, 2, 2, 3, 2, 5, 2, 2])
+    mask = generation.response_mask_N_L
+    assert [(len(rows), width) for rows, width in length_buckets(mask)] == [(11, 2), (5, 6)]
+    split, split_entropy = policy_logprobs(model, generation, 0.8, share_prompts=share)
+    split_grad = flat_gradient(model, generation, share)
+    monkeypatch.setattr(stalerl.prefix, "MIN_PADDING_SKIPPED", float("inf"))  # one pass, as before
+    assert length_buckets(mask) == [(None, 6)]
+    whole, whole_entropy = policy_logprobs(model, generation, 0.8, share_prompts=share)
+    whole_grad = flat_gradient(model, generation, share)
+    assert split.shape == whole.shape == mask.shape
+    assert torch.allclose(split[mask], whole[mask], atol=1e-5)
+    assert torch.allclose(split_entropy[mask], whole_entropy[mask], atol=1e-5)
+    short_N = mask.sum(dim=1) <= 2
+    assert torch.equal(split[short_N, 2:], torch.zeros(11, 4))  # the positions skipped hold 0
+    assert whole_grad.norm() > 0
+    assert float((split_grad - whole_grad).norm() / whole_grad.norm()) < 1e-5
