@@ -6,7 +6,9 @@
 # 2. the async pipeline on a 1B Llama with the static cache, 20 steps a run: S = 0 and S = 1 with
 #    the rollout worker in a thread, in a process, and in a thread on a CUDA stream of its own
 #    (the S = 0 row's train_s is the learner step, fp32 masters included);
-# 3. generation, stalerl's engine against plain generate (dynamic and static cache), and 4. a
+# 3. optim.skip_padding on the 1B recipe's learner passes (gradient checkpointing, micro-batches
+#    of 16, responses up to 512 tokens; benchmarks/skip_padding.py, timed on CPU only so far);
+# 4. generation, stalerl's engine against plain generate (dynamic and static cache), and 5. a
 #    profile of one call of each (benchmarks/generate_profile.py, about 95 s), while time is left:
 #    generation was measured twice and profiled once on 2026-11-27, so they come last.
 # On an H100 (2026-11-27) the checkpoint took 16 s, the async pipeline 271 s for five runs of 8
@@ -41,5 +43,7 @@ stage gpu-test 120 python3 -m pytest -q -p no:cacheprovider \
   tests/test_train.py::test_a_rollout_thread_on_its_own_cuda_stream_makes_the_same_run
 stage async 360 python3 -m stalerl.cli bench --out "$out/async" --parts async "${model[@]}" \
   --async-staleness 1 --async-steps 20 --set rollout.static_cache=true
+stage skip-padding 90 python3 benchmarks/skip_padding.py --device cuda --shape llama-3.2-1b --responses 512 \
+  --micro-batches 16 --gradient-checkpointing --repeats 3 --json "$out/skip-padding-1b.json"
 stage gen 160 python3 -m stalerl.cli bench --out "$out/gen" --parts gen "${model[@]}"
 stage profile 120 python3 benchmarks/generate_profile.py --model "$checkpoint" --data "$data"

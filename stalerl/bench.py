@@ -8,7 +8,8 @@ thread unless said otherwise), so runs do not share allocator state and each one
 own. Variants alternate within each repeat so machine noise hits all; medians are reported.
 
 * step:   one GRPO step of stalerl at S = 0 vs TRL's GRPOTrainer on the same work (bench_trl.py),
-          and stalerl running every sequence whole, prompt included (model.share_prompt_prefix=false)
+          stalerl running every sequence whole, prompt included (model.share_prompt_prefix=false),
+          and stalerl skipping the padding after short responses (optim.skip_padding=true)
 * gen:    TransformersEngine.generate vs a plain ``model.generate(do_sample=True)`` on the same batch,
           and the engine with every row's prompt prefilled
 * async:  steps/s at S = 1, 2, 4 vs S = 0 against the ideal overlap (t_gen + t_train) / max(t_gen, t_train),
@@ -229,7 +230,7 @@ def bench_step(plan: Plan, tmp: Path, log: Callable[[str], None]) -> dict:
     have_trl = trl_version() is not None
     if not have_trl:
         log("TRL is not installed: skipping the GRPOTrainer comparison (pip install 'stalerl[bench]')")
-    ours, whole, theirs = [], [], []
+    ours, whole, skipped, theirs = [], [], [], []
     for repeat in range(plan.repeats):
         ours.append(isolated(train_run, override(config, {"out": str(tmp / f"step-r{repeat}")}).to_dict(),
                              WARMUP_STEPS))
@@ -237,6 +238,9 @@ def bench_step(plan: Plan, tmp: Path, log: Callable[[str], None]) -> dict:
         whole.append(isolated(train_run, override(config, {"out": str(tmp / f"step-whole-r{repeat}"),
                                                            "model.share_prompt_prefix": False}).to_dict(),
                               WARMUP_STEPS))
+        skipped.append(isolated(train_run, override(config, {"out": str(tmp / f"step-skip-r{repeat}"),
+                                                             "optim.skip_padding": True}).to_dict(),
+                                WARMUP_STEPS))
         if have_trl:
             theirs.append(isolated(trl_steps, config.to_dict(), plan.step_steps, WARMUP_STEPS))
     samples = config.rollout.prompts_per_step * config.rollout.group_size
@@ -247,11 +251,14 @@ def bench_step(plan: Plan, tmp: Path, log: Callable[[str], None]) -> dict:
                 "runs": runs}
 
     result = {"samples_per_step": samples, "stalerl": side(ours), "stalerl_whole_prompts": side(whole),
-              "trl": side(theirs) if have_trl else None,
+              "stalerl_skip_padding": side(skipped), "trl": side(theirs) if have_trl else None,
               "trl_version": trl_version(), "differences": DIFFERENCES if have_trl else []}
     result["ratio_trl_over_stalerl"] = (result["trl"]["s_per_step"] / result["stalerl"]["s_per_step"]
                                         if have_trl else None)
     result["prompt_sharing_speedup"] = result["stalerl_whole_prompts"]["s_per_step"] / result["stalerl"]["s_per_step"]
+    result["skip_padding_speedup"] = result["stalerl"]["s_per_step"] / result["stalerl_skip_padding"]["s_per_step"]
+    result["ratio_trl_over_stalerl_skip_padding"] = (result["trl"]["s_per_step"]
+                                                     / result["stalerl_skip_padding"]["s_per_step"] if have_trl else None)
     return result
 
 
@@ -587,6 +594,12 @@ def format_table(report: dict) -> str:
         lines.append(text)
         lines.append(f"      stalerl with prompts run whole {step['stalerl_whole_prompts']['s_per_step']:.3f} s: "
                      f"sharing a group's prompt makes the step {step['prompt_sharing_speedup']:.2f}x faster")
+        if "stalerl_skip_padding" in step:  # benches before optim.skip_padding have no such runs
+            text = (f"      stalerl with optim.skip_padding {step['stalerl_skip_padding']['s_per_step']:.3f} s: "
+                    f"{step['skip_padding_speedup']:.2f}x faster")
+            if step["trl"]:
+                text += f"; {step['ratio_trl_over_stalerl_skip_padding']:.2f}x faster than TRL"
+            lines.append(text)
     if "gen" in report:
         gen = report["gen"]
         lines.append(f"gen   stalerl engine {gen['stalerl']['tokens_per_s']:.0f} tokens/s | plain generate "

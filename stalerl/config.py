@@ -145,6 +145,11 @@ class OptimConfig:
     # Sequences per forward/backward pass; gradients accumulate over micro-batches and the loss is
     # normalised by the whole batch's token count, so the step equals the whole-batch one. 0: whole batch.
     micro_batch_size: int = 0
+    # Skip most of the padding after short responses in the learner's passes: no pass wider than its
+    # rows' longest response, and the short rows of a (micro-)batch in a narrower pass of their own
+    # (prefix.length_buckets). Equal up to float rounding. Off by default: it rounds differently from
+    # the runs documented in the README and docs/lab.md, which would then not reproduce bit for bit.
+    skip_padding: bool = False
 
 
 @dataclass(frozen=True)

@@ -12,8 +12,8 @@ from transformers import PreTrainedModel
 from stalerl.config import LossConfig, OptimConfig, RolloutConfig
 from stalerl.loss import group_advantages, grpo_loss
 from stalerl.optimizer import MasterWeightAdamW
-from stalerl.prefix import activation_checkpointing
-from stalerl.rollout import Generation, RolloutBatch, policy_logprobs
+from stalerl.prefix import activation_checkpointing, can_share
+from stalerl.rollout import Generation, RolloutBatch, inverse, policy_logprobs
 
 
 def make_optimizer(model: PreTrainedModel, optim: OptimConfig) -> MasterWeightAdamW:
@@ -39,7 +39,7 @@ def learner_step(
     the backward pass and returns this step's learning rate (the stabilizers in stabilizers.py).
     """
     surrogate = surrogate_gradient(model, batch, loss_config, optim.micro_batch_size, rollout, reference,
-                                   share_prompts)
+                                   share_prompts, optim.skip_padding)
     logprobs_N_L, entropy_N_L, mask_N_L = surrogate.logprobs_N_L, surrogate.entropy_N_L, surrogate.mask_N_L
     behavior_logprobs_N_L = batch.generation.behavior_logprobs_N_L.to(mask_N_L.device)
     tokens = float(mask_N_L.sum().clamp(min=1))
@@ -112,9 +112,14 @@ def surrogate_gradient(
     rollout: RolloutConfig,
     reference: PreTrainedModel | None = None,
     share_prompts: bool = True,
+    skip_padding: bool = False,
 ) -> Surrogate:
     """Fills the parameters' .grad with g_sur(theta; D_mu), the gradient learner_step applies
-    (before clipping); the bias probe (lab/bias.py) calls it too, so it measures this gradient."""
+    (before clipping); the bias probe (lab/bias.py) calls it too, so it measures this gradient.
+
+    `skip_padding` (optim.skip_padding): no pass wider than its rows' longest response, and the short
+    rows of a micro-batch in a narrower pass of their own (rollout.policy_logprobs); where rows run
+    whole, micro-batches of rows of about the same length."""
     generation = batch.generation
     device = next(model.parameters()).device
     rewards_P_G = batch.rewards_N.view(-1, batch.group_size)
@@ -143,15 +148,22 @@ def surrogate_gradient(
         parameter.grad = None
     loss_value, clip_frac, kl, kl_ref, ratio_max, truncated_frac = 0.0, 0.0, 0.0, 0.0, 0.0, 0.0
     logprob_parts, entropy_parts = [], []
+    # Where each row runs whole (no shared prompt), micro-batches of rows of about the same length
+    # are about as wide as their rows need. Where a group's prompt is shared, sorting would scatter
+    # the groups over the micro-batches and multiply the prompt passes (benchmarks/skip_padding.py).
+    order_N = None
+    if skip_padding and micro < count and not (share_prompts and can_share(model)):
+        order_N = torch.argsort(generation.response_mask_N_L.sum(dim=1).cpu(), stable=True)
     for start in range(0, count, micro):
-        rows = slice(start, start + micro)
+        rows = slice(start, start + micro) if order_N is None else order_N[start:start + micro]
         part = rows_of(generation, rows, device)
         part_mask_n_L = mask_N_L[rows]
-        logprobs_n_L, entropy_n_L = policy_logprobs(model, part, rollout.temperature, share_prompts)
+        logprobs_n_L, entropy_n_L = policy_logprobs(model, part, rollout.temperature, share_prompts, skip_padding)
         ref_logprobs_n_L = None
         if reference is not None:
             with torch.no_grad():
-                ref_logprobs_n_L, _ = policy_logprobs(reference, part, rollout.temperature, share_prompts)
+                ref_logprobs_n_L, _ = policy_logprobs(reference, part, rollout.temperature, share_prompts,
+                                                      skip_padding)
         part_loss, stats = grpo_loss(
             logprobs_n_L,
             part.behavior_logprobs_N_L,
@@ -180,12 +192,18 @@ def surrogate_gradient(
         entropy_parts.append(entropy_n_L)
     model.eval()
     zero_adv_frac = float((advantages_N == 0).float().mean())
+    logprobs_N_L, entropy_N_L = torch.cat(logprob_parts), torch.cat(entropy_parts)
+    if order_N is not None:  # back to the batch's row order
+        logprobs_N_L, entropy_N_L = logprobs_N_L[inverse(order_N)], entropy_N_L[inverse(order_N)]
     return Surrogate(loss_value, clip_frac, kl, kl_ref, ratio_max, truncated_frac, zero_adv_frac,
-                     torch.cat(logprob_parts), torch.cat(entropy_parts), mask_N_L)
+                     logprobs_N_L, entropy_N_L, mask_N_L)
 
 
-def rows_of(generation: Generation, rows: slice, device: torch.device) -> Generation:
-    """A micro-batch: the sequences `rows` of a generation, on the learner's device."""
+def rows_of(generation: Generation, rows: slice | torch.Tensor, device: torch.device) -> Generation:
+    """A micro-batch: the sequences `rows` (a slice, or indices on the CPU) of a generation, on the
+    learner's device."""
+    completions = (generation.completions[rows] if isinstance(rows, slice)
+                   else [generation.completions[row] for row in rows.tolist()])
     return dataclasses.replace(
         generation,
         tokens_N_T=generation.tokens_N_T[rows].to(device),
@@ -193,7 +211,7 @@ def rows_of(generation: Generation, rows: slice, device: torch.device) -> Genera
         response_mask_N_L=generation.response_mask_N_L[rows].to(device),
         behavior_logprobs_N_L=generation.behavior_logprobs_N_L[rows].to(device),
         finished_N=generation.finished_N[rows],
-        completions=generation.completions[rows],
+        completions=completions,
     )
 
 

@@ -7,9 +7,9 @@ on the copied cache; gradients flow back through the copy into the shared prompt
 equals the whole-sequence forward up to float rounding (tests/test_prefix.py checks log-probs and
 gradients). vLLM does the same for its side with its prefix cache.
 
-The learner also skips most of the padding after short responses: a batch is as wide as its
-longest response, so when most responses are shorter, those rows run in a narrower pass of their
-own (`length_buckets`), on the same prompt pass.
+With `optim.skip_padding`, the learner also skips most of the padding after short responses: a
+batch is as wide as its longest response, so when most responses are shorter, those rows run in a
+narrower pass of their own (`length_buckets`), on the same prompt pass.
 """
 
 from __future__ import annotations
@@ -126,35 +126,40 @@ MIN_PADDING_SKIPPED = 0.15
 
 
 def length_buckets(response_mask_N_L: torch.Tensor) -> list[tuple[torch.Tensor | None, int]]:
-    """(rows, width) passes that cover every row's response: one pass of the whole width (rows None),
-    or one for the rows whose responses fit in a narrower width and one for the rest (if any).
+    """(rows, width) passes that cover every row's response (rows None: every row): one pass as wide
+    as the longest response, or one for the rows whose responses fit in a narrower width and one
+    for the rest.
 
-    The width is the one that skips the most padded positions; the split is made only when that is
-    at least MIN_PADDING_SKIPPED of N x L. A batch of the embedded default is as wide as its longest
-    response (up to 6 tokens) while most responses take 3: about a third of its positions are padding.
+    The narrow width is the one that skips the most padded positions; the split is made only when
+    that is at least MIN_PADDING_SKIPPED of N x (the longest response). A batch of the embedded
+    default is as wide as its longest response (up to 6 tokens) while most responses take 3: about
+    a third of its positions are padding. A batch padded past its longest response (a micro-batch
+    of short rows) gets one pass that wide.
     """
     count, width = response_mask_N_L.shape
     lengths_N = response_mask_N_L.sum(dim=1)
-    best_width, best_skipped = width, 0
-    for narrow in range(1, width):
-        skipped = int((lengths_N <= narrow).sum()) * (width - narrow)
+    longest = max(int(lengths_N.max()), 1) if count else width
+    best_width, best_skipped = longest, 0
+    for narrow in range(1, longest):
+        skipped = int((lengths_N <= narrow).sum()) * (longest - narrow)
         if skipped > best_skipped:
             best_width, best_skipped = narrow, skipped
-    if best_skipped < MIN_PADDING_SKIPPED * count * width:
-        return [(None, width)]
+    if best_skipped < MIN_PADDING_SKIPPED * count * longest:
+        return [(None, longest)]
     short_N = lengths_N <= best_width
-    buckets = [(short_N.nonzero().squeeze(1), best_width), ((~short_N).nonzero().squeeze(1), width)]
-    return [(rows, width) for rows, width in buckets if len(rows)]  # a batch padded past its longest response
+    return [(short_N.nonzero().squeeze(1), best_width), ((~short_N).nonzero().squeeze(1), longest)]
 
 
 def response_logit_parts(model: PreTrainedModel, tokens_N_T: torch.Tensor, attention_mask_N_T: torch.Tensor,
-                         prompt_width: int, share_prompts: bool = True) -> Iterator[tuple[torch.Tensor | None, torch.Tensor]]:
-    """(rows, [n, W, V] logits that predict those rows' first W response tokens), one per length bucket;
-    rows None is every row. The prompts run once for all buckets when their rows share them."""
+                         prompt_width: int, share_prompts: bool = True,
+                         skip_padding: bool = False) -> Iterator[tuple[torch.Tensor | None, torch.Tensor]]:
+    """(rows, [n, W, V] logits that predict those rows' first W response tokens): one pass of every
+    row (rows None) over the whole width, or with `skip_padding` one per length bucket. The prompts
+    run once for all buckets when their rows share them."""
     response_width = tokens_N_T.shape[1] - prompt_width
     groups = (prompt_groups(tokens_N_T[:, :prompt_width], attention_mask_N_T[:, :prompt_width])
               if share_prompts and can_share(model) else None)
-    buckets = length_buckets(attention_mask_N_T[:, prompt_width:])
+    buckets = length_buckets(attention_mask_N_T[:, prompt_width:]) if skip_padding else [(None, response_width)]
     if groups is None or not groups.saves_work:
         for rows, width in buckets:
             tokens_n_T, mask_n_T = rows_of(tokens_N_T, rows), rows_of(attention_mask_N_T, rows)
@@ -184,4 +189,5 @@ def response_logit_parts(model: PreTrainedModel, tokens_N_T: torch.Tensor, atten
 
 
 def rows_of(tensor_N: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    """tensor_N[rows]; rows None: every row."""
     return tensor_N if rows is None else tensor_N[rows]

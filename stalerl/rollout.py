@@ -260,20 +260,21 @@ class TransformersEngine:
 
 
 def policy_logprobs(
-    model: PreTrainedModel, generation: Generation, temperature: float = 1.0, share_prompts: bool = True
+    model: PreTrainedModel, generation: Generation, temperature: float = 1.0, share_prompts: bool = True,
+    skip_padding: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The learner's log pi_theta of the sampled response tokens, and the policy's entropy there.
 
     Positions follow the attention mask, as in generation, so that left padding does not shift them.
-    With `share_prompts`, a prompt repeated over a group runs once (prefix.py). Rows whose responses
-    are much shorter than the batch's longest run in a narrower pass (prefix.length_buckets): their
-    positions past it hold 0.
+    With `share_prompts`, a prompt repeated over a group runs once (prefix.py). With `skip_padding`,
+    no pass is wider than its rows' longest response, and rows much shorter than the rest run in a
+    narrower pass (prefix.length_buckets): positions past a row's pass hold 0.
     Returns ([N, L] log-probs with gradient, [N, L] entropy without).
     """
     prompt_width = generation.prompt_width
     parts = []
     for rows, logits_n_W_V in response_logit_parts(model, generation.tokens_N_T, generation.attention_mask_N_T,
-                                                   prompt_width, share_prompts):
+                                                   prompt_width, share_prompts, skip_padding):
         width = logits_n_W_V.shape[1]
         log_softmax_n_W_V = torch.log_softmax(logits_n_W_V.float() / temperature, dim=-1)
         response_n_W = rows_of(generation.tokens_N_T, rows)[:, prompt_width : prompt_width + width]
@@ -281,18 +282,27 @@ def policy_logprobs(
         with torch.no_grad():
             entropy_n_W = -(log_softmax_n_W_V.exp() * log_softmax_n_W_V).sum(dim=-1)
         parts.append((rows, logprobs_n_W, entropy_n_W))
-    if len(parts) == 1 and parts[0][0] is None:
-        return parts[0][1], parts[0][2]
     width = generation.response_mask_N_L.shape[1]
+    if len(parts) == 1:  # every row in one pass
+        _, logprobs_N_W, entropy_N_W = parts[0]
+        return pad_to(logprobs_N_W, width), pad_to(entropy_N_W, width)
     order_N = torch.cat([rows for rows, _, _ in parts])
-    back_N = torch.empty_like(order_N)
-    back_N[order_N] = torch.arange(len(order_N), device=order_N.device)  # row n is at back_N[n] of the parts
-    logprobs_N_L = torch.cat([pad_to(part, width) for _, part, _ in parts])[back_N]
-    entropy_N_L = torch.cat([pad_to(part, width) for _, _, part in parts])[back_N]
+    logprobs_N_L = torch.cat([pad_to(part, width) for _, part, _ in parts])[inverse(order_N)]
+    entropy_N_L = torch.cat([pad_to(part, width) for _, _, part in parts])[inverse(order_N)]
     return logprobs_N_L, entropy_N_L
 
 
+def inverse(order_N: torch.Tensor) -> torch.Tensor:
+    """The permutation that undoes order_N: values[order_N][inverse(order_N)] == values."""
+    back_N = torch.empty_like(order_N)
+    back_N[order_N] = torch.arange(len(order_N), device=order_N.device)
+    return back_N
+
+
 def pad_to(values_n_W: torch.Tensor, width: int) -> torch.Tensor:
+    """Zeros appended up to `width` positions (the tensor itself when it is that wide)."""
+    if values_n_W.shape[1] == width:
+        return values_n_W
     return torch.nn.functional.pad(values_n_W, (0, width - values_n_W.shape[1]))
 
 

@@ -41,10 +41,12 @@ def test_bench_writes_a_complete_report(tmp_path):
     step = report["step"]
     assert step["stalerl"]["s_per_step"] > 0 and step["stalerl"]["samples_per_s"] > 0
     assert step["stalerl_whole_prompts"]["s_per_step"] > 0 and step["prompt_sharing_speedup"] > 0
+    assert step["stalerl_skip_padding"]["s_per_step"] > 0 and step["skip_padding_speedup"] > 0
     if trl_version() is None:
         assert step["trl"] is None and step["ratio_trl_over_stalerl"] is None
     else:
         assert step["trl"]["s_per_step"] > 0 and step["ratio_trl_over_stalerl"] > 0 and step["differences"]
+        assert step["ratio_trl_over_stalerl_skip_padding"] > 0
     gen = report["gen"]
     assert gen["stalerl"]["tokens_per_s"] > 0 and gen["plain_generate"]["tokens_per_s"] > 0
     assert gen["ratio_stalerl_over_plain"] > 0 and gen["ratio_whole_prompts_over_plain"] > 0

@@ -1,5 +1,6 @@
-"""The profiling script that the GPU checks run (benchmarks/gpu_check.sh), run here on CPU."""
+"""The benchmark scripts that the GPU checks run (benchmarks/gpu_check.sh), run here on CPU."""
 
+import json
 import re
 import subprocess
 import sys
@@ -22,3 +23,18 @@ def test_generate_profile_reports_each_call_per_decoding_step(tmp_path: Path):
         steps = int(re.search(r"(\d+) steps", line).group(1))
         assert 1 <= steps <= 4 and "kernel launches" in line and "GPU busy" in line
     assert "aten::mm" in done.stdout  # the operators with the most host time, under each call
+
+
+@pytest.mark.slow  # one interpreter, a tiny random Llama: a few seconds
+def test_skip_padding_times_every_way_on_the_same_batch(tmp_path: Path):
+    report = tmp_path / "skip.json"
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "skip_padding.py"), "--shape", "tiny",
+                           "--responses", "16", "--repeats", "1", "--micro-batches", "0,16", "--json", str(report)],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(report.read_text())
+    assert sorted(result["median_s"]) == sorted(f"micro-batch {micro}, skip_padding={skip}"
+                                                for micro in ("whole", 16) for skip in (False, True))
+    assert all(seconds > 0 for seconds in result["median_s"].values())
+    assert 0.25 < result["real_fraction"] < 1 and result["device"] == "cpu"
+    assert done.stdout.count("x the time") == 2

@@ -10,7 +10,6 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 from hf_checkpoint import save_tiny_checkpoint
 from stalerl.config import ModelConfig, TrainConfig
 from stalerl.policy import add_lora, enable_activation_checkpointing
-import stalerl.prefix
 from stalerl.prefix import can_share, copy_rows, length_buckets, prompt_groups
 from stalerl.rollout import STATIC_CACHE_STEP, TransformersEngine, policy_logprobs
 from stalerl.warmstart import warm_started_policy
@@ -33,9 +32,9 @@ GROUPS = ["3+4=", "37+45=", "9+10=", "0+0="]
 BPE_GROUPS = ["Tom has 3 apples.", "A train leaves at noon and travels 40 miles", "Add 7 and 8.", "Sum?"]
 
 
-def flat_gradient(model, generation, share):
+def flat_gradient(model, generation, share, skip_padding=False):
     model.zero_grad(set_to_none=True)
-    logprobs_N_L, _ = policy_logprobs(model, generation, 1.0, share_prompts=share)
+    logprobs_N_L, _ = policy_logprobs(model, generation, 1.0, share_prompts=share, skip_padding=skip_padding)
     (logprobs_N_L * generation.response_mask_N_L).sum().backward()
     return torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.grad is not None])
 
@@ -191,8 +190,7 @@ def test_short_responses_get_a_narrower_pass_only_where_it_skips_enough_padding(
     # width 5 for the three would skip 3 of 24 positions (12.5%): not worth a second pass
     assert length_buckets(response_mask([5, 5, 5, 6], 6)) == [(None, 6)]
     # a batch padded past its longest response: one narrower pass of every row
-    [(rows, width)] = length_buckets(response_mask([2, 1, 2, 2], 6))
-    assert rows.tolist() == [0, 1, 2, 3] and width == 2
+    assert length_buckets(response_mask([2, 1, 2, 2], 6)) == [(None, 2)]
 
 
 def with_response_lengths(generation, lengths: list[int]):
@@ -206,7 +204,7 @@ def with_response_lengths(generation, lengths: list[int]):
 
 @pytest.mark.parametrize("share", [True, False])
 @pytest.mark.parametrize("which", ["policy", "bpe_policy"])
-def test_narrower_passes_for_short_responses_equal_one_pass_of_the_whole_width(which, share, request, monkeypatch):
+def test_skipping_the_padding_gives_what_the_whole_width_gives(which, share, request):
     model, tokenizer = request.getfixturevalue(which)
     prompts = [text for text in (GROUPS if which == "policy" else BPE_GROUPS) for _ in range(4)]
     # hot sampling, for a batch as wide as max_new_tokens
@@ -214,19 +212,19 @@ def test_narrower_passes_for_short_responses_equal_one_pass_of_the_whole_width(w
     assert generation.response_mask_N_L.shape[1] == 6
     # two long responses, in two groups, among short ones: 11 rows of up to 2 tokens get a pass of
     # width 2 (skipping 44 positions of 96; width 3 for 14 rows would skip 42)
-    generation = with_response_lengths(generation, [2, 3, 2, 2, 6, 2, 3, 1, 2, 2, 2, 3, 2, 5, 2, 2])
-    mask = generation.response_mask_N_L
-    assert [(len(rows), width) for rows, width in length_buckets(mask)] == [(11, 2), (5, 6)]
-    split, split_entropy = policy_logprobs(model, generation, 0.8, share_prompts=share)
-    split_grad = flat_gradient(model, generation, share)
-    monkeypatch.setattr(stalerl.prefix, "MIN_PADDING_SKIPPED", float("inf"))  # one pass, as before
-    assert length_buckets(mask) == [(None, 6)]
-    whole, whole_entropy = policy_logprobs(model, generation, 0.8, share_prompts=share)
-    whole_grad = flat_gradient(model, generation, share)
-    assert split.shape == whole.shape == mask.shape
-    assert torch.allclose(split[mask], whole[mask], atol=1e-5)
-    assert torch.allclose(split_entropy[mask], whole_entropy[mask], atol=1e-5)
-    short_N = mask.sum(dim=1) <= 2
-    assert torch.equal(split[short_N, 2:], torch.zeros(11, 4))  # the positions skipped hold 0
-    assert whole_grad.norm() > 0
-    assert float((split_grad - whole_grad).norm() / whole_grad.norm()) < 1e-5
+    for lengths, buckets in [([2, 3, 2, 2, 6, 2, 3, 1, 2, 2, 2, 3, 2, 5, 2, 2], [(11, 2), (5, 6)]),
+                             ([2, 3, 3, 3, 3, 3, 3, 1, 3, 3, 3, 3, 2, 3, 3, 3], [(None, 3)])]:  # none wider than 3
+        cut = with_response_lengths(generation, lengths)
+        mask = cut.response_mask_N_L
+        assert [(None if rows is None else len(rows), width) for rows, width in length_buckets(mask)] == buckets
+        skipped, skipped_entropy = policy_logprobs(model, cut, 0.8, share_prompts=share, skip_padding=True)
+        whole, whole_entropy = policy_logprobs(model, cut, 0.8, share_prompts=share)
+        assert skipped.shape == whole.shape == mask.shape
+        assert torch.allclose(skipped[mask], whole[mask], atol=1e-5)
+        assert torch.allclose(skipped_entropy[mask], whole_entropy[mask], atol=1e-5)
+        narrow = buckets[0][1]
+        short_N = mask.sum(dim=1) <= narrow
+        assert torch.equal(skipped[short_N, narrow:], torch.zeros(int(short_N.sum()), 6 - narrow))  # not computed
+        skipped_grad, whole_grad = flat_gradient(model, cut, share, True), flat_gradient(model, cut, share)
+        assert whole_grad.norm() > 0
+        assert float((skipped_grad - whole_grad).norm() / whole_grad.norm()) < 1e-5

@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from stalerl.cli import main
 from stalerl.config import ConfigError, TrainConfig, override
 from stalerl.data import MathTask, build_task, split_records
-from stalerl.learner import learner_step, valid_group_advantages
+from stalerl.learner import learner_step, surrogate_gradient, valid_group_advantages
 from stalerl.metrics import read_metrics
 from stalerl.policy import build_policy
 from stalerl.rollout import RolloutWorker, TransformersEngine
@@ -76,25 +76,36 @@ def test_math_task_renders_chat_template_without_a_second_bos(checkpoint):
 
 
 @pytest.mark.parametrize("aggregation", ["token_mean", "sequence_mean", "constant"])
-def test_micro_batches_give_the_whole_batch_step(aggregation):
+def test_micro_batches_and_skipped_padding_give_the_whole_batch_step(aggregation):
     config = TrainConfig()
     model, tokenizer, _ = warm_started_policy(config)
     task = AdditionTask(config.task.max_operand, config.task.val_size)
-    worker = RolloutWorker(TransformersEngine(copy.deepcopy(model), tokenizer, 6), task, 4, 4, seed=2)
+    worker = RolloutWorker(TransformersEngine(copy.deepcopy(model), tokenizer, 6, 2.0), task, 4, 4, seed=2)
     batch = worker.produce(0)
+    lengths_N = batch.generation.response_mask_N_L.sum(dim=1)
+    assert len(set(lengths_N.tolist())) >= 3  # hot sampling: responses of several lengths, to sort and cut
     loss = dataclasses.replace(config.loss, aggregation=aggregation)
     results = []
-    for micro in (0, 3):  # 3 does not divide 16: a ragged last micro-batch
-        optim = dataclasses.replace(config.optim, micro_batch_size=micro, lr=1.0)
+    # micro-batches of 3 do not divide 16: a ragged last one; with rows run whole and skip_padding,
+    # the micro-batches are made of rows sorted by length
+    for micro, skip_padding, share in ((0, False, True), (3, False, True), (0, True, True), (3, True, True),
+                                       (3, True, False)):
+        optim = dataclasses.replace(config.optim, micro_batch_size=micro, lr=1.0, skip_padding=skip_padding)
         learner = copy.deepcopy(model)
         # Plain SGD, so the parameters move by the gradient itself (Adam's first step is ~sign(g),
         # which turns float noise in near-zero gradient entries into large differences).
-        stats = learner_step(learner, torch.optim.SGD(learner.parameters(), lr=1.0), batch, loss, optim, config.rollout)
-        results.append((stats, [p.detach().clone() for p in learner.parameters()]))
-    (whole, whole_params), (parts, parts_params) = results
-    for key in ("loss", "clip_frac", "kl", "entropy", "grad_norm", "logprob_mismatch"):
-        assert parts[key] == pytest.approx(whole[key], rel=1e-4, abs=1e-6), key
-    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(whole_params, parts_params))
+        stats = learner_step(learner, torch.optim.SGD(learner.parameters(), lr=1.0), batch, loss, optim, config.rollout,
+                             share_prompts=share)
+        logprobs_N_L = surrogate_gradient(copy.deepcopy(model), batch, loss, micro, config.rollout,
+                                          share_prompts=share, skip_padding=skip_padding).logprobs_N_L
+        results.append((stats, [p.detach().clone() for p in learner.parameters()], logprobs_N_L))
+    (whole, whole_params, whole_logprobs), *others = results
+    mask_N_L = batch.generation.response_mask_N_L
+    for parts, parts_params, parts_logprobs in others:
+        for key in ("loss", "clip_frac", "kl", "entropy", "grad_norm", "logprob_mismatch", "ess_frac"):
+            assert parts[key] == pytest.approx(whole[key], rel=1e-4, abs=1e-6), key
+        assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(whole_params, parts_params))
+        assert torch.allclose(parts_logprobs[mask_N_L], whole_logprobs[mask_N_L], atol=1e-5)  # rows in batch order
     assert any(not torch.equal(a, p) for a, p in zip(whole_params, model.parameters()))  # it did move
 
 

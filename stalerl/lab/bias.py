@@ -84,7 +84,7 @@ def flat_surrogate_gradient(model: torch.nn.Module, batch: RolloutBatch, config:
                             reference: PreTrainedModel | None = None) -> torch.Tensor:
     """g_sur(theta; D): the learner's own gradient (learner.surrogate_gradient, before clipping), flattened."""
     surrogate_gradient(model, batch, config.loss, config.optim.micro_batch_size, config.rollout, reference,
-                       share_prompts=config.model.share_prompt_prefix)
+                       share_prompts=config.model.share_prompt_prefix, skip_padding=config.optim.skip_padding)
     return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float()
                       for p in model.parameters()])
 
