@@ -132,8 +132,8 @@ def length_buckets(response_mask_N_L: torch.Tensor) -> list[tuple[torch.Tensor |
 
     The narrow width is the one that skips the most padded positions; the split is made only when
     that is at least MIN_PADDING_SKIPPED of N x (the longest response). A batch of the embedded
-    default is as wide as its longest response (up to 6 tokens) while most responses take 3: about
-    a third of its positions are padding. A batch padded past its longest response (a micro-batch
+    default is as wide as its longest response (up to 6 tokens) while most responses take 3: over
+    a quarter of its positions are padding. A batch padded past its longest response (a micro-batch
     of short rows) gets one pass that wide.
     """
     count, width = response_mask_N_L.shape
