@@ -162,7 +162,7 @@ def response_logit_parts(model: PreTrainedModel, tokens_N_T: torch.Tensor, atten
     buckets = length_buckets(attention_mask_N_T[:, prompt_width:]) if skip_padding else [(None, response_width)]
     if groups is None or not groups.saves_work:
         for rows, width in buckets:
-            tokens_n_T, mask_n_T = rows_of(tokens_N_T, rows), rows_of(attention_mask_N_T, rows)
+            tokens_n_T, mask_n_T = take_rows(tokens_N_T, rows), take_rows(attention_mask_N_T, rows)
             # Logits only where they are used: for a 128k vocabulary they are most of the activations.
             logits_n_K_V = model(input_ids=tokens_n_T[:, :prompt_width + width],
                                  attention_mask=mask_n_T[:, :prompt_width + width],
@@ -174,13 +174,13 @@ def response_logit_parts(model: PreTrainedModel, tokens_N_T: torch.Tensor, atten
     cache_U, first_logits_U_V = prompt_cache(model, tokens_N_T[first_N, :prompt_width],
                                              attention_mask_N_T[first_N, :prompt_width])
     for rows, width in buckets:
-        row_of_n = rows_of(groups.row_of_N, rows)
+        row_of_n = take_rows(groups.row_of_N, rows)
         first_logits_n_1_V = first_logits_U_V[row_of_n, None]
         if width == 1:
             yield rows, first_logits_n_1_V
             continue
         # The last response token predicts nothing that is scored: it is not fed.
-        tokens_n_T, mask_n_T = rows_of(tokens_N_T, rows), rows_of(attention_mask_N_T, rows)
+        tokens_n_T, mask_n_T = take_rows(tokens_N_T, rows), take_rows(attention_mask_N_T, rows)
         end = prompt_width + width - 1
         rest_logits_n_L_V = model(input_ids=tokens_n_T[:, prompt_width:end], attention_mask=mask_n_T[:, :end],
                                   position_ids=positions(mask_n_T)[:, prompt_width:end], use_cache=True,
@@ -188,6 +188,6 @@ def response_logit_parts(model: PreTrainedModel, tokens_N_T: torch.Tensor, atten
         yield rows, torch.cat([first_logits_n_1_V, rest_logits_n_L_V], dim=1)
 
 
-def rows_of(tensor_N: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+def take_rows(tensor_N: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
     """tensor_N[rows]; rows None: every row."""
     return tensor_N if rows is None else tensor_N[rows]

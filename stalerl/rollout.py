@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase
 
-from stalerl.prefix import cache_argument, response_logit_parts, rows_of, shared_prompt_cache
+from stalerl.prefix import cache_argument, response_logit_parts, shared_prompt_cache, take_rows
 from stalerl.tasks import Prompt, Task
 
 STATIC_CACHE_STEP = 64  # tokens: the static KV cache's length is a multiple of this
@@ -277,7 +277,7 @@ def policy_logprobs(
                                                    prompt_width, share_prompts, skip_padding):
         width = logits_n_W_V.shape[1]
         log_softmax_n_W_V = torch.log_softmax(logits_n_W_V.float() / temperature, dim=-1)
-        response_n_W = rows_of(generation.tokens_N_T, rows)[:, prompt_width : prompt_width + width]
+        response_n_W = take_rows(generation.tokens_N_T, rows)[:, prompt_width : prompt_width + width]
         logprobs_n_W = log_softmax_n_W_V.gather(-1, response_n_W[..., None]).squeeze(-1)
         with torch.no_grad():
             entropy_n_W = -(log_softmax_n_W_V.exp() * log_softmax_n_W_V).sum(dim=-1)
