@@ -44,7 +44,10 @@ def test_run_directory_contents(small_config, tmp_path):
     assert summary["steps"] == 8 and summary["final_val_reward"] == rows[-1]["val_reward"]
 
 
-def test_exact_mode_same_seed_same_metrics(small_config, tmp_path):
+@pytest.mark.parametrize("skip_padding", [False, True])
+def test_exact_mode_same_seed_same_metrics(small_config, tmp_path, skip_padding):
+    small_config = dataclasses.replace(small_config, optim=dataclasses.replace(small_config.optim,
+                                                                               skip_padding=skip_padding))
     runs = []
     for name in ("a", "b"):
         config = with_staleness(small_config, "exact", 2, out=str(tmp_path / name), seed=3)
