@@ -596,9 +596,9 @@ def format_table(report: dict) -> str:
                      f"sharing a group's prompt makes the step {step['prompt_sharing_speedup']:.2f}x faster")
         if "stalerl_skip_padding" in step:  # benches before optim.skip_padding have no such runs
             text = (f"      stalerl with optim.skip_padding {step['stalerl_skip_padding']['s_per_step']:.3f} s: "
-                    f"{step['skip_padding_speedup']:.2f}x faster")
+                    f"speedup over the default {step['skip_padding_speedup']:.2f}x")
             if step["trl"]:
-                text += f"; {step['ratio_trl_over_stalerl_skip_padding']:.2f}x faster than TRL"
+                text += f"; over TRL {step['ratio_trl_over_stalerl_skip_padding']:.2f}x"
             lines.append(text)
     if "gen" in report:
         gen = report["gen"]
