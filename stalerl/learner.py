@@ -194,7 +194,8 @@ def surrogate_gradient(
     zero_adv_frac = float((advantages_N == 0).float().mean())
     logprobs_N_L, entropy_N_L = torch.cat(logprob_parts), torch.cat(entropy_parts)
     if order_N is not None:  # back to the batch's row order
-        logprobs_N_L, entropy_N_L = logprobs_N_L[inverse(order_N)], entropy_N_L[inverse(order_N)]
+        back_N = inverse(order_N)
+        logprobs_N_L, entropy_N_L = logprobs_N_L[back_N], entropy_N_L[back_N]
     return Surrogate(loss_value, clip_frac, kl, kl_ref, ratio_max, truncated_frac, zero_adv_frac,
                      logprobs_N_L, entropy_N_L, mask_N_L)
 

@@ -286,9 +286,9 @@ def policy_logprobs(
     if len(parts) == 1:  # every row in one pass
         _, logprobs_N_W, entropy_N_W = parts[0]
         return pad_to(logprobs_N_W, width), pad_to(entropy_N_W, width)
-    order_N = torch.cat([rows for rows, _, _ in parts])
-    logprobs_N_L = torch.cat([pad_to(part, width) for _, part, _ in parts])[inverse(order_N)]
-    entropy_N_L = torch.cat([pad_to(part, width) for _, _, part in parts])[inverse(order_N)]
+    back_N = inverse(torch.cat([rows for rows, _, _ in parts]))  # each row's place among the parts' rows
+    logprobs_N_L = torch.cat([pad_to(part, width) for _, part, _ in parts])[back_N]
+    entropy_N_L = torch.cat([pad_to(part, width) for _, _, part in parts])[back_N]
     return logprobs_N_L, entropy_N_L
 
 
