@@ -7,8 +7,8 @@
 Each revision is checked out into a temporary git worktree; each run is a fresh interpreter that
 imports stalerl from its revision (PYTHONPATH), with this environment's torch and transformers.
 Runs alternate between the revisions, so machine noise hits both. Each run is the revision's own
-`stalerl.bench.train_run`, which times a step as `stalerl bench` does (the first 5 steps are not
-timed). Prints medians and the ratio; writes nothing but temporary run directories and worktrees
+`stalerl.bench.runs.train_run` (`stalerl.bench.train_run` before the bench package), which times a
+step as `stalerl bench` does (the first 5 steps are not timed). Prints medians and the ratio; writes nothing but temporary run directories and worktrees
 (removed at the end; after a killed run, `git worktree prune` drops their entries).
 """
 
@@ -27,7 +27,11 @@ from stalerl.config import parse_assignment
 
 RUN = r'''
 import json, sys
-from stalerl.bench import base_config, train_run
+try:
+    from stalerl.bench.plan import base_config
+    from stalerl.bench.runs import train_run
+except ModuleNotFoundError:  # a revision from before the bench package: one module, stalerl/bench.py
+    from stalerl.bench import base_config, train_run
 from stalerl.config import override
 steps, staleness, out, changes = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], json.loads(sys.argv[4])
 config = override(base_config(steps=steps, **{"staleness.staleness": staleness, **changes}), {"out": out})

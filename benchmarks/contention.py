@@ -28,7 +28,7 @@ Call = Callable[[int], object]
 
 def build_calls() -> tuple[Call, Call]:
     """(learner step on one of 8 fixed batches, one rollout batch) on the embedded default."""
-    from stalerl.bench import base_config
+    from stalerl.bench.plan import base_config
     from stalerl.learner import learner_step, make_optimizer
     from stalerl.policy import build_policy
     from stalerl.train import build_rollout_worker, build_task

@@ -22,7 +22,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from stalerl import random_checkpoint
-from stalerl.bench import CHECKPOINT_DEFAULTS, base_config
+from stalerl.bench.plan import CHECKPOINT_DEFAULTS, base_config
 from stalerl.config import TrainConfig, override
 from stalerl.data import build_task
 from stalerl.policy import build_policy, build_rollout_engine

@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from stalerl.bench import add_bench_parser, run_bench_command
+from stalerl.bench.cli import add_bench_parser, run_bench_command
 from stalerl.config import ConfigError, TrainConfig, load_config, override, parse_assignment, validate
 
 

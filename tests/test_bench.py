@@ -10,9 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from stalerl.bench import (CHECKPOINT, FULL, QUICK, bench_generation, checked_model_settings, format_table, on_gpu,
-                           run_bench, sides_rate)
-from stalerl.bench_trl import grpo_config_kwargs, trl_version
+from stalerl.bench.generation import bench_generation
+from stalerl.bench.overlap import sides_rate
+from stalerl.bench.plan import CHECKPOINT, FULL, QUICK, base_config
+from stalerl.bench.suite import REPORT_FORMAT, checked_model_settings, kept_parts, on_gpu, run_bench
+from stalerl.bench.table import format_table
+from stalerl.bench.trl_step import checkpointing_field, grpo_config_kwargs, trl_version
 from stalerl.cli import main
 
 TINY = QUICK.__class__(repeats=1, step_steps=4, gen_calls=1, async_steps=5, async_staleness=(2,), sweep_cells=2,
@@ -115,19 +118,21 @@ def test_an_async_part_cut_short_keeps_the_runs_it_finished(tmp_path, monkeypatc
     """A GPU session's time limit can stop the bench mid-part: bench.json then has the runs so far.
     The timed runs are replaced by their figures here (the report's bookkeeping is under test; the
     real runs are in test_bench_writes_a_complete_report), and the fourth one fails."""
-    import stalerl.bench as bench
+    import stalerl.bench.overlap as overlap
+    from stalerl.bench.plan import WARMUP_STEPS
+    from stalerl.bench.runs import train_run
 
     started = []
 
     def timed_run(function, config_data, warmup):
-        assert function is bench.train_run and warmup == bench.WARMUP_STEPS
+        assert function is train_run and warmup == WARMUP_STEPS
         started.append((config_data["staleness"]["staleness"], config_data["runtime"]["local_worker"]))
         if len(started) == 4:
             raise RuntimeError("time is up")
         return {"s_per_step": 0.1, "steps_per_s": 10.0 + len(started), "gen_s": 0.03, "rollout_s": 0.04,
                 "weight_sync_s": 0.001, "train_s": 0.06, "wall_s": 5.0, "steps_timed": 2}
 
-    monkeypatch.setattr(bench, "isolated", timed_run)
+    monkeypatch.setattr(overlap, "isolated", timed_run)
     with pytest.raises(RuntimeError, match="time is up"):
         run_bench(tmp_path, quick=True, plan=dataclasses.replace(TINY, async_staleness=(1, 2)), parts=("async",),
                   log=lambda text: None)
@@ -146,10 +151,6 @@ REAL_SWEEP_PART = {"cells": 12, "steps": 40, "parallel_wall_s": 38.0, "sum_of_si
 
 def test_rerunning_some_parts_keeps_the_others(tmp_path, capsys):
     """`stalerl bench --parts step,memory` into the full suite's directory replaced its report."""
-    from stalerl.bench import kept_parts
-
-    from stalerl.bench import REPORT_FORMAT
-
     full = {"format": REPORT_FORMAT, "quick": False, "plan": {"repeats": 3}, "machine": {"cpus": 2},
             "model": {"checkpoint": "embedded default"}, "step": {"ratio": 1.9}, "sweep": REAL_SWEEP_PART, "wall_s": 900.0}
     (tmp_path / "bench.json").write_text(json.dumps(full))
@@ -189,7 +190,7 @@ def test_rerunning_some_parts_keeps_the_others(tmp_path, capsys):
                                         (["--async-staleness", "4, 1,4"],
                                          dataclasses.replace(FULL, async_staleness=(1, 4)))])
 def test_each_plan_option_replaces_only_its_field_of_the_plan(tmp_path, monkeypatch, argv, plan):
-    import stalerl.bench as bench
+    import stalerl.bench.cli as bench_cli
 
     class Planned(Exception):
         pass
@@ -197,7 +198,7 @@ def test_each_plan_option_replaces_only_its_field_of_the_plan(tmp_path, monkeypa
     def record(out, quick, plan=None, **kwargs):
         raise Planned(plan)
 
-    monkeypatch.setattr(bench, "run_bench", record)
+    monkeypatch.setattr(bench_cli, "run_bench", record)
     with pytest.raises(Planned) as raised:
         main(["bench", "--out", str(tmp_path), *argv])
     assert raised.value.args[0] == plan
@@ -303,7 +304,7 @@ def test_a_timed_run_ends_when_the_bench_is_killed(tmp_path):
     import time
 
     pid_file = tmp_path / "worker.pid"
-    script = ("import sys; sys.path.insert(0, sys.argv[2]); from stalerl.bench import isolated; "
+    script = ("import sys; sys.path.insert(0, sys.argv[2]); from stalerl.bench.runs import isolated; "
               "from test_bench import _report_pid_then_sleep; isolated(_report_pid_then_sleep, sys.argv[1])")
     bench = subprocess.Popen([sys.executable, "-c", script, str(pid_file), str(Path(__file__).parent)])
     deadline = time.monotonic() + 60
@@ -326,10 +327,8 @@ def test_a_timed_run_ends_when_the_bench_is_killed(tmp_path):
 
 def test_trl_does_the_same_work_as_stalerl():
     """GRPOConfig checkpoints activations unless told not to: the forward would run twice on TRL's side."""
-    from stalerl.bench import base_config
-
     kwargs = grpo_config_kwargs(base_config(), steps=5, output_dir="unused")
-    assert kwargs["gradient_checkpointing"] is False and kwargs["num_iterations"] == 1 and kwargs["beta"] == 0.0
+    assert kwargs[checkpointing_field()] is False and kwargs["num_iterations"] == 1 and kwargs["beta"] == 0.0
     if trl_version() is not None:
         from trl import GRPOConfig
 

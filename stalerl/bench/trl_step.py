@@ -1,7 +1,7 @@
 """The TRL side of ``stalerl bench``: TRL's GRPOTrainer on the same CPU work as one stalerl step.
 
 TRL is a benchmark-only extra (``pip install 'stalerl[bench]'``), never a runtime dependency: this
-module imports it only inside `trl_steps`, which runs in its own process (bench.py).
+module imports it only inside `trl_steps`, which runs in its own process (step.py).
 
 Made the same as stalerl's S = 0 step: the warm-started tiny Llama (saved to a temporary directory),
 batch i's prompts in stalerl's order (shuffling off), P prompts x G samples a step, max_new_tokens,
@@ -15,6 +15,7 @@ checkpoints. DIFFERENCES lists what could not be made equal.
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import tempfile
 import time
@@ -48,6 +49,15 @@ def trl_version() -> str | None:
         return None
 
 
+def checkpointing_field() -> str:
+    """TrainingArguments' activation-checkpointing switch: `activation_checkpointing` since transformers
+    5.x deprecated `gradient_checkpointing` (gone in v6), which older versions have alone."""
+    from transformers import TrainingArguments
+
+    fields = {field.name for field in dataclasses.fields(TrainingArguments)}
+    return "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
+
+
 def grpo_config_kwargs(config: TrainConfig, steps: int, output_dir: str) -> dict:
     """TRL's GRPOConfig made to do stalerl's step (module doc). GRPOConfig turns activation
     checkpointing on by default, which recomputes the forward in backward: off, as stalerl runs."""
@@ -60,7 +70,7 @@ def grpo_config_kwargs(config: TrainConfig, steps: int, output_dir: str) -> dict
         epsilon_high=loss.eps_high, loss_type="dapo", scale_rewards="group" if loss.scale_by_std else "none",
         learning_rate=optim.lr, adam_beta1=optim.beta1, adam_beta2=optim.beta2, weight_decay=optim.weight_decay,
         max_grad_norm=optim.grad_clip, lr_scheduler_type="constant", warmup_steps=0, bf16=False,
-        gradient_checkpointing=config.model.gradient_checkpointing,
+        **{checkpointing_field(): config.model.gradient_checkpointing},
         report_to="none", logging_steps=10**9, save_strategy="no", disable_tqdm=True, dataloader_num_workers=0,
     )
 
