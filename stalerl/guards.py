@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import select
 import signal
 import sys
 import threading
@@ -25,12 +26,26 @@ if TYPE_CHECKING:  # the cli imports this module for RunStopped before torch and
     from stalerl.tasks import AdditionTask
 
 
-def exit_with_parent(parent_pid: int, name: str) -> None:
-    """A child process (a bench run, a rollout worker) ends itself once it is reparented: its parent
-    died without closing it, and nobody will read what it makes. A daemon thread polls for it."""
+def exit_with(pid: int, name: str) -> None:
+    """A child process (a bench run, a rollout worker) ends itself once process `pid` (its bench or
+    learner) has ended without closing it: nobody will read what it makes. `pid` need not be the
+    parent: a bench run is forked by a server that lives as long as its children do. A daemon thread
+    waits on the process (a pidfd; polling where the OS has none)."""
+    try:
+        handle = os.pidfd_open(pid)
+    except ProcessLookupError:  # ended already
+        os._exit(1)
+    except (AttributeError, OSError):  # not Linux >= 5.3
+        handle = None
+
     def watch() -> None:
-        while os.getppid() == parent_pid:
-            time.sleep(0.5)
+        if handle is not None:
+            select.select([handle], [], [])  # readable once the process has ended
+        else:
+            with contextlib.suppress(ProcessLookupError):
+                while True:
+                    os.kill(pid, 0)
+                    time.sleep(0.5)
         os._exit(1)
 
     threading.Thread(target=watch, name=name, daemon=True).start()

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 import torch.multiprocessing
 
-from stalerl.guards import exit_with_parent
+from stalerl.guards import exit_with
 from stalerl.staleness import (
     MailboxClosed,
     Mode,
@@ -112,7 +112,7 @@ def _worker_main(config_data: dict[str, Any], mailbox: SharedWeightMailbox, batc
                  parent_pid: int) -> None:
     """The child: builds its rollout worker, then produce_batches until done, stopped or closed."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the learner's to handle; it closes this
-    exit_with_parent(parent_pid, "stalerl-follow-learner")
+    exit_with(parent_pid, "stalerl-follow-learner")
     from stalerl.config import TrainConfig, from_dict
     from stalerl.train import build_rollout_worker_from_config
 

@@ -295,8 +295,10 @@ def _report_pid_then_sleep(path: str) -> dict:
     return {}
 
 
-def test_a_timed_run_ends_when_the_bench_is_killed(tmp_path):
-    """`timeout stalerl bench ... | tee log` must not hang on a worker that outlives its parent."""
+@pytest.mark.parametrize("method", ["forkserver", "spawn"])
+def test_a_timed_run_ends_when_the_bench_is_killed(tmp_path, method):
+    """`timeout stalerl bench ... | tee log` must not hang on a worker that outlives its parent.
+    Forked, the run's parent is the fork server, which lives as long as its children do."""
     import os
     import signal
     import subprocess
@@ -305,8 +307,9 @@ def test_a_timed_run_ends_when_the_bench_is_killed(tmp_path):
 
     pid_file = tmp_path / "worker.pid"
     script = ("import sys; sys.path.insert(0, sys.argv[2]); from stalerl.bench.runs import isolated; "
-              "from test_bench import _report_pid_then_sleep; isolated(_report_pid_then_sleep, sys.argv[1])")
-    bench = subprocess.Popen([sys.executable, "-c", script, str(pid_file), str(Path(__file__).parent)])
+              "from test_bench import _report_pid_then_sleep; isolated(_report_pid_then_sleep, sys.argv[1], "
+              "method=sys.argv[3])")
+    bench = subprocess.Popen([sys.executable, "-c", script, str(pid_file), str(Path(__file__).parent), method])
     deadline = time.monotonic() + 60
     while not (pid_file.exists() and pid_file.read_text()) and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -323,6 +326,25 @@ def test_a_timed_run_ends_when_the_bench_is_killed(tmp_path):
         time.sleep(0.2)
     os.kill(worker, signal.SIGKILL)
     raise AssertionError("the timed run's process outlived the killed bench by a minute")
+
+
+def test_a_forked_run_is_the_run_a_spawned_interpreter_makes(tmp_path):
+    """The fork server has imported stalerl and run nothing, so a run forked from it (what the bench
+    does on CPU) makes the same steps, bit for bit, as one in a fresh interpreter."""
+    from stalerl.bench.runs import isolated, start_method, train_run
+    from stalerl.metrics import read_metrics
+
+    if not torch.cuda.is_available():
+        assert start_method() == "forkserver"
+    timing = {"gen_s", "train_s", "wait_s", "reward_s", "weight_sync_s"}
+    rows = {}
+    for method in ("forkserver", "spawn"):
+        config = base_config(steps=4, out=str(tmp_path / method))
+        result = isolated(train_run, config.to_dict(), 1, method=method)
+        assert result["steps_timed"] == 3 and result["peak_rss_mb"] > 100
+        rows[method] = [{key: value for key, value in row.items() if key not in timing}
+                        for row in read_metrics(tmp_path / method)]
+    assert len(rows["spawn"]) == 4 and rows["forkserver"] == rows["spawn"]
 
 
 def test_trl_does_the_same_work_as_stalerl():

@@ -3,9 +3,10 @@
     stalerl bench --out DIR            # the full suite, several minutes on 2 CPU cores
     stalerl bench --out DIR --quick    # a smoke version: tiny step counts, one repeat
 
-Writes DIR/bench.json and prints a table. Every timed run is a fresh process (spawned, one torch
-thread unless said otherwise), so runs do not share allocator state and each one's peak RSS is its
-own. Variants alternate within each repeat so machine noise hits all; medians are reported.
+Writes DIR/bench.json and prints a table. Every timed run is a fresh process (one torch thread unless
+said otherwise), so runs do not share allocator state and each one's peak RSS is its own: forked
+from a server that has imported stalerl, torch and transformers and run nothing, or, on a GPU
+machine, a spawned interpreter (runs.py). Variants alternate within each repeat so machine noise hits all; medians are reported.
 
 * step:   one GRPO step of stalerl at S = 0 vs TRL's GRPOTrainer on the same work (trl_step.py),
           stalerl running every sequence whole, prompt included (model.share_prompt_prefix=false),

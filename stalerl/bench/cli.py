@@ -14,7 +14,7 @@ from stalerl.bench.table import format_table
 def add_bench_parser(subparsers: Any) -> None:
     parser = subparsers.add_parser("bench", help="speed and memory side by side with TRL and plain transformers")
     parser.add_argument("--out", required=True, help="directory for bench.json")
-    parser.add_argument("--quick", action="store_true", help="a smoke version: tiny step counts, one repeat (about 2 min on 2 cores)")
+    parser.add_argument("--quick", action="store_true", help="a smoke version: tiny step counts, one repeat (about a minute on 2 cores)")
     parser.add_argument("--parts", default="", help=f"comma-separated subset of {','.join(PARTS)} "
                         f"(default: all; with --model: {','.join(CHECKPOINT_PARTS)})")
     parser.add_argument("--model", default="", help="time gen and async on this Hugging Face checkpoint directory, "
