@@ -67,6 +67,7 @@ def test_bench_writes_a_complete_report(tmp_path):
     assert memory["weight_mb_wide"] > 0
     table = format_table(report)
     assert "step" in table and "prompts run whole" in table and "mem" in table
+    assert table.splitlines()[2].startswith("quick: a smoke test of every part")
 
 
 def test_async_rows_off_their_steady_rate_are_flagged():

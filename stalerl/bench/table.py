@@ -13,6 +13,8 @@ def format_table(report: dict) -> str:
              f"medians; {machine['cpus']} CPUs, load {machine['load_avg_before'][0]:.1f} -> "
              f"{machine['load_avg_after'][0]:.1f}; GPU {machine['gpu'] or 'none'})",
              f"model {report['model']['checkpoint']}"]
+    if report["quick"]:  # e.g. the sweep's 2-step cells are mostly their workers' start-up
+        lines.append("quick: a smoke test of every part, at sizes too small to measure; quote the full suite's figures")
     if "step" in report:
         step = report["step"]
         ours = step["stalerl"]
