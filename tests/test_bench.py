@@ -298,7 +298,7 @@ def _report_pid_then_sleep(path: str) -> dict:
 
 @pytest.mark.parametrize("method", ["forkserver", "spawn"])
 def test_a_timed_run_ends_when_the_bench_is_killed(tmp_path, method):
-    """`timeout stalerl bench ... | tee log` must not hang on a worker that outlives its parent.
+    """`timeout stalerl bench ... | tee log` must not hang on a worker that outlives the bench.
     Forked, the run's parent is the fork server, which lives as long as its children do."""
     import os
     import signal
@@ -332,18 +332,19 @@ def test_a_timed_run_ends_when_the_bench_is_killed(tmp_path, method):
 def test_a_forked_run_is_the_run_a_spawned_interpreter_makes(tmp_path):
     """The fork server has imported stalerl and run nothing, so a run forked from it (what the bench
     does on CPU) makes the same steps, bit for bit, as one in a fresh interpreter."""
+    from test_train import TIMING_KEYS
+
     from stalerl.bench.runs import isolated, start_method, train_run
     from stalerl.metrics import read_metrics
 
     if not torch.cuda.is_available():
         assert start_method() == "forkserver"
-    timing = {"gen_s", "train_s", "wait_s", "reward_s", "weight_sync_s"}
     rows = {}
     for method in ("forkserver", "spawn"):
         config = base_config(steps=4, out=str(tmp_path / method))
         result = isolated(train_run, config.to_dict(), 1, method=method)
         assert result["steps_timed"] == 3 and result["peak_rss_mb"] > 100
-        rows[method] = [{key: value for key, value in row.items() if key not in timing}
+        rows[method] = [{key: value for key, value in row.items() if key not in TIMING_KEYS}
                         for row in read_metrics(tmp_path / method)]
     assert len(rows["spawn"]) == 4 and rows["forkserver"] == rows["spawn"]
 
