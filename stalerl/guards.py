@@ -16,7 +16,7 @@ import threading
 import time
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 from stalerl.config import ConfigError
 
@@ -28,25 +28,30 @@ if TYPE_CHECKING:  # the cli imports this module for RunStopped before torch and
 
 def exit_with(pid: int, name: str) -> None:
     """A child process (a bench run, a rollout worker) ends itself once process `pid` (its bench or
-    learner) has ended without closing it: nobody will read what it makes. `pid` need not be the
-    parent: a bench run is forked by a server that lives as long as its children do. A daemon thread
-    waits on the process (a pidfd; polling where the OS has none)."""
+    learner) has ended without closing it: nobody will read what it makes."""
+    when_ended(pid, lambda: os._exit(1), name)
+
+
+def when_ended(pid: int, action: Callable[[], None], name: str) -> None:
+    """Calls action() in a daemon thread once process `pid` has ended (at once if it has). `pid` need
+    not be the parent: a process forked by a fork server is the server's child, and the server lives
+    as long as its children do. The thread waits on a pidfd; it polls where the OS has none."""
     try:
         handle = os.pidfd_open(pid)
     except ProcessLookupError:  # ended already
-        os._exit(1)
+        handle = -1
     except (AttributeError, OSError):  # not Linux >= 5.3
         handle = None
 
     def watch() -> None:
-        if handle is not None:
-            select.select([handle], [], [])  # readable once the process has ended
-        else:
+        if handle is None:
             with contextlib.suppress(ProcessLookupError):
                 while True:
                     os.kill(pid, 0)
                     time.sleep(0.5)
-        os._exit(1)
+        elif handle >= 0:
+            select.select([handle], [], [])  # readable once the process has ended
+        action()
 
     threading.Thread(target=watch, name=name, daemon=True).start()
 

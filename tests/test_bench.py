@@ -334,7 +334,8 @@ def test_a_forked_run_is_the_run_a_spawned_interpreter_makes(tmp_path):
     does on CPU) makes the same steps, bit for bit, as one in a fresh interpreter."""
     from test_train import TIMING_KEYS
 
-    from stalerl.bench.runs import isolated, start_method, train_run
+    from stalerl.bench.runs import isolated, train_run
+    from stalerl.forking import start_method
     from stalerl.metrics import read_metrics
 
     if not torch.cuda.is_available():

@@ -6,7 +6,7 @@
 Writes DIR/bench.json and prints a table. Every timed run is a fresh process (one torch thread unless
 said otherwise), so runs do not share allocator state and each one's peak RSS is its own: forked
 from a server that has imported stalerl, torch and transformers and run nothing, or, on a GPU
-machine, a spawned interpreter (runs.py). Variants alternate within each repeat so machine noise hits all; medians are reported.
+machine, a spawned interpreter (runs.py, stalerl/forking.py). Variants alternate within each repeat so machine noise hits all; medians are reported.
 
 * step:   one GRPO step of stalerl at S = 0 vs TRL's GRPOTrainer on the same work (trl_step.py),
           stalerl running every sequence whole, prompt included (model.share_prompt_prefix=false),

@@ -3,24 +3,21 @@
 from __future__ import annotations
 
 import concurrent.futures
-import multiprocessing
 import os
 import resource
 import statistics
 from pathlib import Path
 from typing import Any, Callable
 
+from stalerl import forking
 from stalerl.config import TrainConfig
 
 
-# What every timed run imports, imported once by the fork server instead (torch and transformers
-# take about 4 s a process on 2 cores; a quick bench starts some twenty runs).
-PRELOADED = ["stalerl.train", "stalerl.bench.runs"]
-
-
-def _measured(bench_pid: int, function: Callable[..., dict], *args: Any) -> dict:
+def _measured(bench_pid: int, environment: dict[str, str], function: Callable[..., dict], *args: Any) -> dict:
     from stalerl.guards import exit_with
 
+    forking.adopt_environment(environment)
+    forking.take_stop_signals()  # a forked run is stopped by SIGINT / SIGTERM as a spawned one is
     # A killed bench would leave its pool worker behind, still running a timed run (a 1B model's, say)
     # and holding the terminal's or a pipe's output open.
     exit_with(bench_pid, "stalerl-exit-with-bench")
@@ -29,25 +26,11 @@ def _measured(bench_pid: int, function: Callable[..., dict], *args: Any) -> dict
     return result
 
 
-def start_method() -> str:
-    """How a timed run's process starts. Forked from a server that has imported PRELOADED and run
-    nothing, a run is as fresh as a spawned interpreter (no allocator state, no torch threads) and
-    starts in a fraction of a second. Where torch sees a GPU, runs are spawned: a process forked from
-    one whose imports touched the CUDA driver cannot use CUDA, and the server's imports have not been
-    checked on a GPU; there a run takes minutes, so its 4 s of imports matter little."""
-    import torch
-
-    return "spawn" if torch.cuda.is_available() else "forkserver"
-
-
 def isolated(function: Callable[..., dict], *args: Any, method: str | None = None) -> dict:
-    """Runs function(*args) in a fresh process (start_method(), or `method`), which ends with this
-    one; its result gets the process's peak RSS."""
-    context = multiprocessing.get_context(method or start_method())
-    if context.get_start_method() == "forkserver":
-        context.set_forkserver_preload(PRELOADED)  # read when the server starts, on the first run
-    with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
-        return pool.submit(_measured, os.getpid(), function, *args).result()
+    """Runs function(*args) in a fresh process (forked on CPU, spawned on a GPU: stalerl/forking.py;
+    or started by `method`), which ends with this one; its result gets the process's peak RSS."""
+    with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=forking.context(method)) as pool:
+        return pool.submit(_measured, os.getpid(), dict(os.environ), function, *args).result()
 
 
 def median_of(runs: list[dict], key: str) -> float:
