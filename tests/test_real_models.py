@@ -151,7 +151,7 @@ def test_a_directory_that_is_not_a_checkpoint_is_refused_before_the_run_starts(c
     out = tmp_path / "run"
     assert main(math_argv(broken, out)) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"stalerl: error: model.name_or_path: ") and message.format(broken=broken) in err, err
+    assert err.startswith("stalerl: error: model.name_or_path: ") and message.format(broken=broken) in err, err
     assert err.count("\n") == 1
     assert not out.exists()
 

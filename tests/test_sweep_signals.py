@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 from stalerl.checkpoint import newest_valid
 
 CELL = "S2-lr0.0001-seed0"
@@ -55,6 +57,22 @@ def children_of(pid: int) -> list[int]:
     return children
 
 
+def workers_of(sweep_pid: int) -> list[int]:
+    """The sweep's pool processes: on CPU they are forked by its fork server, a child of the sweep."""
+    workers = []
+    for pid in children_of(sweep_pid):
+        command = Path(f"/proc/{pid}/cmdline").read_text()
+        if "forkserver" in command:
+            workers += children_of(pid)
+        elif "resource_tracker" not in command:
+            workers.append(pid)
+    return workers
+
+
+def descendants_of(pid: int) -> list[int]:
+    return [child for direct in children_of(pid) for child in [direct, *descendants_of(direct)]]
+
+
 def is_gone(pid: int) -> bool:
     try:  # gone, or a zombie that the reaper has not collected yet
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
@@ -98,9 +116,10 @@ def test_a_killed_sweep_leaves_no_worker_training(tmp_path):
     # two cells on one worker: the second waits in the pool's queue, which the orphan could still read
     sweep = start_sweep(out, steps=2000, workers=1, lrs="1e-4,3e-4", output=subprocess.DEVNULL)
     wait_for_steps(sweep, out / CELL / "metrics.jsonl", 3)
-    workers = [pid for pid in children_of(sweep.pid) if "multiprocessing" in Path(f"/proc/{pid}/cmdline").read_text()
-               and "resource_tracker" not in Path(f"/proc/{pid}/cmdline").read_text()]
+    workers = workers_of(sweep.pid)
     assert len(workers) == 1, workers
+    servers = [pid for pid in children_of(sweep.pid) if "forkserver" in Path(f"/proc/{pid}/cmdline").read_text()]
+    assert torch.cuda.is_available() or children_of(servers[0]) == workers  # on CPU, forked by the server
     sweep.send_signal(signal.SIGKILL)
     sweep.wait()
     deadline = time.monotonic() + 60
@@ -120,7 +139,9 @@ def test_sigterm_to_every_process_of_the_job_still_checkpoints(tmp_path):
     out = tmp_path / "sweep"
     sweep = start_sweep(out, steps=2000, workers=1)
     wait_for_steps(sweep, out / CELL / "metrics.jsonl", 3)
-    for pid in [sweep.pid, *children_of(sweep.pid)]:
+    job = [sweep.pid, *descendants_of(sweep.pid)]
+    assert len(workers_of(sweep.pid)) == 1
+    for pid in job:  # the sweep, its worker, and on CPU the fork server that forked the worker
         os.kill(pid, signal.SIGTERM)
     _, stderr = sweep.communicate(timeout=120)
     assert sweep.returncode == 130 and "Traceback" not in stderr, stderr
@@ -133,7 +154,7 @@ def test_a_sweep_killed_after_ctrl_c_still_leaves_the_cells_checkpoint(tmp_path)
     sweep = start_sweep(out, steps=2000, workers=1, output=subprocess.DEVNULL)
     metrics = out / CELL / "metrics.jsonl"
     wait_for_steps(sweep, metrics, 3)
-    worker = next(pid for pid in children_of(sweep.pid) if "resource_tracker" not in Path(f"/proc/{pid}/cmdline").read_text())
+    [worker] = workers_of(sweep.pid)
     os.killpg(sweep.pid, signal.SIGINT)
     time.sleep(0.05)
     sweep.send_signal(signal.SIGKILL)

@@ -8,7 +8,9 @@ sweep resumes by running the command again. A cell is reused only if its saved c
 one asked for: before any cell runs, a directory that holds a run of another config (or something
 that is not a run) is refused with a one-line error naming the cell and the setting, and it is never
 deleted. DIR/sweep.json is the table of cells.
-Each run is a separate process with one torch thread, so cells do not fight over the cores.
+The cells run in `--workers` processes, one cell at a time each with one torch thread, so cells do
+not fight over the cores; on CPU the workers are forked from a server that has imported torch once
+(stalerl/forking.py).
 Ctrl-C or SIGTERM stops the sweep as it stops a run: each running cell stops after its step with a
 checkpoint, no new cell starts, and the same command goes on from there; a second one quits at once.
 A worker whose sweep was killed outright stops its cell the same way and exits, so no orphan keeps
@@ -34,8 +36,9 @@ from typing import Any
 
 from tqdm import tqdm
 
+from stalerl import forking
 from stalerl.config import ConfigError, TrainConfig, load_config, override, validate
-from stalerl.guards import STOP_SIGNALS, Interrupted, RunStopped, StopRequests, stop_signals_blocked
+from stalerl.guards import Interrupted, RunStopped, StopRequests, stop_signals_blocked, when_ended
 from stalerl.lab.runs import is_finished, load_run
 
 # Stabilizer name -> config overrides. 'gac' caps the cosine between consecutive updates.
@@ -101,26 +104,26 @@ _orphaned = threading.Event()  # the sweep's process is gone
 _in_cell = threading.Event()  # a cell is running (or starting) in this worker
 
 
-def _worker_setup(sweep_pid: int, stopping: Any) -> None:
-    """A local sweep worker. It is made with SIGINT and SIGTERM blocked (run_sweep), so that none is
-    lost or kills it before it can take them: from here on _worker_stop records them between cells
-    and while a cell starts (never a traceback), and the cell's train() takes over such a request
-    (guards.StopRequests). A worker never quits mid-step on a repeated signal (the sweep's own and
-    one sent to the whole job, say): quitting at once is the sweep's decision (SweepStop)."""
+def _worker_setup(sweep_pid: int, stopping: Any, environment: dict[str, str]) -> None:
+    """A local sweep worker. It starts with SIGINT and SIGTERM blocked (run_sweep; a forked one from
+    its fork server), so that none is lost or kills it before it can take them: from here on
+    _worker_stop records them between cells and while a cell starts (never a traceback), and the
+    cell's train() takes over such a request (guards.StopRequests). A worker never quits mid-step on
+    a repeated signal (the sweep's own and one sent to the whole job, say): quitting at once is the
+    sweep's decision (SweepStop)."""
     global _sweep_stopping
+    forking.adopt_environment(environment)
     _sweep_stopping = stopping
     os.setpgrp()  # out of the terminal's process group: Ctrl-C reaches the sweep, which passes it on
     _worker_stop.install()
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
-    threading.Thread(target=_follow_sweep, args=(sweep_pid,), name="stalerl-follow-sweep", daemon=True).start()
+    forking.take_stop_signals()
+    when_ended(sweep_pid, _sweep_ended, "stalerl-follow-sweep")
 
 
-def _follow_sweep(sweep_pid: int) -> None:
-    # The sweep was killed outright (reparented): the cell in progress stops after its step with a
-    # checkpoint, as on SIGTERM, no queued cell starts, and the worker ends; otherwise it would go on
-    # writing into cells that a rerun of the sweep may have started again.
-    while os.getppid() == sweep_pid:
-        time.sleep(0.5)
+def _sweep_ended() -> None:
+    # The sweep was killed outright: the cell in progress stops after its step with a checkpoint, as
+    # on SIGTERM, no queued cell starts, and the worker ends; otherwise it would go on writing into
+    # cells that a rerun of the sweep may have started again.
     _orphaned.set()
     os.kill(os.getpid(), signal.SIGTERM)
     while _in_cell.is_set():
@@ -287,10 +290,12 @@ def run_sweep(cells: list[tuple[Cell, TrainConfig]], out: Path, workers: int, pr
                     ray_address, cpus_per_run)
         bar.update(sum(not resume for _, _, resume in todo))
         todo = [item for item in todo if item[2]]
-    context = multiprocessing.get_context("spawn")  # fresh interpreters: no inherited torch threads
     # vLLM in process does not give its GPU memory back when its engine closes (vllm#21073): a worker
     # process runs one such cell, and the next cell gets a fresh one.
     one_cell_each = any(config.rollout.engine == "vllm" for _, config, _ in todo)
+    # Fresh processes, without the parent's torch threads: forked from the fork server on CPU
+    # (started early by the cli, its imports overlapping the sweep's own), spawned on a GPU.
+    context = forking.context("spawn" if one_cell_each else None)
     if one_cell_each and sys.version_info < (3, 11):
         raise ConfigError("rollout.engine: a sweep of vLLM cells needs Python 3.11 or newer (a fresh process per cell)")
     options = {"max_tasks_per_child": 1} if one_cell_each else {}
@@ -301,7 +306,8 @@ def run_sweep(cells: list[tuple[Cell, TrainConfig]], out: Path, workers: int, pr
         with stop_signals_blocked():
             pool = concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=context,
                                                           initializer=_worker_setup,
-                                                          initargs=(os.getpid(), stop.stopping), **options)
+                                                          initargs=(os.getpid(), stop.stopping, dict(os.environ)),
+                                                          **options)
             futures = {pool.submit(run_cell, config.to_dict(), resume): (cell, config)
                        for cell, config, resume in todo}
         with pool:
