@@ -142,8 +142,7 @@ def add_sweep_parser(subparsers: argparse._SubParsersAction) -> None:
 def run_sweep_command(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from stalerl import forking
-    from stalerl.lab.sweep import cell_configs, run_sweep
+    from stalerl.lab.sweep import cell_configs, run_sweep, worker_context
 
     base = load_config(args.config) if args.config else TrainConfig()
     overrides = dict(parse_assignment(text) for text in args.set)
@@ -156,8 +155,8 @@ def run_sweep_command(args: argparse.Namespace) -> int:
     cells = cell_configs(base, out, args.staleness, args.lr, args.seeds, args.stabilizers)
     if args.cpus_per_run <= 0:
         raise ConfigError("--cpus-per-run must be > 0")
-    if args.runtime == "local" and base.rollout.engine != "vllm" and forking.start_method() == "forkserver":
-        forking.start_server()  # the workers' imports, done once now, while this process does its own
+    if args.runtime == "local":
+        worker_context([config for _, config in cells])  # on CPU the workers' imports start now, beside ours
     table = run_sweep(cells, out, args.workers, progress=not args.no_progress, runtime=args.runtime,
                       ray_address=args.ray_address, cpus_per_run=args.cpus_per_run)
     collapsed = sum(row["collapse_step"] is not None for row in table)

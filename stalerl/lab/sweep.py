@@ -290,12 +290,8 @@ def run_sweep(cells: list[tuple[Cell, TrainConfig]], out: Path, workers: int, pr
                     ray_address, cpus_per_run)
         bar.update(sum(not resume for _, _, resume in todo))
         todo = [item for item in todo if item[2]]
-    # vLLM in process does not give its GPU memory back when its engine closes (vllm#21073): a worker
-    # process runs one such cell, and the next cell gets a fresh one.
-    one_cell_each = any(config.rollout.engine == "vllm" for _, config, _ in todo)
-    # Fresh processes, without the parent's torch threads: forked from the fork server on CPU
-    # (started early by the cli, its imports overlapping the sweep's own), spawned on a GPU.
-    context = forking.context("spawn" if one_cell_each else None)
+    context = worker_context([config for _, config, _ in todo])
+    one_cell_each = _has_vllm_cells([config for _, config, _ in todo])
     if one_cell_each and sys.version_info < (3, 11):
         raise ConfigError("rollout.engine: a sweep of vLLM cells needs Python 3.11 or newer (a fresh process per cell)")
     options = {"max_tasks_per_child": 1} if one_cell_each else {}
@@ -320,6 +316,19 @@ def run_sweep(cells: list[tuple[Cell, TrainConfig]], out: Path, workers: int, pr
     table = [rows[cell.name] for cell, _ in cells]
     write_table(out, table)
     return table
+
+
+def worker_context(configs: list[TrainConfig]) -> Any:
+    """How a local sweep makes its workers: fresh processes, without the parent's torch threads,
+    forked from the fork server on CPU (which this starts, so calling it early overlaps the server's
+    imports with the caller's), spawned on a GPU and for vLLM cells."""
+    return forking.context("spawn" if _has_vllm_cells(configs) else None)
+
+
+def _has_vllm_cells(configs: list[TrainConfig]) -> bool:
+    # vLLM in process does not give its GPU memory back when its engine closes (vllm#21073): a worker
+    # process runs one such cell, and the next cell gets a fresh one.
+    return any(config.rollout.engine == "vllm" for config in configs)
 
 
 def _collect(futures: dict, stop: SweepStop, rows: dict[str, dict], cells: list[tuple[Cell, TrainConfig]],
