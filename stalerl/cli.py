@@ -90,9 +90,13 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    config = build_train_config(args)
+    if config.runtime.runtime == "local" and config.runtime.local_worker == "process":
+        from stalerl import forking
+
+        forking.context()  # on CPU the worker's imports start now, in the fork server, beside ours
     from stalerl.train import train  # torch and transformers load only once the config is good
 
-    config = build_train_config(args)
     if config.runtime.runtime == "ray":
         from stalerl.ray_runtime import train_on_ray
 

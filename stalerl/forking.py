@@ -1,10 +1,11 @@
 """Fresh processes that start at once: forked from a server that has imported stalerl.train (torch,
 transformers) and run nothing else.
 
-Importing torch and transformers takes about 4 s a process on 2 cores. The bench's timed runs and a
-local sweep's workers are each a fresh process (no allocator state, no torch threads of the parent's)
-and, on CPU, are forked from multiprocessing's fork server instead of spawned: as fresh, but without
-the imports, and sharing the imported pages with the server. Where torch sees a GPU they are spawned:
+Importing torch and transformers takes about 4 s a process on 2 cores. The bench's timed runs, a
+local sweep's workers and a run's rollout worker process (runtime.local_worker: process) are each a
+fresh process (no allocator state, no torch threads of the parent's) and, on CPU, are forked from
+multiprocessing's fork server instead of spawned: as fresh, but without the imports, and sharing
+the imported pages with the server. Where torch sees a GPU they are spawned:
 a process forked from one whose imports touched the CUDA driver cannot use CUDA, and the server's
 imports have not been checked on a GPU (there a run takes minutes, so 4 s matter little).
 """
@@ -45,9 +46,17 @@ def start_server() -> None:
         multiprocessing.forkserver.ensure_running()
 
 
+def forked_by_server() -> bool:
+    """Whether this process was forked by a fork server: in Python 3.11 it cannot use that server, so
+    the fresh processes it makes are spawned (context() does so)."""
+    parent = multiprocessing.parent_process()
+    return parent is not None and parent.pid != os.getppid()  # a forked process's parent is the server
+
+
 def context(method: str | None = None) -> multiprocessing.context.BaseContext:
-    """The context that makes fresh processes here: start_method()'s, or `method`'s."""
-    chosen = multiprocessing.get_context(method or start_method())
+    """The context that makes fresh processes here: start_method()'s, or `method`'s; spawn in a
+    process that the fork server made."""
+    chosen = multiprocessing.get_context(method or ("spawn" if forked_by_server() else start_method()))
     if chosen.get_start_method() == "forkserver":
         start_server()
     return chosen

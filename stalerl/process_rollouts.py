@@ -11,24 +11,32 @@ staleness contract as ThreadedRollouts (staleness.produce_batches runs in the ch
 * batches: pickled by the child, unpickled by the learner (plain bytes: nothing the child made
   has to outlive it);
 * the child starts from the weights in the buffers (theta_0, or a checkpoint's theta_V), ignores
-  Ctrl-C (the learner stops the run and then closes it), and exits if the learner's process dies.
+  Ctrl-C and SIGTERM (the learner stops the run and then closes it), and exits if the learner's
+  process dies.
 
-Starting costs a few seconds (the child imports torch and transformers and builds its model), so
-it pays off for runs with S >= 1 long enough to win them back; the README has the figures.
+On CPU the child is forked from the fork server (forking.py), which has imported torch and
+transformers already, so it starts with building its model; on a GPU, and inside a process that
+the server forked, it is spawned and imports them first (a few seconds), which a run with S >= 1
+wins back only after some hundreds of steps (the README has the figures). A forked child is the
+server's child, not the learner's, so RUSAGE_CHILDREN never counts it: the child reports its own
+CPU time after each batch, and the run's cpu_s adds it (unreaped_worker_cpu_s).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import queue
 import signal
-from typing import TYPE_CHECKING, Any, Callable
+import time
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
-import torch.multiprocessing
+import torch.multiprocessing  # registers torch's reductions: shared-memory tensors travel by handle
 
-from stalerl.guards import exit_with
+from stalerl import forking
+from stalerl.guards import STOP_SIGNALS, exit_with
 from stalerl.staleness import (
     MailboxClosed,
     Mode,
@@ -48,56 +56,97 @@ _EMPTY = -1  # the version slot holds no weights
 
 class SharedWeightMailbox:
     """A one-slot handoff of weights from the learner's process to the worker's (WeightMailbox's
-    contract). Picklable: it travels to the child as a Process argument."""
+    contract). Picklable: it travels to the child as a Process argument.
+
+    The two sides wake each other through pipes, not a multiprocessing Condition: a Condition's
+    notify waits until every process sleeping on it has woken, so a worker killed while it waited
+    for weights (SIGKILL, out of memory) left the learner waiting forever. A pipe's wake-up waits for
+    nobody, and the learner never blocks on the worker for more than a second without checking that
+    it is alive."""
 
     def __init__(self, state_dict: dict[str, torch.Tensor], version: int, deliver_every_version: bool,
-                 context: Any):  # a multiprocessing context: its Condition and Values are shared with the child
+                 context: Any):  # a multiprocessing context: its Lock, Values and Pipes are shared with the child
         self.buffers = {name: tensor.detach().clone() for name, tensor in state_dict.items()}
         for tensor in self.buffers.values():
             if tensor.device.type == "cpu":
                 tensor.share_memory_()  # CUDA tensors travel by IPC handle
         self.on_gpu = any(tensor.is_cuda for tensor in self.buffers.values())
         self.deliver_every_version = deliver_every_version
-        self._condition = context.Condition()
+        self._lock = context.Lock()  # held while the buffers are written or read, and the slot changed
         self._slot = context.Value("q", version, lock=False)  # staged: the child's first load
         self._closed = context.Value("b", 0, lock=False)
+        self._to_worker, self._wake_worker = _wake_up_pipe(context)  # a version was staged, or closed
+        self._to_learner, self._wake_learner = _wake_up_pipe(context)  # the slot was emptied, or closed
 
     def publish(self, state_dict: dict[str, torch.Tensor], version: int, worker_alive: Callable[[], bool]) -> None:
         """Stages theta_version; in exact mode, once the worker has taken the version before it. A worker
         that died meanwhile (killed, out of memory) is reported instead of waited for forever."""
-        with self._condition:
-            while self.deliver_every_version and not self._condition.wait_for(
-                    lambda: self._slot.value == _EMPTY or self._closed.value, timeout=1.0):
-                if not worker_alive():
-                    raise WorkerLost("rollout worker process exited before taking the learner's weights")
-            if self._closed.value:
-                return
-            for name, tensor in state_dict.items():
-                self.buffers[name].copy_(tensor.detach())
-            if self.on_gpu:
-                torch.cuda.synchronize()  # the child reads on its own stream, in its own process
-            self._slot.value = version
-            self._condition.notify_all()
+        while True:
+            _drain(self._to_learner)  # before the check: a wake-up sent after it is not lost
+            with self._locked(worker_alive):
+                if self._closed.value:
+                    return
+                if not self.deliver_every_version or self._slot.value == _EMPTY:
+                    for name, tensor in state_dict.items():
+                        self.buffers[name].copy_(tensor.detach())
+                    if self.on_gpu:
+                        torch.cuda.synchronize()  # the child reads on its own stream, in its own process
+                    self._slot.value = version
+                    _wake(self._wake_worker)
+                    return
+            if not self._to_learner.poll(1.0) and not worker_alive():
+                raise WorkerLost("rollout worker process exited before taking the learner's weights")
+
+    @contextlib.contextmanager
+    def _locked(self, worker_alive: Callable[[], bool]) -> Iterator[None]:
+        while not self._lock.acquire(timeout=1.0):
+            if not worker_alive():  # it died holding the lock, which stays held
+                raise WorkerLost("rollout worker process exited while it loaded the learner's weights")
+        try:
+            yield
+        finally:
+            self._lock.release()
 
     def load_into(self, engine: RolloutEngine, min_version: int, block: bool) -> None:
         """Loads the staged weights into the child's engine if their version is >= min_version;
-        under the lock, since the learner may stage a newer version into the same buffers."""
-        with self._condition:
-            ready = lambda: self._closed.value or self._slot.value >= min_version  # noqa: E731
-            if block:
-                self._condition.wait_for(ready)
-            if self._closed.value:
-                raise MailboxClosed
-            if not ready():
+        under the lock, since the learner may stage a newer version into the same buffers. (If the
+        learner dies, exit_with ends this process: it need not watch for that.)"""
+        while True:
+            _drain(self._to_worker)
+            with self._lock:
+                if self._closed.value:
+                    raise MailboxClosed
+                if self._slot.value >= min_version:
+                    engine.load_weights(self.buffers, self._slot.value)
+                    self._slot.value = _EMPTY
+                    _wake(self._wake_learner)
+                    return
+            if not block:
                 return
-            engine.load_weights(self.buffers, self._slot.value)
-            self._slot.value = _EMPTY
-            self._condition.notify_all()
+            self._to_worker.poll(None)
 
     def close(self) -> None:
-        with self._condition:
-            self._closed.value = 1
-            self._condition.notify_all()
+        """Never waits: the other side may be gone (with the lock). Each side checks the flag once woken."""
+        self._closed.value = 1
+        _wake(self._wake_worker)
+        _wake(self._wake_learner)
+
+
+def _wake_up_pipe(context: Any) -> tuple[Any, Any]:
+    """(read end, write end) of a pipe whose writes never block: a full pipe has wake-ups enough."""
+    read_end, write_end = context.Pipe(duplex=False)
+    os.set_blocking(write_end.fileno(), False)  # the open file's flag: the child's copy shares it
+    return read_end, write_end
+
+
+def _wake(write_end: Any) -> None:
+    with contextlib.suppress(BlockingIOError):
+        write_end.send_bytes(b"")
+
+
+def _drain(read_end: Any) -> None:
+    while read_end.poll(0):
+        read_end.recv_bytes()
 
 
 def _picklable(item: object) -> bytes:
@@ -109,14 +158,21 @@ def _picklable(item: object) -> bytes:
 
 
 def _worker_main(config_data: dict[str, Any], mailbox: SharedWeightMailbox, batches, stop, first_batch: int,
-                 parent_pid: int) -> None:
+                 learner_pid: int, environment: dict[str, str], cpu_s: Any) -> None:
     """The child: builds its rollout worker, then produce_batches until done, stopped or closed."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the learner's to handle; it closes this
-    exit_with(parent_pid, "stalerl-follow-learner")
+    forking.adopt_environment(environment)  # a forked child has the fork server's
+    # Ctrl-C and SIGTERM are the learner's to handle: it finishes its step, checkpoints (in exact mode
+    # with batches this worker still makes) and closes this. So a SIGTERM sent to every process of
+    # the job (a scheduler's, `docker stop`) stops the run as one sent to the learner does.
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+    forking.take_stop_signals()  # a forked child starts with them blocked
+    exit_with(learner_pid, "stalerl-follow-learner")
     from stalerl.config import TrainConfig, from_dict
     from stalerl.train import build_rollout_worker_from_config
 
     def put(item: object) -> None:
+        cpu_s.value = time.process_time()  # before the learner can read the batch (and then this)
         batches.put(_picklable(item))
 
     try:
@@ -135,6 +191,7 @@ def _worker_main(config_data: dict[str, Any], mailbox: SharedWeightMailbox, batc
     produce_batches(worker.engine, worker.produce, mode, staleness, range(first_batch, config.steps), mailbox, put,
                     stop.is_set)
     worker.engine.close()
+    cpu_s.value = time.process_time()
     if stop.is_set():  # the learner reads nothing more: exit without waiting to flush unread batches
         batches.cancel_join_thread()
 
@@ -145,16 +202,25 @@ class ProcessRollouts(QueuedRollouts):
     def __init__(self, config: TrainConfig, initial_weights: dict[str, torch.Tensor], start: PipelineState | None = None):
         """`initial_weights`: the learner's theta_0, or theta_{start.version} when resuming from `start`."""
         mode: Mode = config.staleness.mode
-        context = torch.multiprocessing.get_context("spawn")  # a fresh interpreter: no inherited threads
+        context = forking.context()  # a fresh process, no inherited threads: forked on CPU, else spawned
+        self._forked = context.get_start_method() == "forkserver"
         self._mailbox = SharedWeightMailbox(initial_weights, start.version if start else 0,
                                             deliver_every_version=(mode == "exact"), context=context)
         super().__init__(mode, config.staleness.staleness, config.steps, start)
         self._batches = context.Queue()
         self._stop = context.Event()
+        self._cpu_s = context.Value("d", 0.0, lock=False)  # the child's CPU time, as it last reported it
         self._process = context.Process(
             target=_worker_main, name="stalerl-rollout-worker", daemon=True,
-            args=(config.to_dict(), self._mailbox, self._batches, self._stop, self._first_batch, os.getpid()))
+            args=(config.to_dict(), self._mailbox, self._batches, self._stop, self._first_batch, os.getpid(),
+                  dict(os.environ), self._cpu_s))
         self._process.start()
+
+    def unreaped_worker_cpu_s(self) -> float:
+        """The worker's CPU time that RUSAGE_CHILDREN does not hold: all of a forked worker's (the fork
+        server's child), and a spawned worker's until this process has waited for it."""
+        reaped = not self._forked and self._process.exitcode is not None
+        return 0.0 if reaped else self._cpu_s.value
 
     def _hand_over(self, state_dict: dict[str, torch.Tensor], version: int) -> None:
         self._mailbox.publish(state_dict, version, worker_alive=self._process.is_alive)
@@ -178,10 +244,7 @@ class ProcessRollouts(QueuedRollouts):
         self._stop.set()
         self._mailbox.close()
         self._process.join(timeout=10)  # a batch in production is discarded, not awaited past this
-        if self._process.is_alive():
-            self._process.terminate()
-            self._process.join(timeout=10)
-        if self._process.is_alive():
+        if self._process.is_alive():  # it ignores SIGTERM (_worker_main)
             self._process.kill()
             self._process.join()
         self._batches.close()
@@ -190,4 +253,5 @@ class ProcessRollouts(QueuedRollouts):
             torch.cuda.ipc_collect()
 
     def report(self) -> dict:
-        return {"runtime": "local", "worker": "process", "num_workers": 1, "lost_batches": 0}
+        return {"runtime": "local", "worker": "process", "num_workers": 1, "lost_batches": 0,
+                "started": "forked" if self._forked else "spawned", "worker_cpu_s": self._cpu_s.value}

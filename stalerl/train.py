@@ -102,10 +102,12 @@ def make_rollout_source(config: TrainConfig, model: PreTrainedModel, tokenizer: 
                             total_batches=config.steps, start=start, cuda_stream=own_stream)
 
 
-def cpu_seconds() -> float:
-    """CPU time of this process's threads and of its finished child processes (a rollout worker's)."""
+def cpu_seconds(source: RolloutSource | None = None) -> float:
+    """CPU time of this process's threads, of its finished child processes, and of a rollout worker
+    process that they leave out: one still running, or one the fork server made (process_rollouts.py)."""
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return time.process_time() + children.ru_utime + children.ru_stime
+    worker_s = getattr(source, "unreaped_worker_cpu_s", lambda: 0.0)()  # threads and Ray actors: none
+    return time.process_time() + children.ru_utime + children.ru_stime + worker_s
 
 
 def check_inputs(config: TrainConfig) -> None:
@@ -166,7 +168,7 @@ def train(config: TrainConfig, resume: bool = False) -> dict[str, Any]:
 
     def save_checkpoint(steps_done: int, pipeline: PipelineState) -> Path:
         run = {"initial_val_reward": initial_val, "wall_s": time.perf_counter() - started,
-               "cpu_s": cpu_seconds() - cpu_started, "config": config.to_dict()}
+               "cpu_s": cpu_seconds(source) - cpu_started, "config": config.to_dict()}
         return checkpoint.save(run_dir, steps_done, learner, pipeline, writer.position(), run, config.checkpoint.keep)
 
     stop_requests = StopRequests().install()  # Ctrl-C / SIGTERM: finish the step, checkpoint, stop
@@ -259,7 +261,7 @@ def train(config: TrainConfig, resume: bool = False) -> dict[str, Any]:
         writer.close()
 
     summary = summarize(config, history, initial_val, warm_record, wall_s=time.perf_counter() - started)
-    summary["cpu_s"] = cpu_seconds() - cpu_started  # cores used = cpu_s / wall_s
+    summary["cpu_s"] = cpu_seconds(source) - cpu_started  # cores used = cpu_s / wall_s
     summary["rollouts"] = source.report()
     summary["reward_errors"] = sum(row.get("reward_errors", 0) for row in history)
     summary["skipped_updates"] = sum(row.get("skipped_update", 0) for row in history)

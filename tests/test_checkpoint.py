@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from processes import descendants_of, is_gone, made_by
 
 import stalerl.train as train_module
 from stalerl import checkpoint
@@ -115,19 +116,7 @@ def small(small_config, out, **changes):
                                checkpoint=dataclasses.replace(config.checkpoint, every=2, keep=2))
 
 
-def child_pids(pid):
-    return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-
-
-def is_running(pid):
-    try:
-        return "zombie" not in Path(f"/proc/{pid}/status").read_text()
-    except FileNotFoundError:
-        return False
-
-
-@pytest.mark.skipif(not Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children").exists(),
-                    reason="needs /proc/PID/task/PID/children (Linux)")
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc (Linux)")
 def test_a_process_worker_does_not_outlive_a_killed_learner(tmp_path):
     out = tmp_path / "killed"
     args = cli_train(out, "exact", 40) + ["--set", "runtime.local_worker=process"]
@@ -136,14 +125,44 @@ def test_a_process_worker_does_not_outlive_a_killed_learner(tmp_path):
     while not ((out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_bytes().count(b"\n") >= 2):
         assert process.poll() is None and time.monotonic() < deadline
         time.sleep(0.01)
-    children = child_pids(process.pid)
-    assert children  # the rollout worker (and multiprocessing's resource tracker)
+    worker, = made_by(process.pid)  # on CPU the fork server's child, not the learner's
+    processes = descendants_of(process.pid)  # the worker, the fork server, the resource tracker
     process.kill()
     process.wait()
     deadline = time.monotonic() + 10
-    while any(is_running(pid) for pid in children):
+    while not is_gone(worker):
         assert time.monotonic() < deadline, "the rollout worker outlived its learner"
         time.sleep(0.1)
+    while not all(is_gone(pid) for pid in processes):
+        assert time.monotonic() < deadline, "a process of the killed learner's run outlived it"
+        time.sleep(0.1)
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc (Linux)")
+def test_sigterm_to_every_process_of_a_process_workers_run_checkpoints_and_resumes(tmp_path):
+    """A scheduler's SIGTERM reaches the learner, the fork server and the rollout worker at once. The
+    worker ignores it and the learner stops after its step with a checkpoint, for which exact mode
+    needs batches that the worker still makes; the run then goes on bit for bit."""
+    steps = 12
+    reference = tmp_path / "reference"
+    assert main(cli_train(reference, "exact", steps)[3:]) == 0
+    out = tmp_path / "run"
+    args = cli_train(out, "exact", steps) + ["--set", "runtime.local_worker=process", "--set", "checkpoint.every=0"]
+    # A session of its own, as a scheduler's job: the signal goes to its whole process group.
+    process = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not ((out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_bytes().count(b"\n") >= 3):
+        assert process.poll() is None and time.monotonic() < deadline
+        time.sleep(0.01)
+    assert len(made_by(process.pid)) == 1  # the worker, in the same process group
+    os.killpg(process.pid, signal.SIGTERM)
+    _, error = process.communicate(timeout=120)
+    assert process.returncode == 130, error
+    assert "stopped by SIGTERM after step" in error and "continue with: stalerl train --resume" in error
+    resume(out)
+    assert without_timings(read_metrics(out)) == without_timings(read_metrics(reference))
+    assert (out / "samples.jsonl").read_text() == (reference / "samples.jsonl").read_text()
 
 
 def test_sigterm_checkpoints_at_once_and_a_corrupt_newest_checkpoint_falls_back(small_config, tmp_path,

@@ -18,7 +18,8 @@ def _report(environment: dict[str, str], take_signals: bool) -> dict:
     if take_signals:
         forking.take_stop_signals()
     return {"variable": os.environ.get("STALERL_TEST_FORKING"), "blocked_at_start": blocked_at_start,
-            "blocked_now": signal.pthread_sigmask(signal.SIG_BLOCK, []), "parent": os.getppid()}
+            "blocked_now": signal.pthread_sigmask(signal.SIG_BLOCK, []), "parent": os.getppid(),
+            "forked_by_server": forking.forked_by_server(), "makes_with": forking.context().get_start_method()}
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU processes are spawned")
@@ -30,6 +31,8 @@ def test_a_forked_process_has_the_parents_environment_and_takes_stop_signals_whe
         held = pool.submit(_report, dict(os.environ), False).result()
         taken = pool.submit(_report, dict(os.environ), True).result()
     assert held["parent"] != os.getpid()  # forked by the server, not by this process
+    assert held["forked_by_server"] and not forking.forked_by_server()
+    assert held["makes_with"] == "spawn"  # Python 3.11 gives a forked process no way to that server
     assert held["variable"] == "set after the server started"
     assert set(STOP_SIGNALS) <= held["blocked_at_start"] and set(STOP_SIGNALS) <= held["blocked_now"]
     assert not set(STOP_SIGNALS) & taken["blocked_now"]

@@ -127,3 +127,43 @@ def test_lag_contract_helpers():
         check_lag("exact", 3, 5, 3)
     with pytest.raises(RuntimeError, match="staleness violated"):
         check_lag("bounded", 3, 5, 1)
+
+
+def _take_two_versions(mailbox):  # a worker process: takes theta_0, then waits for theta_1
+    engine = StubEngine()
+    mailbox.load_into(engine, 0, block=True)
+    mailbox.load_into(engine, 1, block=True)
+
+
+def test_a_worker_process_killed_while_it_waits_for_weights_does_not_hang_the_learner():
+    """A multiprocessing Condition's notify waits until every process asleep on it wakes: a worker
+    killed while it waited for weights left the learner's next publish waiting forever."""
+    from stalerl import forking
+    from stalerl.process_rollouts import SharedWeightMailbox
+    from stalerl.staleness import WorkerLost
+
+    context = forking.context()
+    mailbox = SharedWeightMailbox({"w": torch.tensor(0)}, 0, deliver_every_version=True, context=context)
+    worker = context.Process(target=_take_two_versions, args=(mailbox,), daemon=True)
+    worker.start()
+    outcome = []
+
+    def learner():
+        mailbox.publish({"w": torch.tensor(1)}, 1, worker.is_alive)  # the slot is free: staged at once
+        try:
+            mailbox.publish({"w": torch.tensor(2)}, 2, worker.is_alive)  # theta_1 is never taken
+        except WorkerLost as error:
+            outcome.append(error)
+
+    deadline = time.monotonic() + 60
+    while mailbox._slot.value != -1:  # the worker took theta_0 ...
+        assert time.monotonic() < deadline and worker.is_alive()
+        time.sleep(0.01)
+    time.sleep(0.5)  # ... and waits for theta_1
+    worker.kill()
+    worker.join()
+    thread = threading.Thread(target=learner, daemon=True)
+    thread.start()
+    thread.join(timeout=30)
+    assert not thread.is_alive(), "the learner hangs on a dead worker"
+    assert outcome and "exited before taking the learner's weights" in str(outcome[0])

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from processes import children_of, descendants_of, is_gone, made_by
+
 from stalerl.checkpoint import newest_valid
 
 CELL = "S2-lr0.0001-seed0"
@@ -43,41 +45,6 @@ def wait_for_steps(sweep: subprocess.Popen, metrics: Path, steps: int, timeout_s
         time.sleep(0.2)
     sweep.kill()
     raise AssertionError("the cell made no steps in time")
-
-
-def children_of(pid: int) -> list[int]:
-    children = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-        if int(fields[1]) == pid:
-            children.append(int(stat.parent.name))
-    return children
-
-
-def workers_of(sweep_pid: int) -> list[int]:
-    """The sweep's pool processes: on CPU they are forked by its fork server, a child of the sweep."""
-    workers = []
-    for pid in children_of(sweep_pid):
-        command = Path(f"/proc/{pid}/cmdline").read_text()
-        if "forkserver" in command:
-            workers += children_of(pid)
-        elif "resource_tracker" not in command:
-            workers.append(pid)
-    return workers
-
-
-def descendants_of(pid: int) -> list[int]:
-    return [child for direct in children_of(pid) for child in [direct, *descendants_of(direct)]]
-
-
-def is_gone(pid: int) -> bool:
-    try:  # gone, or a zombie that the reaper has not collected yet
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except (FileNotFoundError, ProcessLookupError):
-        return True
 
 
 def test_ctrl_c_stops_a_sweep_in_one_line_with_a_checkpoint_in_the_running_cell(tmp_path):
@@ -116,7 +83,7 @@ def test_a_killed_sweep_leaves_no_worker_training(tmp_path):
     # two cells on one worker: the second waits in the pool's queue, which the orphan could still read
     sweep = start_sweep(out, steps=2000, workers=1, lrs="1e-4,3e-4", output=subprocess.DEVNULL)
     wait_for_steps(sweep, out / CELL / "metrics.jsonl", 3)
-    workers = workers_of(sweep.pid)
+    workers = made_by(sweep.pid)
     assert len(workers) == 1, workers
     servers = [pid for pid in children_of(sweep.pid) if "forkserver" in Path(f"/proc/{pid}/cmdline").read_text()]
     assert torch.cuda.is_available() or children_of(servers[0]) == workers  # on CPU, forked by the server
@@ -140,7 +107,7 @@ def test_sigterm_to_every_process_of_the_job_still_checkpoints(tmp_path):
     sweep = start_sweep(out, steps=2000, workers=1)
     wait_for_steps(sweep, out / CELL / "metrics.jsonl", 3)
     job = [sweep.pid, *descendants_of(sweep.pid)]
-    assert len(workers_of(sweep.pid)) == 1
+    assert len(made_by(sweep.pid)) == 1
     for pid in job:  # the sweep, its worker, and on CPU the fork server that forked the worker
         os.kill(pid, signal.SIGTERM)
     _, stderr = sweep.communicate(timeout=120)
@@ -154,7 +121,7 @@ def test_a_sweep_killed_after_ctrl_c_still_leaves_the_cells_checkpoint(tmp_path)
     sweep = start_sweep(out, steps=2000, workers=1, output=subprocess.DEVNULL)
     metrics = out / CELL / "metrics.jsonl"
     wait_for_steps(sweep, metrics, 3)
-    [worker] = workers_of(sweep.pid)
+    [worker] = made_by(sweep.pid)
     os.killpg(sweep.pid, signal.SIGINT)
     time.sleep(0.05)
     sweep.send_signal(signal.SIGKILL)

@@ -70,7 +70,9 @@ def test_a_process_worker_makes_the_thread_workers_run(small_config, tmp_path):
         runs[worker] = ([{k: v for k, v in row.items() if k not in TIMING_KEYS} for row in read_metrics(config.out)],
                         read_samples(tmp_path / worker))
     assert summary["rollouts"]["worker"] == "process"
-    assert summary["cpu_s"] > summary["wall_s"]  # the child's CPU time is counted: it imports torch on its own
+    assert summary["rollouts"]["started"] == ("spawned" if torch.cuda.is_available() else "forked")
+    # The child's CPU time is counted, though a forked child is not the learner's child (process_rollouts.py).
+    assert summary["cpu_s"] > summary["rollouts"]["worker_cpu_s"] > 0
     assert runs["thread"] == runs["process"]
     bounded = with_staleness(small_config, "bounded", 2, out=str(tmp_path / "bounded"), steps=12,
                              runtime=dataclasses.replace(small_config.runtime, local_worker="process"))
@@ -79,6 +81,16 @@ def test_a_process_worker_makes_the_thread_workers_run(small_config, tmp_path):
     assert all(0 <= row["step"] - version <= 2 for row in rows for version in row["versions"])
     ids = [i for row in rows for i in row["sample_ids"]]
     assert len(ids) == len(set(ids)) == 12 * 32
+
+
+def test_cpu_seconds_count_a_worker_process_that_rusage_leaves_out():
+    from stalerl.train import cpu_seconds
+
+    class ForkedWorker:  # the fork server's child: RUSAGE_CHILDREN never holds its CPU time
+        def unreaped_worker_cpu_s(self) -> float:
+            return 100.0
+
+    assert 99.9 < cpu_seconds(ForkedWorker()) - cpu_seconds() < 100.1
 
 
 @pytest.mark.gpu
