@@ -180,7 +180,13 @@ def test_cli_runs_and_refuses_to_overwrite(tmp_path, capsys):
             "--set", "rollout.prompts_per_step=4", "--set", "tensorboard=true"]
     assert main(argv) == 0
     assert "3 steps" in capsys.readouterr().out
-    assert any((out / "tensorboard").iterdir())
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tensorboard")).Reload()  # all of them: the queue is flushed at the end
+    rows = read_metrics(out)
+    assert [(event.step, event.value) for event in events.Scalars("train_reward")] == [
+        (row["step"], pytest.approx(row["train_reward"])) for row in rows]
+    assert len(events.Tags()["scalars"]) > 20
     before = (out / "metrics.jsonl").read_text()
     assert main(argv) == 2
     assert "already holds a run" in capsys.readouterr().err
