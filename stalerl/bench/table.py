@@ -59,7 +59,8 @@ def format_table(report: dict) -> str:
             start_up = statistics.median(walls[(s, "process")] - walls[(s, "thread")]
                                          for s, worker in walls if worker == "process")
             lines.append(f"      rollout worker in a process: {cells('process')}; each run {start_up:+.1f} s "
-                         f"of wall time against the thread's (start-up)")
+                         f"of wall time against the thread's (start-up: spawned, as in any bench run; "
+                         f"`stalerl train` forks it on CPU)")
         elif "process_worker_error" in pipe:
             lines.append(f"      rollout worker in a process failed: {pipe['process_worker_error']}")
         if any(row.get("worker") == "own_stream" for row in pipe["rows"]):
