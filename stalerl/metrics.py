@@ -205,8 +205,8 @@ class MetricsWriter:
             from torch.utils.tensorboard import SummaryWriter
 
             # A queue of a few dozen steps' scalars: at the default 10, each add_scalar waited for the
-            # writer thread to take the GIL and make room, 19 ms a step on the learner's path
-            # (12% of a run at S = 2). Close flushes it; metrics.jsonl stays the record of a killed run.
+            # writer thread to take the GIL and make room, 19 ms a step on the learner's path (at S = 2
+            # runs took 1.05-1.16x as long; README). Close flushes it; metrics.jsonl stays the record of a killed run.
             self.tensorboard = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=purge_step,
                                              max_queue=TENSORBOARD_QUEUE)
 

@@ -139,7 +139,7 @@ def test_a_worker_process_killed_while_it_waits_for_weights_does_not_hang_the_le
     """A multiprocessing Condition's notify waits until every process asleep on it wakes: a worker
     killed while it waited for weights left the learner's next publish waiting forever."""
     from stalerl import forking
-    from stalerl.process_rollouts import SharedWeightMailbox
+    from stalerl.process_rollouts import _EMPTY, SharedWeightMailbox
     from stalerl.staleness import WorkerLost
 
     context = forking.context()
@@ -156,7 +156,7 @@ def test_a_worker_process_killed_while_it_waits_for_weights_does_not_hang_the_le
             outcome.append(error)
 
     deadline = time.monotonic() + 60
-    while mailbox._slot.value != -1:  # the worker took theta_0 ...
+    while mailbox._slot.value != _EMPTY:  # the worker took theta_0 ...
         assert time.monotonic() < deadline and worker.is_alive()
         time.sleep(0.01)
     time.sleep(0.5)  # ... and waits for theta_1
