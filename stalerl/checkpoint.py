@@ -324,8 +324,12 @@ def truncate_outputs(run_dir: Path, outputs: dict[str, int] | None) -> list[dict
 # ---------------------------------------------------------------- the run directory on --resume
 
 
+# What a run may change when it goes on: where it is, and how it is shown and logged (no step changes).
+NOT_THE_RUNS_STEPS = ("out", "progress", "wandb.")
+
+
 def config_difference(saved: TrainConfig | dict[str, Any], given: TrainConfig,
-                      ignore: tuple[str, ...] = ("out", "progress")) -> str:
+                      ignore: tuple[str, ...] = NOT_THE_RUNS_STEPS) -> str:
     """'key: saved -> given' for each differing field, on one line; empty when they agree. `saved` may
     be plain data (a checkpoint's, perhaps of an older stalerl: fields it lacks are not compared).
     `ignore`: fields, or whole sections given as "name." ("collapse.")."""

@@ -37,6 +37,7 @@ def build_train_config(args: argparse.Namespace) -> TrainConfig:
         "runtime.local_worker": args.local_worker,
         "runtime.num_workers": args.num_workers,
         "runtime.ray_address": args.ray_address,
+        "wandb.project": args.wandb,
     }
     overrides.update({key: value for key, value in flags.items() if value is not None})
     if args.no_progress:
@@ -84,6 +85,8 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="any config field by dotted name, e.g. --set loss.eps_high=0.28 (repeatable); "
                              "text fields (task.prompt_template, ...) take the value as typed")
+    parser.add_argument("--wandb", metavar="PROJECT", help="log to Weights & Biases too (pip install "
+                        "'stalerl[wandb]'; --set wandb.mode=offline: no network)")
     parser.add_argument("--no-progress", action="store_true", help="no live progress bar")
     parser.add_argument("--resume", metavar="RUN", help="go on with the unfinished run in RUN from its newest valid "
                         "checkpoint, with its config.yaml (other options must agree with it)")
@@ -139,6 +142,8 @@ def add_sweep_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--cpus-per-run", type=float, default=1.0, help="CPUs each Ray task asks for")
     parser.add_argument("--config", help="base config YAML")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--wandb", metavar="PROJECT", help="log each cell to Weights & Biases, grouped by the "
+                        "sweep's name (--set wandb.mode=offline: no network)")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--no-figures", action="store_true", help="skip the PNG figures at the end")
 
@@ -150,7 +155,8 @@ def run_sweep_command(args: argparse.Namespace) -> int:
 
     base = load_config(args.config) if args.config else TrainConfig()
     overrides = dict(parse_assignment(text) for text in args.set)
-    overrides.update({k: v for k, v in {"steps": args.steps, "staleness.mode": args.mode}.items() if v is not None})
+    flags = {"steps": args.steps, "staleness.mode": args.mode, "wandb.project": args.wandb}
+    overrides.update({k: v for k, v in flags.items() if v is not None})
     overrides.update({"threads": 1, "tensorboard": False})
     base = override(base, overrides)
     if args.workers < 1:

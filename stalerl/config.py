@@ -239,6 +239,19 @@ class RuntimeConfig:
 
 
 @dataclass(frozen=True)
+class WandbConfig:
+    """Weights & Biases logging beside metrics.jsonl and TensorBoard (wandb_logging.py; extra
+    `stalerl[wandb]`). Only logging: a resume may change these, and they change no step."""
+
+    project: str = ""  # empty: no W&B; a project name turns it on
+    entity: str = ""  # a team or user; empty: the logged-in user's default
+    name: str = ""  # empty: the run directory's name
+    group: str = ""  # empty: none; `stalerl sweep` groups its cells under the sweep directory's name
+    # offline: no network; the run is written under RUN/wandb/ for `wandb sync` later
+    mode: Literal["online", "offline"] = "online"
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     steps: int = 200
     seed: int = 0
@@ -261,6 +274,7 @@ class TrainConfig:
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     guard: GuardConfig = field(default_factory=GuardConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -508,6 +522,8 @@ def validate(config: TrainConfig) -> TrainConfig:
          "is used only with loss.aggregation=constant"),
         (config.runtime.runtime == "local" or importlib.util.find_spec("ray") is not None, "runtime.runtime",
          "ray is not installed (pip install 'stalerl[ray]')"),
+        (not config.wandb.project or importlib.util.find_spec("wandb") is not None, "wandb.project",
+         "W&B logging needs wandb, which is not installed (pip install 'stalerl[wandb]')"),
     ]
     for ok, key, why in checks:
         if not ok:

@@ -7,11 +7,14 @@ import math
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from stalerl.optimizer import master_values
+
+if TYPE_CHECKING:
+    from stalerl.wandb_logging import WandbRun
 
 # Within-cycle drift ||theta_t - theta_{t-S}|| needs the last S parameter vectors; keep them only
 # while they are small (the embedded model, LoRA adapters), never for a billion-parameter checkpoint.
@@ -195,9 +198,12 @@ class MetricsWriter:
     """One JSON line a step in metrics.jsonl, per-sample lags in samples.jsonl, TensorBoard scalars
     when asked. Append-only and line-atomic: each line is one unbuffered write call, so a killed run
     keeps every finished step and at worst a truncated last line (read_metrics skips it).
-    `purge_step`: a resumed run's first step; TensorBoard hides its older events from there on."""
+    `purge_step`: a resumed run's first step; TensorBoard hides its older events from there on.
+    `wandb_run`: W&B gets the same scalars (wandb_logging.py); train() ends it, with the summary."""
 
-    def __init__(self, run_dir: Path, tensorboard: bool, purge_step: int | None = None):
+    def __init__(self, run_dir: Path, tensorboard: bool, purge_step: int | None = None,
+                 wandb_run: WandbRun | None = None):
+        self.wandb_run = wandb_run
         self.metrics_file = open(run_dir / "metrics.jsonl", "ab", buffering=0)
         self.samples_file = open(run_dir / "samples.jsonl", "ab", buffering=0)
         self.tensorboard = None
@@ -217,6 +223,8 @@ class MetricsWriter:
             for key, value in metrics.items():
                 if key != "step" and isinstance(value, (int, float)) and value is not None:
                     self.tensorboard.add_scalar(key, value, metrics["step"])
+        if self.wandb_run is not None:
+            self.wandb_run.log(metrics)
 
     def position(self) -> dict[str, int]:
         """Byte offsets after the last line written: a checkpoint's view of the outputs."""

@@ -38,6 +38,7 @@ from stalerl.rollout import RolloutWorker, TransformersEngine
 from stalerl.stabilizers import LearningRateControl, align_update
 from stalerl.staleness import PipelineState, RolloutSource, ThreadedRollouts, WorkerLost, check_lag
 from stalerl.tasks import Task
+from stalerl.wandb_logging import WandbRun
 from stalerl.warmstart import accuracy
 
 
@@ -127,6 +128,20 @@ def train(config: TrainConfig, resume: bool = False) -> dict[str, Any]:
     run_dir = prepare_run_dir(config, resume)
     if not resume:
         save_config(config, run_dir / "config.yaml")
+    wandb_run = WandbRun.start(config, run_dir, resume)  # None unless asked for; before any work: login, network
+    try:
+        summary = run_steps(config, run_dir, resume, wandb_run)
+    except BaseException as error:
+        if wandb_run is not None:
+            wandb_run.finish(error=error)
+        raise
+    if wandb_run is not None:
+        wandb_run.finish(summary)
+    return summary
+
+
+def run_steps(config: TrainConfig, run_dir: Path, resume: bool, wandb_run: WandbRun | None) -> dict[str, Any]:
+    """train()'s run, once its config is checked and its directory made: components, loop, summary."""
     started, cpu_started = time.perf_counter(), cpu_seconds()
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -160,7 +175,7 @@ def train(config: TrainConfig, resume: bool = False) -> dict[str, Any]:
 
     mode, staleness = config.staleness.mode, config.staleness.staleness
     source = make_rollout_source(config, model, tokenizer, task, restored.pipeline if restored else None)
-    writer = MetricsWriter(run_dir, config.tensorboard, purge_step=start_step if resume else None)
+    writer = MetricsWriter(run_dir, config.tensorboard, purge_step=start_step if resume else None, wandb_run=wandb_run)
     progress = tqdm(total=config.steps, initial=start_step, desc=f"train S={staleness} {mode}",
                     disable=not config.progress, dynamic_ncols=True)
     guard = BadStepGuard(config.guard.max_bad_steps)

@@ -30,7 +30,7 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +71,8 @@ def cell_configs(base: TrainConfig, out: Path, staleness: list[int], lrs: list[f
     for flag, values in (("--staleness", staleness), ("--lr", lrs), ("--seeds", seeds), ("--stabilizers", stabilizers)):
         if not values:
             raise ConfigError(f"{flag}: no values given (e.g. {flag} {SWEEP_EXAMPLES[flag]})")
+    # W&B, when on: a run per cell, named after its directory (wandb_logging.py), grouped under the sweep's name
+    grouped = {"wandb.group": base.wandb.group or out.name} if base.wandb.project else {}
     cells = []
     for stabilizer in stabilizers:
         for s in staleness:
@@ -78,7 +80,7 @@ def cell_configs(base: TrainConfig, out: Path, staleness: list[int], lrs: list[f
                 for seed in seeds:
                     cell = Cell(s, lr, seed, stabilizer)
                     changes = {"staleness.staleness": s, "optim.lr": lr, "seed": seed,
-                               "out": str(out / cell.name), "progress": False, **STABILIZERS[stabilizer]}
+                               "out": str(out / cell.name), "progress": False, **grouped, **STABILIZERS[stabilizer]}
                     cells.append((cell, validate(override(base, changes))))
     names: dict[str, Cell] = {}
     for cell, _ in cells:
@@ -187,7 +189,7 @@ UNUSED_WITHOUT_STALENESS_CAP = ("stabilizer.k", "stabilizer.r_batch")
 def saved_config(cell: Cell, config: TrainConfig) -> TrainConfig | None:
     """The config a cell's directory already holds, if it is the one asked for; None for no directory
     (or an empty one). Raises ConfigError, in one line, when it holds anything else."""
-    from stalerl.checkpoint import config_difference
+    from stalerl.checkpoint import NOT_THE_RUNS_STEPS, config_difference
 
     run_dir = Path(config.out)
     if not run_dir.exists() or (run_dir.is_dir() and not any(run_dir.iterdir())):
@@ -199,14 +201,14 @@ def saved_config(cell: Cell, config: TrainConfig) -> TrainConfig | None:
         saved = load_config(run_dir / "config.yaml")
     except ConfigError as error:
         raise ConfigError(f"sweep cell {cell.name}: {error}") from None
-    ignore = ("out", "progress")
+    ignore = NOT_THE_RUNS_STEPS
     if saved.stabilizer.lr_control != "staleness" and config.stabilizer.lr_control != "staleness":
         ignore += UNUSED_WITHOUT_STALENESS_CAP
     difference = config_difference(saved, config, ignore)
     if difference:
         raise ConfigError(f"sweep cell {cell.name}: {run_dir} holds a run of another config ({difference}); "
                           f"use another --out, or move that directory away")
-    return override(saved, {"out": config.out, "progress": config.progress})
+    return replace(saved, out=config.out, progress=config.progress, wandb=config.wandb)
 
 
 def can_resume(run_dir: Path, config: TrainConfig) -> bool:
