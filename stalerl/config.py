@@ -58,15 +58,23 @@ class TaskConfig:
     """Prompts plus a verifiable reward.
 
     addition: the built-in synthetic task, prompt ``37+5=``, answer ``42<eos>`` (the tiny default).
-    math: GSM8K/MATH-style records from a JSONL or Parquet file, answers checked by math-verify
-    (data.py, rewards.py); needs model.name_or_path.
+    math: GSM8K/MATH-style records from a JSONL or Parquet file or a Hugging Face dataset, answers
+    checked by math-verify (data.py, rewards.py); needs model.name_or_path.
     """
 
     name: Literal["addition", "math"] = "addition"
     max_operand: int = 49  # addition: operands are drawn from 0..max_operand
     val_size: int = 256  # held-out prompts, disjoint from the train split
-    data: str = ""  # math: JSONL (one record a line) or Parquet file of records
-    val_data: str = ""  # math: held-out file; empty: val_size records of `data` are held out
+    # math: a JSONL (one record a line) or Parquet file of records; or, with `datasets` (extra
+    # stalerl[datasets]), a directory that save_to_disk wrote, a local copy of a hub dataset's
+    # repository, or a hub dataset's name (openai/gsm8k) (hf_datasets.py)
+    data: str = ""
+    data_config: str = ""  # a dataset's configuration (openai/gsm8k: main)
+    data_split: str = "train"  # the training split of a dataset with splits
+    # Validation: task.val_data (a file or dataset), or the split task.val_split of `data` (e.g. test),
+    # or else val_size records of `data` held out. A dataset in val_data is read at val_split, or data_split.
+    val_data: str = ""
+    val_split: str = ""
     question_field: str = "question"
     answer_field: str = "answer"  # GSM8K's "reasoning #### 42", a bare answer, or a \boxed{} solution
     prompt_template: str = "{question}"  # filled with the record's fields, e.g. "{question} Answer after ####."
@@ -518,6 +526,9 @@ def validate(config: TrainConfig) -> TrainConfig:
          "only the math task reads a data file (add --task math)"),
         (config.task.name == "math" or not config.task.val_data, "task.val_data",
          "only the math task reads a data file (add --task math)"),
+        (config.task.name == "math" or not config.task.val_split, "task.val_split",
+         "only the math task reads a dataset (add --task math)"),
+        (config.task.data_split.strip() != "", "task.data_split", "must name a split (e.g. train)"),
         (config.loss.aggregation == "constant" or config.loss.constant_normalizer == 0, "loss.constant_normalizer",
          "is used only with loss.aggregation=constant"),
         (config.runtime.runtime == "local" or importlib.util.find_spec("ray") is not None, "runtime.runtime",

@@ -1,8 +1,11 @@
-"""Dataset tasks: GSM8K/MATH-style records from JSONL or Parquet, prompts rendered for the policy.
+"""Dataset tasks: GSM8K/MATH-style records from JSONL, Parquet or `datasets`, prompts rendered for the policy.
 
     stalerl train --model DIR --task math --data data/gsm8k_sample.jsonl
+    stalerl train --model DIR --task math --data openai/gsm8k --set task.data_config=main --set task.val_split=test
 
-A file is JSONL (UTF-8, one record a line; ``.gz`` gzipped) or Parquet (``.parquet``). A record is a
+A file is JSONL (UTF-8, one record a line; ``.gz`` gzipped) or Parquet (``.parquet``); anything else
+is read with Hugging Face `datasets` (hf_datasets.py: a saved dataset, a local copy of a hub
+dataset's repository, or a hub name). A record is a
 mapping with a question and an answer field (names configurable: task.question_field,
 task.answer_field); other fields are kept and handed to user rewards. Every record is read and
 checked before training starts (check_task_inputs, before the model loads): a malformed line is
@@ -27,18 +30,30 @@ from stalerl.tasks import AdditionTask, Prompt, Task
 Record = dict[str, Any]
 
 
-def read_records(path: str | Path, question_field: str, answer_field: str,
-                 key: str = "task.data") -> list[tuple[str, Record]]:
+DATA_FILE_SUFFIXES = (".jsonl", ".json", ".gz", ".parquet")
+
+
+def is_data_file(reference: str | Path) -> bool:
+    """A JSONL or Parquet file (or a name that can only be one); anything else is a dataset (hf_datasets.py)."""
+    return Path(reference).is_file() or Path(reference).suffix.lower() in DATA_FILE_SUFFIXES
+
+
+def read_records(path: str | Path, question_field: str, answer_field: str, key: str = "task.data", *,
+                 data_config: str = "", split: str = "train",
+                 split_key: str = "task.data_split") -> list[tuple[str, Record]]:
     """[(where, record)] with `where` = 'FILE:LINE' (JSONL, or gzipped JSONL: FILE.gz) or 'FILE:row N'
-    (Parquet, by the suffix in any case). `key` is the config key that named the file, for the errors."""
-    path = Path(path)
-    if not path.is_file():
+    (Parquet, by the suffix in any case); for a dataset directory or hub name, its `split`
+    ('NAME[SPLIT] row N'). `key`, `split_key`: the config keys that named them, for the errors."""
+    if not is_data_file(path):
+        from stalerl.hf_datasets import read_dataset  # datasets loads only for a dataset
+
+        located = read_dataset(str(path), data_config, split, key, split_key)
+    elif not Path(path).is_file():
         raise ConfigError(f"{key}: file not found: {path}")
-    suffixes = [suffix.lower() for suffix in path.suffixes]
-    if suffixes[-1:] == [".parquet"]:
-        located = [(f"{path}:row {i}", row) for i, row in enumerate(_read_parquet(path))]
+    elif Path(path).suffix.lower() == ".parquet":
+        located = [(f"{path}:row {i}", row) for i, row in enumerate(_read_parquet(Path(path)))]
     else:
-        located = _read_jsonl(path, gzipped=suffixes[-1:] == [".gz"])
+        located = _read_jsonl(Path(path), gzipped=Path(path).suffix.lower() == ".gz")
     for where, record in located:
         if not isinstance(record, dict):
             raise ConfigError(f"{where}: expected a JSON object, got {type(record).__name__}")
@@ -155,9 +170,18 @@ class MathTask:
 
 
 def split_records(config: TaskConfig, split_seed: int = 1234) -> tuple[list, list]:
-    records = read_records(config.data, config.question_field, config.answer_field)
+    """(train, validation) records: task.val_data, task.val_split of task.data, or val_size held out."""
+    fields = (config.question_field, config.answer_field)
+    records = read_records(config.data, *fields, data_config=config.data_config, split=config.data_split)
+    if config.val_split and is_data_file(config.val_data or config.data):
+        raise ConfigError(f"task.val_split: {config.val_data or config.data} is a file, which has no splits; "
+                          f"leave task.val_split empty")
     if config.val_data:
-        return records, read_records(config.val_data, config.question_field, config.answer_field, "task.val_data")
+        return records, read_records(config.val_data, *fields, "task.val_data", data_config=config.data_config,
+                                     split=config.val_split or config.data_split, split_key="task.val_split")
+    if config.val_split:
+        return records, read_records(config.data, *fields, data_config=config.data_config, split=config.val_split,
+                                     split_key="task.val_split")
     if config.val_size >= len(records):
         raise ConfigError(f"task.val_size: holding out {config.val_size} records leaves none of the "
                           f"{len(records)} in {config.data} for training (or set task.val_data)")
