@@ -35,15 +35,15 @@ def read_dataset(reference: str, config_name: str, split: str, key: str, split_k
 
     if is_missing_directory(reference):
         raise ConfigError(f"{key}: not found: {reference}")
-    datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
     local = Path(reference).expanduser()
+    offline = None
     try:
         if local.is_dir() and any((local / name).is_file() for name in SAVED_MARKERS):
-            loaded = _split_of(datasets.load_from_disk(str(local)), split, reference, key, split_key)
+            with _quiet(datasets):
+                loaded = _split_of(datasets.load_from_disk(str(local)), split, reference, key, split_key)
         else:
             offline = None if local.is_dir() else hub_unreachable()
-            with _hub_offline(datasets, offline is not None):
+            with _quiet(datasets), _hub_offline(datasets, offline is not None):
                 loaded = datasets.load_dataset(str(local) if local.is_dir() else reference, config_name or None,
                                                split=split)
     except ConfigError:
@@ -67,6 +67,20 @@ def _split_of(loaded: Any, split: str, reference: str, key: str, split_key: str)
         raise ConfigError(f"{key}: {reference} has no split {split!r} (it has {', '.join(loaded.keys())}); "
                           f"set {split_key}")
     return loaded[split]
+
+
+@contextlib.contextmanager
+def _quiet(datasets: Any) -> Iterator[None]:
+    """No "Generating train split" bars or cache warnings for the call; the caller's settings after it."""
+    bars_were_on, verbosity = not datasets.are_progress_bars_disabled(), datasets.logging.get_verbosity()
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        datasets.logging.set_verbosity(verbosity)
+        if bars_were_on:
+            datasets.enable_progress_bars()
 
 
 @contextlib.contextmanager

@@ -57,6 +57,7 @@ def test_a_saved_dataset_gives_its_train_split_and_its_test_split_for_validation
     train, val = split_records(config)
     assert records(train) == ROWS[:150] and records(val) == ROWS[150:]
     assert train[3][0] == f"{saved}[train] row 3" and val[0][0] == f"{saved}[test] row 0"
+    assert not datasets.are_progress_bars_disabled()  # quiet while reading only: the caller's bars stay on
 
     held_out = split_records(TaskConfig(name="math", data=str(saved), val_size=30))  # no val_split: as for a file
     assert len(held_out[0]) == 120 and len(held_out[1]) == 30 and records(held_out[0] + held_out[1]) != ROWS[:150]
