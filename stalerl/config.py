@@ -23,6 +23,17 @@ class ConfigError(ValueError):
     """A bad configuration; the message is one line naming the key or file at fault."""
 
 
+def first_line(error: BaseException) -> str:
+    """What an error says, its first line (else its type's name): for a one-line error message."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def one_line(error: BaseException) -> str:
+    """What an error says, all of it on one line (else its type's name)."""
+    return " ".join(str(error).split()) or type(error).__name__
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """The policy: the embedded tiny Llama (default), or any Hugging Face causal LM (policy.py)."""

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
-from stalerl.config import ConfigError, TaskConfig, TrainConfig
+from stalerl.config import ConfigError, TaskConfig, TrainConfig, first_line
 from stalerl.rewards import GuardedTask, check_reward_signature, load_reward_function, math_reward, user_reward
 from stalerl.tasks import AdditionTask, Prompt, Task
 
@@ -75,7 +75,7 @@ def _read_parquet(path: Path) -> list[Record]:
     try:
         return pq.read_table(path).to_pylist()
     except (pyarrow.ArrowException, OSError, ValueError) as error:  # ArrowInvalid: not Parquet, truncated
-        raise ConfigError(f"{path}: not a readable Parquet file ({_first_line(error)})") from None
+        raise ConfigError(f"{path}: not a readable Parquet file ({first_line(error)})") from None
 
 
 def _read_jsonl(path: Path, gzipped: bool) -> list[tuple[str, Record]]:
@@ -97,9 +97,9 @@ def _read_jsonl(path: Path, gzipped: bool) -> list[tuple[str, Record]]:
                     raise ConfigError(f"{path}:{number}: not valid JSON ({error.msg})") from None
                 located.append((f"{path}:{number}", record))
     except (gzip.BadGzipFile, EOFError, zlib.error) as error:  # a damaged or truncated .gz, or not gzip at all
-        raise ConfigError(f"{path}: not a readable gzip file ({_first_line(error)}; {number} lines read)") from None
+        raise ConfigError(f"{path}: not a readable gzip file ({first_line(error)}; {number} lines read)") from None
     except OSError as error:
-        raise ConfigError(f"{path}: cannot read ({error.strerror or _first_line(error)})") from None
+        raise ConfigError(f"{path}: cannot read ({error.strerror or first_line(error)})") from None
     return located
 
 
@@ -109,11 +109,6 @@ def _binary_hint(raw: bytes, number: int) -> str:
     if number == 1 and raw.startswith(b"PAR1"):
         return "; it is a Parquet file: name it .parquet"
     return "; save the file as UTF-8"
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 def adds_bos(tokenizer: PreTrainedTokenizerBase) -> bool:

@@ -17,7 +17,7 @@ import contextlib
 from pathlib import Path
 from typing import Any, Iterator
 
-from stalerl.config import ConfigError
+from stalerl.config import ConfigError, one_line
 
 Record = dict[str, Any]
 SAVED_MARKERS = ("dataset_dict.json", "state.json")  # what save_to_disk writes, for a DatasetDict or a Dataset
@@ -51,7 +51,7 @@ def read_dataset(reference: str, config_name: str, split: str, key: str, split_k
     except Exception as error:  # no such dataset, config or split; a damaged file; not in the offline cache
         where = "a local directory" if local.is_dir() else "the Hugging Face hub" + (
             f" ({offline}; only its local cache was read)" if offline else "")
-        raise ConfigError(f"{key}: cannot load {reference} from {where}: {_one_line(error)}") from None
+        raise ConfigError(f"{key}: cannot load {reference} from {where}: {one_line(error)}") from None
     return [(f"{reference}[{split}] row {i}", record) for i, record in enumerate(loaded.to_list())]
 
 
@@ -92,8 +92,3 @@ def _hub_offline(datasets: Any, offline: bool) -> Iterator[None]:
         yield
     finally:
         datasets.config.HF_HUB_OFFLINE = previous
-
-
-def _one_line(error: BaseException) -> str:
-    text = " ".join(str(error).split())
-    return text or type(error).__name__

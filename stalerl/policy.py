@@ -21,7 +21,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
-from stalerl.config import ConfigError, ModelConfig, TrainConfig
+from stalerl.config import ConfigError, ModelConfig, TrainConfig, one_line
 from stalerl.model import count_parameters
 from stalerl.rollout import RolloutEngine, TransformersEngine
 from stalerl.warmstart import warm_started_policy
@@ -135,7 +135,7 @@ def _from_pretrained(auto_class: type, config: ModelConfig, offline: str | None,
         return auto_class.from_pretrained(path, trust_remote_code=config.trust_remote_code,
                                           local_files_only=offline is not None, **kwargs)
     except (OSError, ValueError) as error:  # no such hub name, no weights, an unknown architecture
-        reason = " ".join(str(error).split()) or type(error).__name__  # one line, all of it
+        reason = one_line(error)
         if Path(path).expanduser().is_dir():
             raise ConfigError(f"model.name_or_path: cannot load {path}: {reason}") from None
         if offline is not None:

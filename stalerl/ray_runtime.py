@@ -24,7 +24,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
-from stalerl.config import ConfigError, TrainConfig, validate
+from stalerl.config import ConfigError, TrainConfig, first_line, validate
 from stalerl.guards import RunStopped, resume_hint
 
 
@@ -75,8 +75,7 @@ def ray_session(address: str = "", num_cpus: float = 1.0, num_gpus: int | None =
         try:
             ray.init(address=address)
         except (ConnectionError, ValueError) as error:  # "auto" with no cluster running, say
-            message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise ConfigError(f"--ray-address {address}: {message}") from None
+            raise ConfigError(f"--ray-address {address}: {first_line(error)}") from None
     else:
         # Ray binds its servers to the node IP (all interfaces, in 2.60); with "clusters" disabled it
         # takes the loopback address as the node IP and binds there, so nothing is reachable from

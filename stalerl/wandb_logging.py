@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from stalerl.config import ConfigError
+from stalerl.config import ConfigError, first_line
 from stalerl.guards import Interrupted
 
 if TYPE_CHECKING:
@@ -62,7 +62,7 @@ class WandbRun:
             )
         except Exception as error:  # wandb raises its own errors (UsageError, CommError) and plain ones
             raise WandbStartError(f"wandb.project: W&B could not start a run in {options.project!r} "
-                                  f"({_first_line(error)}); --set wandb.mode=offline logs with no server") from None
+                                  f"({first_line(error)}); --set wandb.mode=offline logs with no server") from None
         id_file.write_text(run.id + "\n")
         return cls(run, first_step=run.step if run_id else 0)
 
@@ -85,7 +85,7 @@ class WandbRun:
             if summary is not None:
                 self.run.summary.update(summary)
             if error is not None:
-                self.run.summary["stopped_by"] = _first_line(error) or type(error).__name__
+                self.run.summary["stopped_by"] = first_line(error)
             interrupted = isinstance(error, (Interrupted, KeyboardInterrupt))
             self.run.finish(exit_code=0 if error is None else 130 if interrupted else 1)
         except Exception as failure:
@@ -93,7 +93,7 @@ class WandbRun:
         self.run = None
 
     def _give_up(self, error: Exception) -> None:
-        print(f"stalerl: W&B logging stopped ({_first_line(error)}); metrics.jsonl and TensorBoard go on",
+        print(f"stalerl: W&B logging stopped ({first_line(error)}); metrics.jsonl and TensorBoard go on",
               file=sys.stderr)
         import wandb
 
@@ -103,8 +103,3 @@ class WandbRun:
             except Exception:
                 pass  # the service is gone: nothing more to tell it
         self.run = None
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__

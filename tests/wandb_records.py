@@ -7,6 +7,7 @@ import json
 import struct
 from pathlib import Path
 
+import wandb
 from wandb.proto import wandb_internal_pb2
 
 BLOCK = 32 * 1024
@@ -40,7 +41,11 @@ def _items(items) -> dict:
 
 
 def offline_runs(run_dir: Path) -> list[Path]:
-    """The run's offline W&B runs, oldest first (a resumed run adds one, with the same id)."""
+    """The run's offline W&B runs, oldest first (a resumed run adds one, with the same id).
+
+    W&B's service closes a run's log after `finish` has returned (`inform_finish` is not waited
+    for); under load a log read at once missed its buffered records. Its teardown waits for that."""
+    wandb.teardown()
     return sorted((Path(run_dir) / "wandb").glob("offline-run-*/run-*.wandb"))
 
 
