@@ -166,11 +166,14 @@ class MathTask:
 
 def split_records(config: TaskConfig, split_seed: int = 1234) -> tuple[list, list]:
     """(train, validation) records: task.val_data, task.val_split of task.data, or val_size held out."""
+    for key, value, default, source in (("task.data_config", config.data_config, "", config.data),
+                                        ("task.data_split", config.data_split, "train", config.data),
+                                        ("task.val_split", config.val_split, "", config.val_data or config.data)):
+        if value != default and is_data_file(source):  # said, not ignored
+            raise ConfigError(f"{key}: {source} is a file, which has no configurations or splits; "
+                              f"leave {key} {repr(default) if default else 'empty'}")
     fields = (config.question_field, config.answer_field)
     records = read_records(config.data, *fields, data_config=config.data_config, split=config.data_split)
-    if config.val_split and is_data_file(config.val_data or config.data):
-        raise ConfigError(f"task.val_split: {config.val_data or config.data} is a file, which has no splits; "
-                          f"leave task.val_split empty")
     if config.val_data:
         return records, read_records(config.val_data, *fields, "task.val_data", data_config=config.data_config,
                                      split=config.val_split or config.data_split, split_key="task.val_split")

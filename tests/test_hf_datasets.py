@@ -90,7 +90,10 @@ def test_dataset_mistakes_are_one_line_before_any_work(saved, tmp_path, monkeypa
         (TaskConfig(name="math", data=str(saved), val_split="dev"),
          rf"task.data: {saved} has no split 'dev' \(it has train, test\); set task.val_split"),
         (TaskConfig(name="math", data=str(SAMPLE), val_split="test"),
-         r"task.val_split: .*gsm8k_sample.jsonl is a file, which has no splits; leave task.val_split empty"),
+         r"task.val_split: .*gsm8k_sample.jsonl is a file, which has no configurations or splits; leave "
+         r"task.val_split empty"),
+        (TaskConfig(name="math", data=str(SAMPLE), data_config="main"), r"task.data_config: .* leave task.data_config empty"),
+        (TaskConfig(name="math", data=str(SAMPLE), data_split="test"), r"task.data_split: .* leave task.data_split 'train'"),
         (TaskConfig(name="math", data=str(tmp_path / "missing" / "dir")), r"task.data: not found: .*missing/dir"),
         (TaskConfig(name="math", data=str(tmp_path / "missing.parquet")), r"task.data: file not found"),
     ]
