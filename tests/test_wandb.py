@@ -86,6 +86,7 @@ def test_resume_goes_on_in_the_same_wandb_run_from_the_checkpoint(small_config, 
     assert sent == history_of(read_metrics(config.out), "train_reward")
 
 
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds W&B's service in /proc (Linux)")
 def test_a_wandb_service_that_dies_stops_the_logging_not_the_run(small_config, tmp_path, monkeypatch, capsys):
     real, calls = train_module.learner_step, []
 
@@ -97,8 +98,6 @@ def test_a_wandb_service_that_dies_stops_the_logging_not_the_run(small_config, t
                     os.kill(pid, signal.SIGKILL)
         return real(*args, **kwargs)
 
-    if not Path("/proc/self/stat").exists():
-        pytest.skip("finds W&B's service in /proc (Linux)")
     monkeypatch.setattr(train_module, "learner_step", learner_step)
     config = dataclasses.replace(small_config, wandb=OFFLINE)
     summary = train(config)
