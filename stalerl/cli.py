@@ -171,11 +171,17 @@ def run_sweep_command(args: argparse.Namespace) -> int:
                       ray_address=args.ray_address, cpus_per_run=args.cpus_per_run)
     collapsed = sum(row["collapse_step"] is not None for row in table)
     print(f"sweep {out}: {len(table)} runs, {collapsed} collapsed; table in {out / 'sweep.json'}")
+    figures = []
     if not args.no_figures:
         from stalerl.lab.plots import sweep_figures
 
-        for path in sweep_figures(out):
+        figures = sweep_figures(out)
+        for path in figures:
             print(f"figure: {path}")
+    if base.wandb.project:
+        from stalerl.wandb_logging import log_sweep
+
+        log_sweep(base, out, table, figures)
     return 0
 
 

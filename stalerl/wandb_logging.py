@@ -12,12 +12,14 @@ written as before.
   those values (in exact mode the same ones, timings aside) and are not sent again.
 * A W&B failure during the run (its service killed, the network gone) prints one warning and ends
   the W&B logging; the run itself goes on.
-* A sweep's cells are W&B runs named after their directories, grouped by the sweep's directory.
+* A sweep's cells are W&B runs named after their directories, grouped by the sweep's directory;
+  the sweep itself is one more run in that group, with sweep.json as a table and the lab's figures.
 """
 
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -42,7 +44,7 @@ class WandbRun:
         self.first_step = first_step  # on a resume, W&B already has the steps before this one
 
     @classmethod
-    def start(cls, config: TrainConfig, run_dir: Path, resume: bool) -> WandbRun | None:
+    def start(cls, config: TrainConfig, run_dir: Path, resume: bool, job_type: str = "train") -> WandbRun | None:
         """The W&B run for `config`, or None when `wandb.project` is empty."""
         options = config.wandb
         if not options.project:
@@ -54,7 +56,7 @@ class WandbRun:
         try:
             run = wandb.init(
                 project=options.project, entity=options.entity or None, group=options.group or None,
-                name=options.name or run_dir.name, job_type="train", dir=str(run_dir), mode=options.mode,
+                name=options.name or run_dir.name, job_type=job_type, dir=str(run_dir), mode=options.mode,
                 config=config.to_dict(), id=run_id, resume="allow" if run_id else None,
                 # stalerl's own output is its progress bar: W&B's copy of it would be noise. Without the
                 # bar (a sweep's cells, scripts) W&B prints nothing either.
@@ -74,6 +76,18 @@ class WandbRun:
                   if key != "step" and isinstance(value, (int, float))}
         try:
             self.run.log(values, step=metrics["step"])
+        except Exception as error:
+            self._give_up(error)
+
+    def log_sweep(self, table: list[dict[str, Any]], figures: list[Path]) -> None:
+        """sweep.json as a W&B table, and the lab's figures as images."""
+        import wandb
+
+        columns = list(dict.fromkeys(key for row in table for key in row))
+        values = {"sweep": wandb.Table(columns=columns, data=[[row.get(key) for key in columns] for row in table])}
+        values |= {f"figures/{path.stem}": wandb.Image(str(path)) for path in figures}
+        try:
+            self.run.log(values)
         except Exception as error:
             self._give_up(error)
 
@@ -103,3 +117,23 @@ class WandbRun:
             except Exception:
                 pass  # the service is gone: nothing more to tell it
         self.run = None
+
+
+def log_sweep(base: TrainConfig, out: Path, table: list[dict[str, Any]], figures: list[Path]) -> None:
+    """The sweep as a whole, a W&B run of its own in its cells' group (`stalerl sweep --wandb`):
+    sweep.json as a table and the figures. Rerunning the sweep adds to the same run (its id is in
+    OUT/wandb-run-id). The sweep's files are written first: a W&B failure here is only a warning."""
+    config = replace(base, out=str(out), wandb=replace(base.wandb, group=sweep_group(base, out)))
+    try:
+        wandb_run = WandbRun.start(config, out, resume=True, job_type="sweep")
+    except WandbStartError as error:
+        print(f"stalerl: {error}; the sweep's own files are written", file=sys.stderr)
+        return
+    if wandb_run is not None:
+        wandb_run.log_sweep(table, figures)
+        wandb_run.finish({"cells": len(table), "collapsed": sum(row["collapse_step"] is not None for row in table)})
+
+
+def sweep_group(base: TrainConfig, out: Path) -> str:
+    """The W&B group of a sweep's runs: wandb.group, else the sweep directory's name."""
+    return base.wandb.group or out.name

@@ -131,15 +131,32 @@ def test_wandb_settings_are_checked_before_work_and_do_not_bind_a_resume(small_c
     assert not (out / "metrics.jsonl").exists()
 
 
-def test_a_sweeps_cells_are_wandb_runs_grouped_under_the_sweep(small_config, tmp_path):
+def test_a_sweeps_cells_and_the_sweep_itself_are_wandb_runs_in_one_group(small_config, tmp_path):
     base = dataclasses.replace(small_config, wandb=OFFLINE)
     cells = cell_configs(base, tmp_path / "sweep-a", [0, 2], [1e-4], [0], ["none"])
-    assert [(config.wandb.group, config.wandb.name) for _, config in cells] == [("sweep-a", "")] * 2
-    named = dataclasses.replace(base, wandb=dataclasses.replace(OFFLINE, group="mine"))
-    assert {config.wandb.group for _, config in cell_configs(named, tmp_path / "b", [0], [1e-4], [0], ["none"])} == {"mine"}
+    assert [(config.wandb.group, config.wandb.name) for _, config in cells] == [
+        ("sweep-a", "S0-lr0.0001-seed0"), ("sweep-a", "S2-lr0.0001-seed0")]
+    named = dataclasses.replace(base, wandb=dataclasses.replace(OFFLINE, group="mine", name="mine"))
+    assert {config.wandb.name for _, config in cell_configs(named, tmp_path / "b", [0, 2], [1e-4], [0], ["none"])} == {
+        "S0-lr0.0001-seed0", "S2-lr0.0001-seed0"}  # a name for the sweep does not name every cell
     assert {config.wandb.group for _, config in cell_configs(small_config, tmp_path / "c", [0], [1e-4], [0], ["none"])} == {""}
 
-    cell, config = cells[1]
-    train(dataclasses.replace(config, steps=2, val_every=2))
-    sent = read_run(offline_runs(config.out)[0])
-    assert (sent["name"], sent["group"]) == (cell.name, "sweep-a")
+    out = tmp_path / "sweep-a"
+    argv = ["sweep", "-S", "0,2", "--lr", "1e-4", "--steps", "3", "--workers", "2", "--out", str(out), "--no-progress",
+            "--wandb", "stalerl-tests", "--set", "wandb.mode=offline", "--set", "rollout.prompts_per_step=4",
+            "--set", "task.val_size=32", "--set", "val_every=3"]
+    assert main(argv) == 0
+    table = json.loads((out / "sweep.json").read_text())
+    for row in table:
+        [log] = offline_runs(out / row["run_dir"])
+        sent = read_run(log)
+        assert (sent["name"], sent["group"], sorted(sent["history"])) == (row["run_dir"], "sweep-a", [0, 1, 2])
+        assert sent["summary"]["final_val_reward"] == row["final_val_reward"]
+    [log] = offline_runs(out)
+    sweep = read_run(log)
+    assert (sweep["name"], sweep["group"], sweep["exit_code"]) == ("sweep-a", "sweep-a", 0)
+    [logged] = sweep["history"].values()
+    assert logged["sweep"]["_type"] == "table-file" and logged["sweep"]["nrows"] == 2
+    assert {key for key, value in logged.items() if value.get("_type") == "image-file"} == {
+        f"figures/{path.stem}" for path in out.glob("*.png")} != set()
+    assert sweep["summary"]["cells"] == 2

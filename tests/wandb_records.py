@@ -37,7 +37,15 @@ def _payloads(data: bytes):
 
 
 def _items(items) -> dict:
-    return {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in items}
+    """{key: value}; a logged object (a table, an image) comes as one item per field: nested back."""
+    found: dict = {}
+    for item in items:
+        *parents, leaf = [item.key] if item.key else list(item.nested_key)
+        node = found
+        for parent in parents:
+            node = node.setdefault(parent, {})
+        node[leaf] = json.loads(item.value_json)
+    return found
 
 
 def offline_runs(run_dir: Path) -> list[Path]:

@@ -38,6 +38,7 @@ from tqdm import tqdm
 
 from stalerl import forking
 from stalerl.config import ConfigError, TrainConfig, load_config, override, validate
+from stalerl.wandb_logging import sweep_group
 from stalerl.guards import Interrupted, RunStopped, StopRequests, stop_signals_blocked, when_ended
 from stalerl.lab.runs import is_finished, load_run
 
@@ -71,8 +72,6 @@ def cell_configs(base: TrainConfig, out: Path, staleness: list[int], lrs: list[f
     for flag, values in (("--staleness", staleness), ("--lr", lrs), ("--seeds", seeds), ("--stabilizers", stabilizers)):
         if not values:
             raise ConfigError(f"{flag}: no values given (e.g. {flag} {SWEEP_EXAMPLES[flag]})")
-    # W&B, when on: a run per cell, named after its directory (wandb_logging.py), grouped under the sweep's name
-    grouped = {"wandb.group": base.wandb.group or out.name} if base.wandb.project else {}
     cells = []
     for stabilizer in stabilizers:
         for s in staleness:
@@ -80,7 +79,9 @@ def cell_configs(base: TrainConfig, out: Path, staleness: list[int], lrs: list[f
                 for seed in seeds:
                     cell = Cell(s, lr, seed, stabilizer)
                     changes = {"staleness.staleness": s, "optim.lr": lr, "seed": seed,
-                               "out": str(out / cell.name), "progress": False, **grouped, **STABILIZERS[stabilizer]}
+                               "out": str(out / cell.name), "progress": False, **STABILIZERS[stabilizer]}
+                    if base.wandb.project:  # W&B: a run per cell, named after it, in the sweep's group
+                        changes |= {"wandb.group": sweep_group(base, out), "wandb.name": cell.name}
                     cells.append((cell, validate(override(base, changes))))
     names: dict[str, Cell] = {}
     for cell, _ in cells:
