@@ -324,8 +324,9 @@ def truncate_outputs(run_dir: Path, outputs: dict[str, int] | None) -> list[dict
 # ---------------------------------------------------------------- the run directory on --resume
 
 
-# What a run may change when it goes on: where it is, and how it is shown and logged (no step changes).
-NOT_THE_RUNS_STEPS = ("out", "progress", "wandb.")
+# What a run may change when it goes on: where it is, and how it is shown, validated and logged (no
+# step, and no logged value, changes).
+NOT_THE_RUNS_STEPS = ("out", "progress", "val_in_background", "wandb.")
 
 
 def config_difference(saved: TrainConfig | dict[str, Any], given: TrainConfig,

@@ -276,6 +276,9 @@ class TrainConfig:
     seed: int = 0
     out: str = ""  # run directory; empty: runs/train-<date>-<time>
     val_every: int = 10  # validation on the held-out split every N steps (and at the first and last)
+    # Validation on a copy of the weights in a thread of its own, while the learner goes on (validation.py);
+    # false: on the learner's path, with no copy (where memory is short). The same scores either way.
+    val_in_background: bool = True
     # torch intra-op threads for this process; 0 keeps torch's default. 1 suits the tiny model: the
     # rollout thread and the learner thread then each get a core (benchmarks/async_speed.py).
     threads: int = 1

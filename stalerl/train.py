@@ -38,8 +38,8 @@ from stalerl.rollout import RolloutWorker, TransformersEngine
 from stalerl.stabilizers import LearningRateControl, align_update
 from stalerl.staleness import PipelineState, RolloutSource, ThreadedRollouts, WorkerLost, check_lag
 from stalerl.tasks import Task
+from stalerl.validation import Validation
 from stalerl.wandb_logging import WandbRun
-from stalerl.warmstart import accuracy
 
 
 def prepare_run_dir(config: TrainConfig, resume: bool = False) -> Path:
@@ -153,22 +153,17 @@ def run_steps(config: TrainConfig, run_dir: Path, resume: bool, wandb_run: Wandb
     rollout = config.rollout
     check_prompt_lengths(task, tokenizer, getattr(model.config, "max_position_embeddings", None),
                          rollout.max_new_tokens)
-    validator = TransformersEngine(model, tokenizer, rollout.max_new_tokens, rollout.temperature,
-                                   config.model.share_prompt_prefix)
     reference = copy.deepcopy(model).requires_grad_(False) if config.loss.kl_beta > 0 else None
     optimizer = make_optimizer(model, config.optim)
     tracker = UpdateTracker(model, config.staleness.staleness, optimizer)
     lr_control = LearningRateControl(config.stabilizer, config.optim.lr,
                                      initial_g_upd=tracker.trainable_count ** 0.5)
     learner = checkpoint.Learner(model, optimizer, tracker, lr_control)
-    validation_prompts = task.validation_prompts()
 
     # ------------------------------------------------------------ resume (checkpoint.py)
     restored = checkpoint.restore(run_dir, learner) if resume else None
     history = checkpoint.truncate_outputs(run_dir, restored and restored.outputs) if resume else []
     start_step = restored.step if restored else 0
-    initial_val = restored.data["initial_val_reward"] if restored else accuracy(validator, task, validation_prompts,
-                                                                                   noise_seed=None)
     latest_checkpoint = restored.path if restored else None
     started -= restored.data["wall_s"] if restored else 0.0
     cpu_started -= restored.data.get("cpu_s", 0.0) if restored else 0.0
@@ -176,12 +171,17 @@ def run_steps(config: TrainConfig, run_dir: Path, resume: bool, wandb_run: Wandb
     mode, staleness = config.staleness.mode, config.staleness.staleness
     source = make_rollout_source(config, model, tokenizer, task, restored.pipeline if restored else None)
     writer = MetricsWriter(run_dir, config.tensorboard, purge_step=start_step if resume else None, wandb_run=wandb_run)
+    validation = Validation(model, lambda policy: TransformersEngine(policy, tokenizer, rollout.max_new_tokens,
+                                                                     rollout.temperature, config.model.share_prompt_prefix),
+                            task, task.validation_prompts(), writer, background=config.val_in_background)
+    initial_val = restored.data["initial_val_reward"] if restored else validation.score_now(version=0)
     progress = tqdm(total=config.steps, initial=start_step, desc=f"train S={staleness} {mode}",
                     disable=not config.progress, dynamic_ncols=True)
     guard = BadStepGuard(config.guard.max_bad_steps)
     stopped = None
 
     def save_checkpoint(steps_done: int, pipeline: PipelineState) -> Path:
+        validation.flush()  # the rows held for a running validation belong before the checkpoint's offsets
         run = {"initial_val_reward": initial_val, "wall_s": time.perf_counter() - started,
                "cpu_s": cpu_seconds(source) - cpu_started, "config": config.to_dict()}
         return checkpoint.save(run_dir, steps_done, learner, pipeline, writer.position(), run, config.checkpoint.keep)
@@ -216,15 +216,11 @@ def run_steps(config: TrainConfig, run_dir: Path, resume: bool, wandb_run: Wandb
                 lr_control.observe(geometry["update_norm"], stats["lr"])
             train_s = time.perf_counter() - train_start
 
-            val_reward = None
-            if (step + 1) % config.val_every == 0 or step + 1 == config.steps:
-                val_reward = accuracy(validator, task, validation_prompts, noise_seed=None)
-
-            # -------------------------------------------------- log
+            # -------------------------------------------------- log (the row waits for its validation: validation.py)
             metrics = {
                 "step": step,
                 "train_reward": float(batch.rewards_N.mean()),
-                "val_reward": val_reward,
+                "val_reward": None,  # theta_{step+1}'s score, every val_every steps and at the last
                 **geometry,
                 "g_upd": geometry["update_norm"] / stats["lr"] if updated else None,
                 "lag_mean": float(lag),
@@ -238,15 +234,15 @@ def run_steps(config: TrainConfig, run_dir: Path, resume: bool, wandb_run: Wandb
                 **batch.extras,  # the Ray runtime's worker id, attempts, lost_batches
             }
             history.append(metrics)
-            writer.write(metrics, {
+            validation.write(metrics, {
                 "step": step,
                 "sample_ids": batch.sample_ids,
                 "versions": [batch.version] * len(batch.sample_ids),
                 "rewards": batch.rewards_N.tolist(),
-            })
+            }, validate=(step + 1) % config.val_every == 0 or step + 1 == config.steps)
             progress.set_postfix(reward=f"{metrics['train_reward']:.3f}", lag=lag,
                                  cos="-" if geometry["grad_cos_sim"] is None else f"{geometry['grad_cos_sim']:.2f}",
-                                 val="-" if val_reward is None else f"{val_reward:.3f}", refresh=False)
+                                 val="-" if validation.latest is None else f"{validation.latest:.3f}", refresh=False)
             progress.update()
 
             # -------------------------------------------------- checkpoint, stop
@@ -263,6 +259,7 @@ def run_steps(config: TrainConfig, run_dir: Path, resume: bool, wandb_run: Wandb
                                                             config.collapse.min_tail) is not None:
                 stopped = "collapse"
                 break
+        validation.flush()  # the last rows, once their validation is in
     except OSError as error:
         if is_disk_full(error):
             raise disk_full(error, run_dir, latest_checkpoint) from error
@@ -273,6 +270,7 @@ def run_steps(config: TrainConfig, run_dir: Path, resume: bool, wandb_run: Wandb
         stop_requests.uninstall()
         progress.close()
         source.close()
+        validation.close()  # after an error: the finished steps' rows still written
         writer.close()
 
     summary = summarize(config, history, initial_val, warm_record, wall_s=time.perf_counter() - started)

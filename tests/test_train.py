@@ -49,8 +49,9 @@ def test_exact_mode_same_seed_same_metrics(small_config, tmp_path, skip_padding)
     small_config = dataclasses.replace(small_config, optim=dataclasses.replace(small_config.optim,
                                                                                skip_padding=skip_padding))
     runs = []
-    for name in ("a", "b"):
-        config = with_staleness(small_config, "exact", 2, out=str(tmp_path / name), seed=3)
+    for name, background in (("a", True), ("b", False)):  # validation in its own thread, or on the learner's
+        config = with_staleness(small_config, "exact", 2, out=str(tmp_path / name), seed=3,
+                                val_in_background=background)
         train(config)
         rows = read_metrics(tmp_path / name)
         runs.append([{k: v for k, v in row.items() if k not in TIMING_KEYS} for row in rows])

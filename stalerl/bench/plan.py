@@ -48,8 +48,10 @@ CHECKPOINT_DEFAULTS = {"task.name": "math", "task.val_size": 8, "rollout.prompts
 
 
 def base_config(**changes: Any) -> TrainConfig:
-    """The embedded default as the bench times it: no validation, TensorBoard, progress bar or checkpoints."""
-    values = {"val_every": 10**9, "progress": False, "tensorboard": False, "threads": 1, "checkpoint.every": 0}
+    """The embedded default as the bench times it: no validation (but the first and the last, on the
+    learner's path: no validator copy in the memory figures), TensorBoard, progress bar or checkpoints."""
+    values = {"val_every": 10**9, "val_in_background": False, "progress": False, "tensorboard": False, "threads": 1,
+              "checkpoint.every": 0}
     return validate(override(TrainConfig(), values | changes))
 
 

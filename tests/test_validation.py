@@ -1,0 +1,57 @@
+"""Validation in a thread of its own (validation.py): rows wait for their score and keep their order."""
+
+import threading
+
+from stalerl.config import TrainConfig
+from stalerl.metrics import MetricsWriter, read_metrics
+from stalerl.policy import build_policy
+from stalerl.rollout import TransformersEngine
+from stalerl.tasks import AdditionTask
+from stalerl.validation import Validation
+
+
+class GatedTask(AdditionTask):
+    """The addition task whose reward waits, while `gate` is closed, once `closed` is set."""
+
+    def __init__(self):
+        super().__init__(max_operand=49, val_size=16)
+        self.gate, self.closed = threading.Event(), False
+
+    def reward(self, prompt, completion, finished):
+        if self.closed:
+            self.gate.wait(timeout=60)
+        return super().reward(prompt, completion, finished)
+
+
+def row(step):
+    return {"step": step, "train_reward": 0.5, "val_reward": None}, {"step": step, "sample_ids": [], "versions": [],
+                                                                       "rewards": []}
+
+
+def test_rows_wait_for_their_validation_and_are_written_in_order(tmp_path):
+    model, tokenizer, _ = build_policy(TrainConfig())
+    task = GatedTask()
+    writer = MetricsWriter(tmp_path, tensorboard=False)
+    validation = Validation(model, lambda policy: TransformersEngine(policy, tokenizer, 6), task,
+                            task.validation_prompts(), writer, background=True)
+    initial = validation.score_now(version=0)
+    inline = Validation(model, lambda policy: TransformersEngine(policy, tokenizer, 6), task, task.validation_prompts(),
+                        writer, background=False).score_now(version=0)
+    assert initial == inline  # a copy of the same weights: the same greedy completions
+
+    validation.write(*row(0), validate=False)
+    assert [r["step"] for r in read_metrics(tmp_path)] == [0]  # nothing to wait for
+    task.closed = True
+    validation.write(*row(1), validate=True)  # scores the weights as they are now, in its thread
+    next(model.parameters()).data.add_(1.0)  # the learner goes on (the validation scores the copy made at write)
+    validation.write(*row(2), validate=False)
+    validation.write(*row(3), validate=False)
+    assert [r["step"] for r in read_metrics(tmp_path)] == [0]  # held behind step 1's score
+
+    task.gate.set()
+    validation.flush()
+    rows = read_metrics(tmp_path)
+    assert [r["step"] for r in rows] == [0, 1, 2, 3]
+    assert [r["val_reward"] for r in rows] == [None, initial, None, None] and validation.latest == initial
+    validation.close()
+    writer.close()
