@@ -276,9 +276,10 @@ class TrainConfig:
     seed: int = 0
     out: str = ""  # run directory; empty: runs/train-<date>-<time>
     val_every: int = 10  # validation on the held-out split every N steps (and at the first and last)
-    # Validation on a copy of the weights in a thread of its own, while the learner goes on (validation.py);
-    # false: on the learner's path, with no copy (where memory is short). The same scores either way.
-    val_in_background: bool = True
+    # Validation on a copy of the weights in a thread of its own, while the learner goes on (validation.py),
+    # or on the learner's path with no copy. null: in the background on CPU, on the learner's path on a
+    # GPU (where the copy costs GPU memory, and the gain is not yet measured). The same scores either way.
+    val_in_background: bool | None = None
     # torch intra-op threads for this process; 0 keeps torch's default. 1 suits the tiny model: the
     # rollout thread and the learner thread then each get a core (benchmarks/async_speed.py).
     threads: int = 1
@@ -314,8 +315,10 @@ def _check_value(value: Any, annotation: Any, key: str) -> Any:
         return value
     if origin in (typing.Union, types.UnionType):
         for option in typing.get_args(annotation):
-            if option is type(None) and value is None:
-                return None
+            if option is type(None):
+                if value is None:
+                    return None
+                continue
             try:
                 return _check_value(value, option, key)
             except ConfigError:

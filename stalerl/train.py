@@ -111,6 +111,13 @@ def cpu_seconds(source: RolloutSource | None = None) -> float:
     return time.process_time() + children.ru_utime + children.ru_stime + worker_s
 
 
+def validates_in_background(config: TrainConfig, model: PreTrainedModel) -> bool:
+    """val_in_background, or where it is null: on CPU yes, on a GPU no (config.py)."""
+    if config.val_in_background is not None:
+        return config.val_in_background
+    return next(model.parameters()).device.type == "cpu"
+
+
 def check_inputs(config: TrainConfig) -> None:
     """What a run checks before its directory exists or a model loads, each a one-line ConfigError."""
     check_hardware(config)  # e.g. vLLM without a GPU
@@ -168,13 +175,14 @@ def run_steps(config: TrainConfig, run_dir: Path, resume: bool, wandb_run: Wandb
     started -= restored.data["wall_s"] if restored else 0.0
     cpu_started -= restored.data.get("cpu_s", 0.0) if restored else 0.0
 
-    mode, staleness = config.staleness.mode, config.staleness.staleness
-    source = make_rollout_source(config, model, tokenizer, task, restored.pipeline if restored else None)
     writer = MetricsWriter(run_dir, config.tensorboard, purge_step=start_step if resume else None, wandb_run=wandb_run)
     validation = Validation(model, lambda policy: TransformersEngine(policy, tokenizer, rollout.max_new_tokens,
                                                                      rollout.temperature, config.model.share_prompt_prefix),
-                            task, task.validation_prompts(), writer, background=config.val_in_background)
+                            task, task.validation_prompts(), writer, background=validates_in_background(config, model))
+    # theta_0's score before the rollout worker starts: a user reward sees the same calls in the same order
     initial_val = restored.data["initial_val_reward"] if restored else validation.score_now(version=0)
+    mode, staleness = config.staleness.mode, config.staleness.staleness
+    source = make_rollout_source(config, model, tokenizer, task, restored.pipeline if restored else None)
     progress = tqdm(total=config.steps, initial=start_step, desc=f"train S={staleness} {mode}",
                     disable=not config.progress, dynamic_ncols=True)
     guard = BadStepGuard(config.guard.max_bad_steps)

@@ -5,15 +5,18 @@ held-out prompts: greedy, one completion each (warmstart.accuracy). With `val_in
 default) that runs on a copy of the weights in a thread of its own while the learner goes on: on
 the learner's path it took about a tenth of a run at S >= 1, where the next batch is ready at once
 (README, Performance). The rows of the steps since then are held until the score is in and are
-written in step order, so metrics.jsonl, TensorBoard and W&B read as before. A checkpoint, a stop
-and the run's end write them first; one validation runs at a time.
+written in step order, so metrics.jsonl, TensorBoard and W&B read as before. A checkpoint (and so
+a stop by Ctrl-C or SIGTERM) and the run's end wait for the score and write them first; a run that
+fails writes them at once, the running score left out. One validation runs at a time, and one
+that raises (a reward under task.on_reward_error=stop) raises in the learner's thread at the next
+validation, checkpoint or end.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import copy
+import threading
 from typing import Any, Callable
 
 from transformers import PreTrainedModel
@@ -31,57 +34,62 @@ class Validation:
     def __init__(self, model: PreTrainedModel, make_engine: Callable[[PreTrainedModel], TransformersEngine],
                  task: Task, prompts: list[Prompt], writer: MetricsWriter, background: bool):
         self.model, self.task, self.prompts, self.writer = model, task, prompts, writer
+        self.background = background
         self.latest: float | None = None  # the newest score in: the progress bar's
         self._queued: list[tuple[dict[str, Any], dict[str, Any]]] = []  # rows behind the running validation
-        self._running: concurrent.futures.Future | None = None
-        self._running_row: dict[str, Any] | None = None
-        self._pool = None
-        if background:  # one more copy of the weights
-            self.engine = make_engine(copy.deepcopy(model).requires_grad_(False))
-            self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="stalerl-validation")
-        else:
-            self.engine = make_engine(model)
+        self._running: threading.Thread | None = None
+        self._outcome: list[Any] = []  # the running validation's score, or the exception it raised
+        # In the background, a copy of the weights: the learner updates its own meanwhile.
+        self.engine = make_engine(copy.deepcopy(model).requires_grad_(False) if background else model)
 
     def score_now(self, version: int) -> float:
         """The score of the learner's weights, theta_version, here and now (before the first step)."""
-        return accuracy(self.engine if self._pool is None else self._loaded(version), self.task, self.prompts,
-                        noise_seed=None)
+        return accuracy(self._loaded(version), self.task, self.prompts, noise_seed=None)
 
     def write(self, metrics: dict[str, Any], samples: dict[str, Any], validate: bool) -> None:
         """The step's row; with `validate`, its val_reward is the score of the weights just published."""
         if validate:
-            self._wait()  # one validation at a time: the one before is written first
-            if self._pool is None:
-                metrics["val_reward"] = self.latest = self.score_now(metrics["step"] + 1)
+            self.flush()  # one validation at a time: the one before is written first
+            if self.background:
+                engine = self._loaded(metrics["step"] + 1)
+                self._running = threading.Thread(target=self._score, args=(engine, metrics), daemon=True,
+                                                 name="stalerl-validation")
+                self._running.start()
             else:
-                self._running = self._pool.submit(accuracy, self._loaded(metrics["step"] + 1), self.task, self.prompts,
-                                                  None)
-                self._running_row = metrics
+                metrics["val_reward"] = self.latest = self.score_now(metrics["step"] + 1)
         self._queued.append((metrics, samples))
-        if self._running is None or self._running.done():
-            self._wait()
+        if self._running is None or not self._running.is_alive():
+            self.flush()
 
     def flush(self) -> None:
         """Waits for the running validation, if any, and writes every row held for it."""
-        self._wait()
+        running, self._running = self._running, None
+        if running is not None:
+            running.join()
+            outcome = self._outcome.pop()
+            if isinstance(outcome, BaseException):
+                self._write_held()  # its row without a score, the others as they are
+                raise outcome
+        self._write_held()
 
     def close(self) -> None:
-        """After an error too: writes what it still can (a full disk is the error being reported)."""
-        with contextlib.suppress(OSError):
-            self._wait()
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
+        """After an error (a stop, a failed reward): the held rows now, the running score not waited for."""
+        with contextlib.suppress(OSError):  # a full disk is the error being reported
+            self._write_held()
+
+    def _score(self, engine: TransformersEngine, metrics: dict[str, Any]) -> None:
+        try:
+            metrics["val_reward"] = self.latest = accuracy(engine, self.task, self.prompts, noise_seed=None)
+            self._outcome.append(metrics["val_reward"])
+        except BaseException as error:  # raised again by flush, in the learner's thread
+            self._outcome.append(error)
 
     def _loaded(self, version: int) -> TransformersEngine:
-        self.engine.load_weights(self.model.state_dict(), version)  # a copy: the learner goes on meanwhile
+        if self.background:
+            self.engine.load_weights(self.model.state_dict(), version)  # a copy: the learner goes on meanwhile
         return self.engine
 
-    def _wait(self) -> None:
-        try:
-            if self._running is not None:
-                running, self._running = self._running, None
-                self._running_row["val_reward"] = self.latest = running.result()
-        finally:  # a validation that raised leaves its row without a score, not unwritten
-            while self._queued:
-                self.writer.write(*self._queued[0])  # a row is dropped from the queue once it is written
-                self._queued.pop(0)
+    def _write_held(self) -> None:
+        while self._queued:
+            self.writer.write(*self._queued[0])  # a row leaves the queue once it is written
+            self._queued.pop(0)

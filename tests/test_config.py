@@ -20,10 +20,18 @@ def test_defaults_validate_and_round_trip(tmp_path):
     ("rollout.group_size", 1, "rollout.group_size: GRPO needs at least 2"),
     ("staleness.mode", "async", "staleness.mode: 'async' is not one of ['exact', 'bounded']"),
     ("steps", "ten", "steps: expected an integer"),
+    ("val_in_background", "sometimes", "val_in_background: 'sometimes' does not match bool | None"),
 ])
 def test_bad_values_name_the_key(key, value, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
         validate(override(TrainConfig(), {key: value}))
+
+
+def test_an_optional_field_takes_null_or_its_type(tmp_path):
+    assert override(TrainConfig(), {"val_in_background": None}).val_in_background is None
+    path = tmp_path / "c.yaml"
+    path.write_text("val_in_background: false\n")
+    assert load_config(path).val_in_background is False
 
 
 def test_exponent_floats_without_a_dot_are_floats(tmp_path):

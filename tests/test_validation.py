@@ -2,11 +2,15 @@
 
 import threading
 
+import pytest
+import torch
+
 from stalerl.config import TrainConfig
 from stalerl.metrics import MetricsWriter, read_metrics
 from stalerl.policy import build_policy
 from stalerl.rollout import TransformersEngine
 from stalerl.tasks import AdditionTask
+from stalerl.train import validates_in_background
 from stalerl.validation import Validation
 
 
@@ -55,3 +59,30 @@ def test_rows_wait_for_their_validation_and_are_written_in_order(tmp_path):
     assert [r["val_reward"] for r in rows] == [None, initial, None, None] and validation.latest == initial
     validation.close()
     writer.close()
+
+
+class FailingTask(AdditionTask):
+    def reward(self, prompt, completion, finished):
+        raise ValueError("reward failed")
+
+
+def test_a_validation_that_raises_says_so_in_the_learners_thread_and_no_row_is_lost(tmp_path):
+    model, tokenizer, _ = build_policy(TrainConfig())
+    task = FailingTask(max_operand=49, val_size=16)
+    writer = MetricsWriter(tmp_path, tensorboard=False)
+    validation = Validation(model, lambda policy: TransformersEngine(policy, tokenizer, 6), task,
+                            task.validation_prompts(), writer, background=True)
+    validation.write(*row(0), validate=True)
+    validation.write(*row(1), validate=False)
+    with pytest.raises(ValueError, match="reward failed"):
+        validation.flush()
+    assert [(r["step"], r["val_reward"]) for r in read_metrics(tmp_path)] == [(0, None), (1, None)]
+    writer.close()
+
+
+def test_in_the_background_by_default_on_cpu_and_as_asked_otherwise():
+    model = torch.nn.Linear(2, 2)  # on CPU
+    assert validates_in_background(TrainConfig(), model)
+    assert not validates_in_background(TrainConfig(val_in_background=False), model)
+    if torch.cuda.is_available():
+        assert not validates_in_background(TrainConfig(), model.cuda())  # a GPU: only when asked
