@@ -159,6 +159,8 @@ def run_sweep_command(args: argparse.Namespace) -> int:
     overrides.update({k: v for k, v in flags.items() if v is not None})
     overrides.update({"threads": 1, "tensorboard": False})
     base = override(base, overrides)
+    if base.val_in_background is None:  # the workers keep the cores busy: a validation thread would add CPU time
+        base = override(base, {"val_in_background": False})
     if args.workers < 1:
         raise ConfigError("--workers must be >= 1")
     out = Path(args.out)

@@ -15,7 +15,7 @@ from test_checkpoint import small, stop_at, without_timings
 import stalerl.train as train_module
 from stalerl.checkpoint import config_difference
 from stalerl.cli import main
-from stalerl.config import ConfigError, WandbConfig, validate
+from stalerl.config import ConfigError, WandbConfig, load_config, validate
 from stalerl.guards import Interrupted
 from stalerl.lab.sweep import cell_configs
 from stalerl.metrics import read_metrics
@@ -152,6 +152,7 @@ def test_a_sweeps_cells_and_the_sweep_itself_are_wandb_runs_in_one_group(small_c
         sent = read_run(log)
         assert (sent["name"], sent["group"], sorted(sent["history"])) == (row["run_dir"], "sweep-a", [0, 1, 2])
         assert sent["summary"]["final_val_reward"] == row["final_val_reward"]
+        assert load_config(out / row["run_dir"] / "config.yaml").val_in_background is False  # the cores are busy
     [log] = offline_runs(out)
     sweep = read_run(log)
     assert (sweep["name"], sweep["group"], sweep["exit_code"]) == ("sweep-a", "sweep-a", 0)
