@@ -72,12 +72,8 @@ class WandbRun:
         """The step's numeric metrics at W&B step metrics['step']; None (no value this step) left out."""
         if self.run is None or metrics["step"] < self.first_step:
             return
-        values = {key: value for key, value in metrics.items()
-                  if key != "step" and isinstance(value, (int, float))}
-        try:
-            self.run.log(values, step=metrics["step"])
-        except Exception as error:
-            self._give_up(error)
+        self._send({key: value for key, value in metrics.items() if key != "step" and isinstance(value, (int, float))},
+                   step=metrics["step"])
 
     def log_sweep(self, table: list[dict[str, Any]], figures: list[Path]) -> None:
         """sweep.json as a W&B table, and the lab's figures as images."""
@@ -86,8 +82,11 @@ class WandbRun:
         columns = list(dict.fromkeys(key for row in table for key in row))
         values = {"sweep": wandb.Table(columns=columns, data=[[row.get(key) for key in columns] for row in table])}
         values |= {f"figures/{path.stem}": wandb.Image(str(path)) for path in figures}
+        self._send(values)
+
+    def _send(self, values: dict[str, Any], step: int | None = None) -> None:
         try:
-            self.run.log(values)
+            self.run.log(values, step=step)
         except Exception as error:
             self._give_up(error)
 

@@ -2,6 +2,7 @@
 
 import dataclasses
 import importlib.util
+import io
 import json
 import os
 import signal
@@ -111,18 +112,18 @@ def test_wandb_settings_are_checked_before_work_and_do_not_bind_a_resume(small_c
     assert config_difference(small_config, logged) == ""  # --resume may turn W&B on or off
 
     find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None if name == "wandb" else find_spec(name, *args))
-    with pytest.raises(ConfigError, match=r"wandb.project: W&B logging needs wandb, which is not installed "
-                                          r"\(pip install 'stalerl\[wandb\]'\)"):
-        validate(logged)
-    monkeypatch.undo()
+    with monkeypatch.context() as patch:  # only this: the fixture's W&B settings stay
+        patch.setattr(importlib.util, "find_spec", lambda name, *args: None if name == "wandb" else find_spec(name, *args))
+        with pytest.raises(ConfigError, match=r"wandb.project: W&B logging needs wandb, which is not installed "
+                                              r"\(pip install 'stalerl\[wandb\]'\)"):
+            validate(logged)
 
     assert main(["train", "--set", "wandb.mode=cloud", "--out", str(Path(small_config.out).parent / "x")]) == 2
     assert "stalerl: error: wandb.mode: 'cloud' is not one of ['online', 'offline']" in capsys.readouterr().err
 
     # Online with no API key: one line, before the model loads, and nothing but the config written.
     out = Path(small_config.out).parent / "online"
-    monkeypatch.setattr(sys, "stdin", open(os.devnull))  # no terminal: W&B cannot ask for a key
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))  # no terminal: W&B cannot ask for a key
     code = main(["train", "--wandb", "p", "--steps", "2", "--out", str(out), "--no-progress"])
     error = capsys.readouterr().err
     assert code == 2
