@@ -25,11 +25,13 @@ $stalerl sweep -S 0 --lr 1e-4,3e-4,1e-3 --seeds 1 $grid --out "$out/seed1/probe"
 $stalerl sweep -S 16 --lr 1e-3 --seeds 1 $grid --out "$out/seed1/probe" --set collapse.stop_early=true
 $stalerl advise "$out/seed1/probe" --staleness 0,4,16 --steps 200 --json "$out/seed1/probe/advise.json"
 
-# 4. Stabilizers at a base rate where the fixed one collapses: R_batch as `advise` measured it on
-# the sweep when section 4 of docs/lab.md was run, and 0.9 (the earlier clip-fraction estimate).
-r_batch=2.33  # advise's R_batch then, with the earlier (late) T_c; it now gives 1.47 (docs/lab.md)
+# 4. Stabilizers at a base rate where the fixed one collapses, at three R_batch: as `advise` measured
+# it on the sweep when section 4 was first run (2.33, by the earlier, late T_c), as it measures it
+# now (1.46), and 0.9 (the earlier clip-fraction estimate).
 $stalerl sweep --staleness 4,16 --lr 1e-3 --stabilizers none,staleness,ess,gac $grid --out "$out/sweep" \
-    --set stabilizer.r_batch="$r_batch"
+    --set stabilizer.r_batch=2.33
 $stalerl sweep --staleness 4,16 --lr 1e-3 --stabilizers staleness $grid --out "$out/stab-r0.9" \
     --set stabilizer.r_batch=0.9
-echo "R_batch used for the stabilizers: $r_batch"
+$stalerl sweep --staleness 4,16 --lr 1e-3 --stabilizers staleness $grid --out "$out/stab-r1.46" \
+    --set stabilizer.r_batch=1.46
+$stalerl plot "$out/sweep" "$out/stab-r0.9" "$out/stab-r1.46"

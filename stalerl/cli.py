@@ -198,7 +198,9 @@ def add_lab_parsers(subparsers: argparse._SubParsersAction) -> None:
     advise.add_argument("--json", help="also write the report here")
 
     plot = subparsers.add_parser("plot", help="figures in the paper's layout for a sweep directory")
-    plot.add_argument("directory")
+    plot.add_argument("directory", help="a sweep directory; the figures are written into it")
+    plot.add_argument("more", nargs="*", metavar="MORE",
+                      help="more directories whose runs join the figures (e.g. stabilizer sweeps at other settings)")
 
     bias = subparsers.add_parser("bias", help="surrogate-gradient bias probe ||b_t(S)|| vs S and eta, on the "
                                  "config's model (on model.device) and task")
@@ -242,7 +244,7 @@ def run_plot(args: argparse.Namespace) -> int:
     from stalerl.lab.plots import sweep_figures
 
     try:
-        paths = sweep_figures(Path(args.directory))
+        paths = sweep_figures(Path(args.directory), tuple(Path(path) for path in args.more))
     except FileNotFoundError as error:
         raise ConfigError(str(error)) from None
     for path in paths:

@@ -184,7 +184,7 @@ class StalenessConfig:
 class StabilizerConfig:
     """Optional step-size control against staleness (stabilizers.py says what each one assumes)."""
 
-    # none: fixed eta. staleness: eta_t = min(eta, k * R_batch / (max(lag, 1) * G_upd_hat)).
+    # none: fixed eta. staleness: eta_t = min(eta, k * R_batch / (S * G_upd_hat)); no cap at S = 0.
     # ess: eta_t = eta * sqrt(ESS/N) of the importance weights (VCPO's idea).
     lr_control: Literal["none", "staleness", "ess"] = "none"
     k: float = 0.5  # safety factor of the staleness cap (the law says eta << the bound, not equal)

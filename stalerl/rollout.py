@@ -67,6 +67,19 @@ class RolloutBatch:
     # group's statistics (rewards_N holds 0 there). None: every sample counts.
     valid_N: torch.Tensor | None = None
 
+    def mean_reward(self) -> float:
+        """The batch's training reward: the mean over the samples that were scored (a dropped sample's
+        0 is no score, and would read as a falling reward to collapse detection); 0 if none was."""
+        rewards_N = self.rewards_N if self.valid_N is None else self.rewards_N[self.valid_N]
+        return float(rewards_N.mean()) if rewards_N.numel() else 0.0
+
+    def sample_rewards(self) -> list[float | None]:
+        """Each sample's reward for samples.jsonl; None for a sample dropped for its failed reward."""
+        rewards = self.rewards_N.tolist()
+        if self.valid_N is None:
+            return rewards
+        return [reward if valid else None for reward, valid in zip(rewards, self.valid_N.tolist())]
+
 
 class RolloutEngine(Protocol):
     """What the learner and the staleness pipeline need from a generator (transformers, vLLM)."""

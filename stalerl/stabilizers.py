@@ -1,8 +1,13 @@
 """Stabilizers that act on the learner's step, each a config option with its decisions logged.
 
 * ``lr_control: staleness`` (stalerl's own): keep each update inside the paper's stale-rollout
-  constraint eta * S * G_upd << R_batch by capping eta_t = min(eta, k * R_batch / (max(s_t, 1) * G_hat)),
-  where s_t is the lag of the batch and G_hat a running estimate of ||d_t|| / eta_t.
+  constraint eta * S * G_upd << R_batch by capping eta_t = min(eta, k * R_batch / (S * G_hat)), where
+  S is the run's staleness (the largest lag) and G_hat a running estimate of ||d_t|| / eta_t. A batch
+  of lag s is trained on up to S updates after its sampler's version, so S caps of k * R_batch / S keep
+  that within-cycle drift under k * R_batch. Dividing by the batch's own lag would not: in exact mode
+  the first S steps all train on theta_0's batches at lags 0, 1, .., S - 1, and their caps add up to
+  k * R_batch * (1 + 1/2 + .. + 1/(S-1)) from theta_0 (2.2 k R_batch at S = 16). At S = 0 there is no
+  stale rollout and no cap.
 * ``lr_control: ess`` (the idea of VCPO, arXiv 2602.17616, implemented from its description):
   eta_t = eta * sqrt(ESS / N) of the sequence-level importance weights pi_theta / mu, so the step
   shrinks as the behavior data stops representing the current policy.
@@ -25,21 +30,23 @@ from stalerl.metrics import UpdateTracker
 class LearningRateControl:
     """Chooses eta_t for each step; `observe` feeds it the size of the update it produced."""
 
-    def __init__(self, config: StabilizerConfig, base_lr: float, initial_g_upd: float | None = None):
+    def __init__(self, config: StabilizerConfig, base_lr: float, staleness: int,
+                 initial_g_upd: float | None = None):
         self.config = config
         self.base_lr = base_lr
+        self.staleness = staleness  # S, the largest lag a batch can have
         # Before any update is seen: a prior. For Adam, sqrt(#parameters) (its first step moves every
         # coordinate by eta), so the cap holds from step 0 instead of after a step at the full rate.
         self.g_upd_hat: float | None = initial_g_upd
         self.last_cap: float | None = None
 
-    def choose(self, lag: int, batch_stats: dict[str, float]) -> float:
+    def choose(self, batch_stats: dict[str, float]) -> float:
         mode = self.config.lr_control
         self.last_cap = None
         if mode == "ess":
             return self.base_lr * math.sqrt(batch_stats["ess_frac"])
-        if mode == "staleness" and self.g_upd_hat is not None:
-            self.last_cap = self.config.k * self.config.r_batch / (max(lag, 1) * self.g_upd_hat)
+        if mode == "staleness" and self.staleness > 0 and self.g_upd_hat is not None:
+            self.last_cap = self.config.k * self.config.r_batch / (self.staleness * self.g_upd_hat)
             return min(self.base_lr, self.last_cap)
         return self.base_lr
 

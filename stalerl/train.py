@@ -163,7 +163,7 @@ def run_steps(config: TrainConfig, run_dir: Path, resume: bool, wandb_run: Wandb
     reference = copy.deepcopy(model).requires_grad_(False) if config.loss.kl_beta > 0 else None
     optimizer = make_optimizer(model, config.optim)
     tracker = UpdateTracker(model, config.staleness.staleness, optimizer)
-    lr_control = LearningRateControl(config.stabilizer, config.optim.lr,
+    lr_control = LearningRateControl(config.stabilizer, config.optim.lr, config.staleness.staleness,
                                      initial_g_upd=tracker.trainable_count ** 0.5)
     learner = checkpoint.Learner(model, optimizer, tracker, lr_control)
 
@@ -206,7 +206,7 @@ def run_steps(config: TrainConfig, run_dir: Path, resume: bool, wandb_run: Wandb
             # -------------------------------------------------- learn
             train_start = time.perf_counter()
             stats = learner_step(model, optimizer, batch, config.loss, config.optim, rollout, reference,
-                                 choose_lr=lambda batch_stats: lr_control.choose(lag, batch_stats),
+                                 choose_lr=lr_control.choose,
                                  share_prompts=config.model.share_prompt_prefix)
             if stats["skipped_update"] and not guard.streak:
                 # The first bad step in a row: keep the state from before it, the batch in hand put back first.
@@ -227,7 +227,7 @@ def run_steps(config: TrainConfig, run_dir: Path, resume: bool, wandb_run: Wandb
             # -------------------------------------------------- log (the row waits for its validation: validation.py)
             metrics = {
                 "step": step,
-                "train_reward": float(batch.rewards_N.mean()),
+                "train_reward": batch.mean_reward(),
                 "val_reward": None,  # theta_{step+1}'s score, every val_every steps and at the last
                 **geometry,
                 "g_upd": geometry["update_norm"] / stats["lr"] if updated else None,
@@ -246,7 +246,7 @@ def run_steps(config: TrainConfig, run_dir: Path, resume: bool, wandb_run: Wandb
                 "step": step,
                 "sample_ids": batch.sample_ids,
                 "versions": [batch.version] * len(batch.sample_ids),
-                "rewards": batch.rewards_N.tolist(),
+                "rewards": batch.sample_rewards(),
             }, validate=(step + 1) % config.val_every == 0 or step + 1 == config.steps)
             progress.set_postfix(reward=f"{metrics['train_reward']:.3f}", lag=lag,
                                  cos="-" if geometry["grad_cos_sim"] is None else f"{geometry['grad_cos_sim']:.2f}",

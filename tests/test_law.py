@@ -183,6 +183,35 @@ def test_a_run_directory_is_read_with_the_current_collapse_definition(tmp_path):
     assert law_constants([run]).r_batch.value == 1.0
 
 
+def test_runs_that_collapsed_on_their_first_update_give_no_radius():
+    """A collapse at version 1 bounds the radii only from above by Adam's first step (set by the learning
+    rate), and theta_1 was made from theta_0's own batch: neither R_crit nor R_batch uses it. G_upd is
+    measured over the updates up to the collapsed version, not up to the collapse step (v + S)."""
+    fast = [synthetic_run(s, 1e-2, 100, r_crit=2.0) for s in (0, 4)]  # drift 3 after one update: v = 1
+    assert all(run.collapse_version == 1 for run in fast)
+    constants = law_constants(fast)
+    assert constants.r_crit is None and constants.r_batch is None
+    slow = synthetic_run(4, 1e-3, 100, r_crit=100.0, r_batch=1.0)  # within-cycle drift 1.2 at v = 4
+    assert slow.collapse_version == 4
+    constants = law_constants([*fast, slow])
+    assert constants.r_batch.value == pytest.approx(1.2) and constants.r_batch.count == 1
+    # the updates after the collapsed version (here smaller) do not count in G_upd
+    for row in slow.metrics[slow.collapse_version:]:
+        row["g_upd"] = 1.0
+    assert estimate_g_upd([slow]).value == pytest.approx(300.0)
+
+
+def test_without_the_stale_limit_the_advice_names_no_active_constraint():
+    """S > 0 and no R_batch: the horizon limit is an upper bound, not the active constraint."""
+    runs = [synthetic_run(0, lr, 300) for lr in LRS]
+    constants = law_constants(runs)
+    assert constants.r_batch is None
+    assert advise(runs, constants, staleness=0, horizon=300).active == HORIZON
+    advice = advise([*runs, synthetic_run(4, 1e-5, 300)], constants, staleness=4, horizon=300)
+    assert advice.active is None and advice.boundary_lr == advice.horizon_limit and advice.batch_limit is None
+    assert any(line.startswith("R_batch") for line in advice.missing)
+
+
 def test_pairwise_bias_finds_a_planted_bias_under_noise():
     torch.manual_seed(0)
     dimension, batches = 2000, 32

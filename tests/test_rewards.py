@@ -170,6 +170,12 @@ def test_zero_and_drop_policies_count_errors_and_finish(user_file, tmp_path):
         summary = json.loads((out / "summary.json").read_text())
         assert sum(row["reward_errors"] for row in rows) == summary["reward_errors"] > 0
         assert all(np.isfinite(row["loss"]) for row in rows)
+        # the training reward is the mean over the scored samples: a dropped sample has no reward
+        samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+        for row, sample in zip(rows, samples, strict=True):
+            scored = [reward for reward in sample["rewards"] if reward is not None]
+            assert len(sample["rewards"]) - len(scored) == (row["reward_errors"] if policy == "drop" else 0)
+            assert row["train_reward"] == pytest.approx(np.mean(scored) if scored else 0.0)
 
 
 def test_drop_with_every_reward_failing_makes_no_update(user_file, tmp_path):

@@ -88,6 +88,29 @@ def test_figures_of_a_sweep_with_stabilizer_runs_only(tmp_path, monkeypatch):
                                                                      "stabilizers.png"}
 
 
+def test_plot_joins_more_directories_and_names_each_r_batch(tmp_path, monkeypatch, capsys):
+    """`stalerl plot SWEEP MORE..`: a stabilizer sweep at another R_batch joins the figures of the first
+    directory, and the staleness-aware rate's lines say which R_batch they ran with."""
+    from stalerl.lab import plots
+    from stalerl.lab.runs import RunRecord
+
+    def run(stabilizer, r_batch):
+        metrics = [{"step": t, "train_reward": 0.3, "grad_cos_sim": 0.9, "val_reward": 0.3} for t in range(20)]
+        config = {"staleness": {"staleness": 4}, "optim": {"lr": 1e-3}, "seed": 0,
+                  "stabilizer": {"lr_control": stabilizer, "r_batch": r_batch}}
+        return RunRecord(tmp_path, config, {"collapse_step": None, "steps": 20}, metrics)
+
+    sweep, more = tmp_path / "sweep", tmp_path / "stab-r0.9"
+    sweep.mkdir()
+    loaded = {sweep: [run("none", 2.33), run("staleness", 2.33)], more: [run("staleness", 0.9)]}
+    monkeypatch.setattr(plots, "load_runs", lambda directory: loaded[directory])
+    assert [plots.stabilizer_label(r) for r in loaded[sweep] + loaded[more]] == [
+        "fixed lr", "staleness (R_batch 2.33)", "staleness (R_batch 0.9)"]
+    assert main(["plot", str(sweep), str(more)]) == 0
+    assert (sweep / "stabilizers.png").stat().st_size > 10_000 and not (more / "stabilizers.png").exists()
+    assert "figure: " in capsys.readouterr().out
+
+
 def fabricated_cell(directory, config, finished=True):
     """A cell's run directory as train() leaves it, without training: config.yaml, metrics, summary."""
     from stalerl.config import save_config
@@ -170,6 +193,11 @@ def test_collapse_figure_draws_collapsed_versions(tmp_path):
     assert points["censored"][16] == ([1e-4], [33])  # the newest version the run saw
     assert points["by_s"][1e-3] == ([4, 16], [2, 3])
     assert collapse_figure(runs, tmp_path / "collapse.png").stat().st_size > 10_000
+    # another seed's run at the same (S, lr) is not joined to these lines
+    other_seed = run(4, 1e-4, 40)
+    other_seed.config["seed"] = 1
+    assert collapse_points([*runs, other_seed], seed=0)["by_s"][1e-3] == ([4, 16], [2, 3])
+    assert 1e-4 not in collapse_points([*runs, other_seed], seed=0)["by_s"]
 
 
 def test_vllm_cells_get_a_fresh_process_each(tmp_path, monkeypatch):

@@ -71,11 +71,16 @@ def print_report(report: dict[str, Any]) -> None:
         if advice["boundary_lr"] is None:
             print(f"{head} no advice: {'; '.join(advice['missing'])}")
             continue
-        print(f"{head} largest stable lr ~ {advice['boundary_lr']:.3g} (range {advice['boundary_low']:.3g} .. "
+        if advice["active"] is None:  # S > 0 without the stale-rollout limit: the horizon's is only a bound
+            bound, active = "at most", "unknown (the horizon limit alone; the stale-rollout one is not estimated)"
+        else:
+            bound, active = "~", advice["active"]
+        print(f"{head} largest stable lr {bound} {advice['boundary_lr']:.3g} (range {advice['boundary_low']:.3g} .. "
               f"{advice['boundary_high']:.3g}); recommended lr {advice['recommended_lr']:.3g}; "
-              f"active constraint: {advice['active']}"
+              f"active constraint: {active}"
               + ("" if advice["ballistic_lr"] is None else
-                 f"; the law's ballistic form would say {advice['ballistic_lr']:.3g}"))
+                 f"; the law's ballistic form{' (horizon alone)' if advice['active'] is None else ''} "
+                 f"would say {advice['ballistic_lr']:.3g}"))
         for missing in advice["missing"]:
             print(f"    could not estimate {missing}")
 

@@ -6,9 +6,13 @@ S * eta * G_upd and T * eta * G_upd are the law's within-cycle and cumulative dr
 size eta * G_upd that all point the same way. Both constraints compare a drift with a radius:
 
 * R_crit:  the cumulative drift ||theta_v - theta_0|| of each collapsed policy version v (runs that
-           collapsed after their first cycle, v > S); spread across runs.
+           collapsed after their first cycle, v > S, and after at least two updates); spread across runs.
 * R_batch: the largest within-cycle drift ||theta_t - theta_{t-S}|| up to the collapsed version, per
-           collapsed run with S > 0; spread across runs.
+           run with S > 0 that collapsed after at least two updates; spread across runs.
+  A collapse at version v only says that the radius lies between the drifts of theta_{v-1} and
+  theta_v. At v = 1 that is anywhere below Adam's first step, whose size the learning rate sets, and
+  theta_1 was made from theta_0's own batch (lag 0), so it says nothing of stale batches either:
+  such runs are left out of both radii.
 * the drifts themselves are measured on the runs that did not collapse, not assumed ballistic:
   D_T(eta) = ||theta_T - theta_0|| and W_S(eta) = ||theta_S - theta_0|| (the first cycle, the
   widest one: Adam's first steps are its largest), each fitted across learning rates as
@@ -61,33 +65,36 @@ def _fixed(runs: list[RunRecord]) -> list[RunRecord]:
 def estimate_g_upd(runs: list[RunRecord]) -> Estimate | None:
     per_run = []
     for run in _fixed(runs):
-        # The steps before T_c; at T_c = 0 the first one (the update made from theta_0's batch).
-        end = run.collapse_step if run.collapse_step is not None else len(run.metrics)
+        # The updates that made theta_1 .. theta_v, v the collapsed version (at v = 0 the first one). Not
+        # the steps before the collapse step: in exact mode that is v + S, S updates after the collapse.
+        end = run.collapse_version if run.collapse_version is not None else len(run.metrics)
         g = [v for v in run.series("g_upd")[: max(end, 1)] if v is not None]
         if g:
             per_run.append(float(np.median(g)))
-    return _estimate(per_run, "median over pre-collapse steps of ||d_t|| / eta_t, per fixed-lr run")
+    return _estimate(per_run, "median of ||d_t|| / eta_t over the updates up to the collapsed version, "
+                              "per fixed-lr run")
 
 
 def estimate_r_crit(runs: list[RunRecord]) -> Estimate | None:
     """||theta_v - theta_0|| of each collapsed version v past the first cycle (v > S): there the
-    cumulative drift, not the within-cycle one alone, is what the policy had moved when it broke."""
+    cumulative drift, not the within-cycle one alone, is what the policy had moved when it broke.
+    Runs that collapsed at v = 1 are left out (the module's docstring says why)."""
     values = [run.metrics[run.collapse_version - 1]["drift"] for run in _fixed(runs)
-              if run.collapse_version is not None and run.collapse_version > run.staleness]
+              if run.collapse_version is not None and run.collapse_version > max(run.staleness, 1)]
     return _estimate(values, "cumulative drift ||theta_v - theta_0|| of the collapsed version v, "
-                             "per run that collapsed after its first cycle (v > S)")
+                             "per run that collapsed after its first cycle (v > S) and at v >= 2")
 
 
 def estimate_r_batch(runs: list[RunRecord]) -> Estimate | None:
-    """The largest within-cycle drift a run with S > 0 reached up to its collapsed version."""
+    """The largest within-cycle drift a run with S > 0 reached up to its collapsed version v, for v >= 2
+    (theta_1 is made from theta_0's own batch: the module's docstring says why v = 1 is left out)."""
     values = []
     for run in _fixed(runs):
-        if run.staleness > 0 and run.collapse_version is not None:
-            # theta_1 .. theta_v; none when theta_0 itself is the collapsed version (v = 0)
-            drifts = [d for d in run.series("cycle_drift")[: run.collapse_version] if d is not None]
+        if run.staleness > 0 and run.collapse_version is not None and run.collapse_version >= 2:
+            drifts = [d for d in run.series("cycle_drift")[: run.collapse_version] if d is not None]  # theta_1 .. theta_v
             values.append(max(drifts, default=None))
     return _estimate(values, "largest within-cycle drift ||theta_t - theta_{t-S}|| up to the collapsed "
-                             "version, per collapsed run with S > 0")
+                             "version v, per run with S > 0 that collapsed at v >= 2")
 
 
 def first_crossing_drift(run: RunRecord, clip_threshold: float, window: int = 5) -> float | None:
@@ -299,7 +306,7 @@ class Advice:
     boundary_low: float | None  # the same at the least and the most favourable ends of the radii's spreads
     boundary_high: float | None
     recommended_lr: float | None  # safety * boundary: the law says eta << the bound
-    active: str | None  # HORIZON or STALE
+    active: str | None  # HORIZON or STALE; None when S > 0 and the stale-rollout limit is unknown
     batch_limit: float | None
     horizon_limit: float | None
     # The law's ballistic form min{R_batch / (S G_upd), R_crit / (T G_upd)} with the same radii and
@@ -335,10 +342,10 @@ def advise(runs: list[RunRecord], constants: LawConstants, staleness: int, horiz
         missing.append("the drift's growth with eta: one stable learning rate, so drift ~ eta is assumed "
                        "(add a second one)")
     if r_crit is None:
-        missing.append("R_crit: no run that collapsed after its first cycle (run a probe at a large learning "
-                       "rate until it collapses)")
+        missing.append("R_crit: no run that collapsed after its first cycle and its second update (run a probe "
+                       "at a large learning rate until it collapses)")
     if staleness > 0 and r_batch is None:
-        missing.append("R_batch: no collapsed run with S > 0")
+        missing.append("R_batch: no run with S > 0 that collapsed after its second update")
     for name, estimate in (("R_crit", r_crit), ("R_batch", r_batch if staleness > 0 else None)):
         if estimate is not None and estimate.count == 1:
             missing.append(f"{name}'s spread: it rests on one collapsed run (a second large learning rate adds one)")
@@ -360,8 +367,10 @@ def advise(runs: list[RunRecord], constants: LawConstants, staleness: int, horiz
             ballistic = min(ballistic, r_batch.value / (staleness * g_upd.value))
     if not limits:
         return Advice(staleness, horizon, None, None, None, None, None, None, None, ballistic, missing)
-    active = min(limits, key=lambda name: limits[name][0])
+    active: str | None = min(limits, key=lambda name: limits[name][0])
     value = limits[active][0]
+    if staleness > 0 and STALE not in limits:
+        active = None  # the horizon limit alone: an upper bound, as the stale-rollout one may be lower
     return Advice(
         staleness=staleness, horizon=horizon, boundary_lr=value,
         boundary_low=min(v[1] for v in limits.values()), boundary_high=min(v[2] for v in limits.values()),

@@ -18,6 +18,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from stalerl.collapse import moving_average  # noqa: E402
+from stalerl.config import StabilizerConfig  # noqa: E402
 from stalerl.lab.runs import RunRecord, load_runs  # noqa: E402
 
 ROWS = [("train_reward", "training reward"), ("grad_cos_sim", "Grad CosSim"), ("val_reward", "validation reward")]
@@ -106,11 +107,12 @@ def horizon_version(run: RunRecord) -> int:
         else max(run.summary["steps"] - 1 - run.staleness, 0)
 
 
-def collapse_points(runs: list[RunRecord]) -> dict[str, dict]:
+def collapse_points(runs: list[RunRecord], seed: int | None = None) -> dict[str, dict]:
     """What collapse.png draws, T_c as the collapsed policy version (what advise fits):
     by_eta[S] = (lrs, versions) of the collapsed runs, censored[S] = (lrs, newest version seen) of the
-    others, by_s[lr] = (S values, versions) of the collapsed runs with S > 0. A collapse at version 0 is kept."""
-    runs = fixed_lr_runs(runs)
+    others, by_s[lr] = (S values, versions) of the collapsed runs with S > 0. A collapse at version 0 is kept.
+    One seed's runs (as in sweep.png), so that each line joins one run per point."""
+    runs = fixed_lr_runs(runs, seed)
     by_eta, censored, by_s = {}, {}, {}
     for s in sorted({r.staleness for r in runs}):
         hit = sorted((r for r in runs if r.staleness == s and r.collapse_version is not None), key=lambda r: r.lr)
@@ -125,9 +127,10 @@ def collapse_points(runs: list[RunRecord]) -> dict[str, dict]:
     return {"by_eta": by_eta, "censored": censored, "by_s": by_s}
 
 
-def collapse_figure(runs: list[RunRecord], path: Path) -> Path | None:
+def collapse_figure(runs: list[RunRecord], path: Path, seed: int | None = None) -> Path | None:
     """collapse_points drawn; the y axis is logarithmic above 1 and linear below, so version 0 shows too."""
-    if not fixed_lr_runs(runs):
+    runs = fixed_lr_runs(runs, seed)
+    if not runs:
         return None
     points = collapse_points(runs)
     figure, (by_lr, by_s) = plt.subplots(1, 2, figsize=(9, 3.8))
@@ -168,17 +171,17 @@ def stabilizer_figure(runs: list[RunRecord], path: Path) -> Path | None:
     cells = sorted({(r.staleness, r.lr) for r in runs if r.stabilizer != "none"})
     if not cells:
         return None
-    names = sorted({r.stabilizer for r in runs}, key=lambda n: (n != "none", n))
+    names = sorted({stabilizer_label(r) for r in runs}, key=lambda n: (n != "fixed lr", n))
     colors = dict(zip(names, plt.get_cmap("tab10").colors))
     figure, axes = plt.subplots(2, len(cells), figsize=(4 * len(cells), 6), squeeze=False, sharey="row")
     for column, (s, lr) in enumerate(cells):
-        for run in sorted((r for r in runs if r.staleness == s and r.lr == lr), key=lambda r: names.index(r.stabilizer)):
-            label = "fixed lr" if run.stabilizer == "none" else run.stabilizer
-            axes[0][column].plot(run.series("step"), _smooth(run.series("train_reward")), color=colors[run.stabilizer],
+        for run in sorted((r for r in runs if r.staleness == s and r.lr == lr), key=lambda r: names.index(stabilizer_label(r))):
+            label = stabilizer_label(run)
+            axes[0][column].plot(run.series("step"), _smooth(run.series("train_reward")), color=colors[label],
                                  label=label)
             points = [(st, v) for st, v in zip(run.series("step"), run.series("val_reward")) if v is not None]
             axes[1][column].plot([p[0] for p in points], [p[1] for p in points], marker=".",
-                                 color=colors[run.stabilizer], label=label)
+                                 color=colors[label], label=label)
         axes[0][column].set_title(f"S = {s}, base lr = {lr:g}")
         axes[1][column].set_xlabel("learner step")
     axes[0][0].set_ylabel("training reward (5-step mean)")
@@ -190,14 +193,25 @@ def stabilizer_figure(runs: list[RunRecord], path: Path) -> Path | None:
     return path
 
 
-def sweep_figures(directory: Path) -> list[Path]:
-    runs = load_runs(directory)
+def stabilizer_label(run: RunRecord) -> str:
+    """The legend of a stabilizer's line; the staleness-aware rate's R_batch is part of it."""
+    if run.stabilizer == "none":
+        return "fixed lr"
+    if "staleness" in run.stabilizer:
+        r_batch = run.config.get("stabilizer", {}).get("r_batch", StabilizerConfig.r_batch)
+        return f"{run.stabilizer} (R_batch {r_batch:g})"
+    return run.stabilizer
+
+
+def sweep_figures(directory: Path, more: tuple[Path, ...] = ()) -> list[Path]:
+    """The figures of the runs below `directory` and any `more` directories, written into `directory`."""
+    runs = [run for source in (directory, *more) for run in load_runs(source)]
     directory = Path(directory)
     seed = min((r.seed for r in fixed_lr_runs(runs)), default=None)
     paths = [
         sweep_figure(runs, directory / "sweep.png", seed),
         per_staleness_figure(runs, directory / "per_s.png", seed),
-        collapse_figure(runs, directory / "collapse.png"),
+        collapse_figure(runs, directory / "collapse.png", seed),
         stabilizer_figure(runs, directory / "stabilizers.png"),
     ]
     return [path for path in paths if path is not None]
