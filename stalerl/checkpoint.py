@@ -31,6 +31,7 @@ import json
 import os
 import shutil
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -313,7 +314,17 @@ def _batch_from(data: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Rollo
 
 
 def truncate_outputs(run_dir: Path, outputs: dict[str, int] | None) -> list[dict[str, Any]]:
-    """Cuts the line files back to a checkpoint's offsets (None: to nothing); returns the metrics rows kept."""
+    """Cuts the line files back to a checkpoint's offsets; returns the metrics rows kept. With no
+    checkpoint (None) the run starts over, and the rows it had logged are moved aside, not deleted:
+    a bounded-mode run would not make them again."""
+    logged = [run_dir / name for name in ("metrics.jsonl", "samples.jsonl") if (run_dir / name).exists()]
+    if outputs is None and any(path.stat().st_size for path in logged):
+        aside = run_dir / time.strftime("before-restart-%Y%m%d-%H%M%S")
+        aside.mkdir()
+        steps = len(read_metrics(run_dir)) if (run_dir / "metrics.jsonl").exists() else 0
+        for path in logged:
+            path.rename(aside / path.name)
+        print(f"stalerl: the {steps} steps it had logged are kept in {aside}", file=sys.stderr)
     for name in ("metrics.jsonl", "samples.jsonl"):
         path = run_dir / name
         if path.exists():
@@ -326,7 +337,7 @@ def truncate_outputs(run_dir: Path, outputs: dict[str, int] | None) -> list[dict
 
 # What a run may change when it goes on: where it is, and how it is shown, validated and logged (no
 # step, and no logged value, changes).
-NOT_THE_RUNS_STEPS = ("out", "progress", "val_in_background", "wandb.")
+NOT_THE_RUNS_STEPS = ("out", "progress", "val_in_background", "tensorboard", "wandb.")
 
 
 def config_difference(saved: TrainConfig | dict[str, Any], given: TrainConfig,

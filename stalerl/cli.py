@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import re
 import sys
 import time
@@ -45,9 +46,30 @@ def build_train_config(args: argparse.Namespace) -> TrainConfig:
     if args.resume:
         overrides["out"] = args.resume
     config = override(config, overrides)
+    for flag, value, why in (("--num-workers", args.num_workers, "the local runtime has one rollout worker"),
+                             ("--ray-address", args.ray_address, "a local run starts no Ray")):
+        if value is not None and config.runtime.runtime != "ray":
+            raise ConfigError(f"{flag}: is for --runtime ray ({why})")
+    config = validate(config)
     if not config.out:
-        config = override(config, {"out": time.strftime("runs/train-%Y%m%d-%H%M%S")})
-    return validate(config)
+        config = override(config, {"out": fresh_run_dir(time.strftime("runs/train-%Y%m%d-%H%M%S"))})
+    return config
+
+
+def fresh_run_dir(name: str) -> str:
+    """`name`, or `name-2`, `name-3`..: a directory made here, so that two runs started in the same
+    second do not share one (each would take the other's for its own until the first step is written)."""
+    number = 1
+    while True:
+        candidate = name if number == 1 else f"{name}-{number}"
+        try:
+            Path(candidate).mkdir(parents=True)
+        except FileExistsError:
+            number += 1
+            continue
+        except OSError:  # unwritable: train() names the problem in one line
+            pass
+        return candidate
 
 
 def _saved_config(run_dir: str) -> TrainConfig:
@@ -73,7 +95,8 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
                         "tiny model")
     parser.add_argument("--task", choices=["addition", "math"], help="addition (default) or math: GSM8K/MATH-style "
                         "records checked by math-verify")
-    parser.add_argument("--data", help="math: JSONL or Parquet records (question, answer)")
+    parser.add_argument("--data", help="math: the records (question, answer): a .jsonl (.gz) or .parquet file, a "
+                        "`datasets` save_to_disk directory, or a Hugging Face dataset name (its local cache)")
     parser.add_argument("--reward", help="MODULE:FUNCTION or FILE.py:FUNCTION, (prompt, completion, **record) -> float")
     parser.add_argument("--runtime", choices=["local", "ray"], help="local: a rollout thread; ray: rollout actors "
                         "and a learner actor (README, 'Ray runtime')")
@@ -153,6 +176,8 @@ def run_sweep_command(args: argparse.Namespace) -> int:
 
     from stalerl.lab.sweep import cell_configs, run_sweep, worker_context
 
+    if args.ray_address is not None and args.runtime != "ray":
+        raise ConfigError("--ray-address: is for --runtime ray (a local sweep starts no Ray)")
     base = load_config(args.config) if args.config else TrainConfig()
     overrides = dict(parse_assignment(text) for text in args.set)
     flags = {"steps": args.steps, "staleness.mode": args.mode, "wandb.project": args.wandb}
@@ -223,11 +248,14 @@ def run_advise(args: argparse.Namespace) -> int:
         raise ConfigError(f"--steps: the horizon T must be >= 1, got {args.steps}")
     if args.staleness and min(args.staleness) < 0:
         raise ConfigError(f"--staleness: S must be >= 0, got {min(args.staleness)}")
-    if args.json:
-        try:
-            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        except OSError as error:
-            raise ConfigError(f"--json {args.json}: cannot make its directory ({error.strerror})") from None
+    if not 0 < args.clip_threshold < 1:  # NaN too
+        raise ConfigError(f"--clip-threshold: a clip fraction in (0, 1), got {args.clip_threshold}")
+    if args.json:  # checked before the report is printed
+        from stalerl.guards import output_directory
+
+        if Path(args.json).is_dir():
+            raise ConfigError(f"--json {args.json}: is a directory; name the report's file")
+        output_directory(Path(args.json).parent, "--json")
     try:
         report = advise_directory(Path(args.directory), args.staleness, args.steps, args.clip_threshold)
     except FileNotFoundError as error:
@@ -265,12 +293,20 @@ def run_bias(args: argparse.Namespace) -> int:
         return 0
     base = load_config(args.config) if args.config else TrainConfig()
     base = validate(override(base, dict(parse_assignment(text) for text in args.set)))
-    if args.anchors and args.lags and min(args.anchors) < max(args.lags):
+    for flag, values in (("--lr", args.lr), ("--anchors", args.anchors), ("--lags", args.lags)):
+        if not values:
+            raise ConfigError(f"{flag}: no values given")
+    if not all(0 < lr < math.inf for lr in args.lr):  # NaN too
+        raise ConfigError("--lr: learning rates must be > 0 and finite")
+    if min(args.lags) < 0:
+        raise ConfigError(f"--lags: must be >= 0, got {min(args.lags)}")
+    if min(args.anchors) < 1:
+        raise ConfigError(f"--anchors: anchor steps must be >= 1 (the bias is measured after t updates), "
+                          f"got {min(args.anchors)}")
+    if min(args.anchors) < max(args.lags):
         raise ConfigError(f"--anchors: every anchor must be >= the largest lag ({max(args.lags)})")
     if args.batches < 3:
         raise ConfigError("--batches must be >= 3 (the jackknife needs them)")
-    if any(lr <= 0 for lr in args.lr):
-        raise ConfigError("--lr: learning rates must be > 0")
     report = run_probe(base, args.lr, args.anchors, args.lags, args.batches, Path(args.out))
     _print_bias_fits(report)
     print(f"report: {Path(args.out) / 'bias.json'}, figure: {Path(args.out) / 'bias.png'}")
@@ -306,6 +342,14 @@ def glue_negative_values(argv: list[str]) -> list[str]:
     return glued
 
 
+def refuse_empty_values(args: argparse.Namespace) -> None:
+    """`--resume "$RUN"` with RUN unset would otherwise start a fresh default run (and `--config ''`,
+    `--model ''` run the defaults): no option takes an empty text."""
+    for name, value in vars(args).items():
+        if value == "" or (isinstance(value, list) and "" in value):
+            raise ConfigError(f"--{name.replace('_', '-')}: empty value (an unset shell variable?)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="stalerl", description=__doc__)
     subparsers = parser.add_subparsers(dest="command", required=True)
@@ -316,6 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(glue_negative_values(sys.argv[1:] if argv is None else argv))
     logging.getLogger("transformers").setLevel(logging.ERROR)
     try:
+        refuse_empty_values(args)
         commands = {"train": run_train, "sweep": run_sweep_command, "advise": run_advise, "plot": run_plot,
                     "bias": run_bias, "bench": run_bench_command}
         return commands[args.command](args)

@@ -352,8 +352,8 @@ def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     values = {}
     for name, value in data.items():
         annotation = hints[name]
-        if dataclasses.is_dataclass(annotation):
-            values[name] = from_dict(annotation, value, f"{prefix}{name}.")
+        if dataclasses.is_dataclass(annotation):  # a section whose fields are all commented out is null: {}
+            values[name] = from_dict(annotation, {} if value is None else value, f"{prefix}{name}.")
         else:
             values[name] = _check_value(value, annotation, f"{prefix}{name}")
     return cls(**values)
@@ -367,12 +367,28 @@ def _yaml_problem(error: yaml.YAMLError) -> tuple[int | None, str]:
     return (mark.line + 1 if mark is not None else None), reason
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (it would take the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[str] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, str):
+                continue
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is given twice",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def load_config(path: str | Path) -> TrainConfig:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # noqa: S506 (a safe loader)
     except yaml.YAMLError as error:
         line, reason = _yaml_problem(error)
         raise ConfigError(f"{path}{'' if line is None else f':{line}'}: not valid YAML ({reason})") from None
@@ -480,6 +496,8 @@ def validate(config: TrainConfig) -> TrainConfig:
         *((getattr(config.model, name) >= 1, f"model.{name}", "must be >= 1") for name in MODEL_SIZES),
         (config.model.num_heads < 1 or config.model.hidden_size % config.model.num_heads == 0, "model.hidden_size",
          "must be divisible by model.num_heads"),
+        (config.model.num_heads < 1 or config.model.hidden_size // config.model.num_heads % 2 == 0,
+         "model.hidden_size", "hidden_size / num_heads must be even (rotary position embeddings rotate pairs)"),
         (DEVICE_PATTERN.fullmatch(config.model.device) is not None, "model.device",
          f"{config.model.device!r} is not auto, cpu, cuda, cuda:N or mps"),
         (0 < config.model.lora_alpha < math.inf, "model.lora_alpha", "must be > 0 and finite"),
@@ -556,10 +574,24 @@ def validate(config: TrainConfig) -> TrainConfig:
     for ok, key, why in checks:
         if not ok:
             raise ConfigError(f"{key}: {why}")
+    for key, value in flat_items(config.to_dict()):  # the checks above name their own limits first
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{key}: must be a finite number, got {value}")
     pairs = (config.task.max_operand + 1) ** 2
     if config.task.name == "addition" and config.task.val_size >= pairs // 2:
         raise ConfigError(f"task.val_size: {config.task.val_size} leaves too few of the {pairs} prompts for training")
     return config
+
+
+def flat_items(data: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    """(dotted key, value) of every leaf of a nested config dict."""
+    items = []
+    for key, value in data.items():
+        if isinstance(value, dict):
+            items += flat_items(value, f"{prefix}{key}.")
+        else:
+            items.append((f"{prefix}{key}", value))
+    return items
 
 
 RUN_CONFIG_HEADER = "# stalerl: this run's resolved config (--resume reads it)\n"

@@ -160,7 +160,25 @@ def is_disk_full(error: OSError) -> bool:
 
 def disk_full(error: OSError, run_dir: Path, checkpoint: Path | None) -> RunStopped:
     where = f" writing {error.filename}" if error.filename else ""
-    return RunStopped(f"disk full ({error.strerror}){where}; {resume_hint(run_dir, checkpoint)} once there is space")
+    then = (f"{resume_hint(run_dir, checkpoint)} once there is space" if checkpoint is not None else
+            f"no checkpoint was written; once there is space, stalerl train --resume {run_dir} starts it over")
+    return RunStopped(f"disk full ({error.strerror}){where}; {then}")
+
+
+def output_directory(path: Path | str, option: str) -> Path:
+    """Makes `path` (with its parents) and checks that files can be written in it, before any work:
+    a read-only file system or a file in the way is one line naming `option`, not a traceback later."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{option} {path}: exists and is not a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".stalerl-write-check-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as error:
+        raise ConfigError(f"{option} {path}: cannot write there ({error.strerror})") from None
+    return path
 
 
 def check_prompt_lengths(task: AdditionTask | MathTask | GuardedTask, tokenizer, context: int | None,

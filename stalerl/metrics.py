@@ -184,10 +184,14 @@ def _take(tensors: dict[str, torch.Tensor], name: str, modules: int) -> tuple[to
                            for i in range(modules)]
 
 
-def _clean(value: Any) -> Any:
-    """JSON has no NaN or infinity: they are written as null."""
+def finite_or_none(value: Any) -> Any:
+    """JSON has no NaN or infinity: they are written as null (inside dicts and lists too)."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
+    if isinstance(value, dict):
+        return {key: finite_or_none(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [finite_or_none(item) for item in value]
     return value
 
 
@@ -217,7 +221,7 @@ class MetricsWriter:
                                              max_queue=TENSORBOARD_QUEUE)
 
     def write(self, metrics: dict[str, Any], samples: dict[str, Any]) -> None:
-        self.metrics_file.write((json.dumps({k: _clean(v) for k, v in metrics.items()}) + "\n").encode())
+        self.metrics_file.write((json.dumps({k: finite_or_none(v) for k, v in metrics.items()}) + "\n").encode())
         self.samples_file.write((json.dumps(samples) + "\n").encode())
         if self.tensorboard is not None:
             for key, value in metrics.items():

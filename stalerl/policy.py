@@ -12,12 +12,16 @@ the hub cannot be reached), never running code it ships unless
 from __future__ import annotations
 
 import copy
+import errno
 import os
+import re
+import shutil
 import socket
 from pathlib import Path
 from urllib.parse import urlparse
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
@@ -134,7 +138,8 @@ def _from_pretrained(auto_class: type, config: ModelConfig, offline: str | None,
     try:
         return auto_class.from_pretrained(path, trust_remote_code=config.trust_remote_code,
                                           local_files_only=offline is not None, **kwargs)
-    except (OSError, ValueError) as error:  # no such hub name, no weights, an unknown architecture
+    except (OSError, ValueError, SafetensorError) as error:  # no such hub name, no weights, an unknown
+        # architecture, a truncated model.safetensors
         reason = one_line(error)
         if Path(path).expanduser().is_dir():
             raise ConfigError(f"model.name_or_path: cannot load {path}: {reason}") from None
@@ -211,9 +216,17 @@ def save_final(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path:
     hf_logging.disable_progress_bar()  # a shard bar per run is noise in a sweep's log
     try:
         model.save_pretrained(path, safe_serialization=True)
+        tokenizer.save_pretrained(path)
+    except (OSError, SafetensorError) as error:
+        shutil.rmtree(path, ignore_errors=True)  # a half-written checkpoint is no checkpoint: the space back
+        if isinstance(error, OSError):
+            raise
+        # safetensors' own error type, with the OS's code in its text: "... (os error 28)"
+        code = re.search(r"os error (\d+)", str(error))
+        number = int(code.group(1)) if code else errno.EIO
+        raise OSError(number, os.strerror(number) if code else one_line(error), str(path)) from error
     finally:
         hf_logging.enable_progress_bar()
-    tokenizer.save_pretrained(path)
 
 
 def build_rollout_engine(config: TrainConfig, model: PreTrainedModel | None,

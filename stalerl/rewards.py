@@ -119,11 +119,14 @@ def load_reward_function(spec: str) -> RewardFunction:
             module = importlib.import_module(module_name)
     except ConfigError:
         raise
-    except Exception as error:  # an import error in the user's module, reported in one line
+    except (Exception, SystemExit) as error:  # an import error in the user's module, reported in one line;
+        # SystemExit: a script that parses its arguments or calls sys.exit at import would end stalerl silently
         raise ConfigError(f"task.reward: cannot import {module_name!r}: {type(error).__name__}: {error}") from None
     function = getattr(module, function_name, None)
-    if not callable(function):
+    if function is None:
         raise ConfigError(f"task.reward: {module_name!r} has no function {function_name!r}")
+    if not callable(function):
+        raise ConfigError(f"task.reward: {module_name}:{function_name} is a {type(function).__name__}, not a function")
     return function
 
 

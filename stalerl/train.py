@@ -28,10 +28,10 @@ from stalerl import checkpoint
 from stalerl.collapse import collapse_step, collapse_summary
 from stalerl.config import ConfigError, TrainConfig, is_run_config, save_config, validate
 from stalerl.learner import learner_step, make_optimizer
-from stalerl.metrics import MetricsWriter, UpdateTracker
+from stalerl.metrics import MetricsWriter, UpdateTracker, finite_or_none
 from stalerl.data import build_task, check_task_inputs
 from stalerl.guards import (BadStepGuard, Interrupted, RunStopped, StopRequests, check_prompt_lengths, disk_full,
-                            is_disk_full, resume_hint)
+                            is_disk_full, output_directory, resume_hint)
 from stalerl.policy import (build_policy, build_rollout_engine, check_hardware, check_model_files, hub_access,
                             load_tokenizer, save_final)
 from stalerl.rollout import RolloutWorker, TransformersEngine
@@ -52,11 +52,7 @@ def prepare_run_dir(config: TrainConfig, resume: bool = False) -> Path:
     if (run_dir / "config.yaml").is_file() and not is_run_config(run_dir / "config.yaml"):
         raise ConfigError(f"run directory {run_dir} holds a config.yaml that stalerl did not write, and a run "
                           f"writes its own there; choose another --out")
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise ConfigError(f"cannot create run directory {run_dir}: {error.strerror}") from None
-    return run_dir
+    return output_directory(run_dir, "--out")
 
 
 def build_rollout_worker(config: TrainConfig, model: PreTrainedModel | None, tokenizer: PreTrainedTokenizerBase,
@@ -163,8 +159,11 @@ def run_steps(config: TrainConfig, run_dir: Path, resume: bool, wandb_run: Wandb
     reference = copy.deepcopy(model).requires_grad_(False) if config.loss.kl_beta > 0 else None
     optimizer = make_optimizer(model, config.optim)
     tracker = UpdateTracker(model, config.staleness.staleness, optimizer)
+    # The cap's prior for step 0: Adam's first step moves every trainable coordinate by eta. With LoRA
+    # the update is measured on the merged weights, where that step has no such size: no prior.
+    prior_g_upd = None if tracker.adapters else tracker.trainable_count ** 0.5
     lr_control = LearningRateControl(config.stabilizer, config.optim.lr, config.staleness.staleness,
-                                     initial_g_upd=tracker.trainable_count ** 0.5)
+                                     initial_g_upd=prior_g_upd)
     learner = checkpoint.Learner(model, optimizer, tracker, lr_control)
 
     # ------------------------------------------------------------ resume (checkpoint.py)
@@ -290,7 +289,8 @@ def run_steps(config: TrainConfig, run_dir: Path, resume: bool, wandb_run: Wandb
     summary["final_checkpoint"] = str(run_dir / "final")
     try:
         save_final(model, tokenizer, run_dir / "final", lora=config.model.lora_rank > 0)  # a plain HF checkpoint
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))  # last: it marks the run finished
+        # last: it marks the run finished; JSON has no infinity (a diverged run's drift): null, as in metrics.jsonl
+        (run_dir / "summary.json").write_text(json.dumps(finite_or_none(summary), indent=2))
     except OSError as error:
         if is_disk_full(error):
             raise disk_full(error, run_dir, latest_checkpoint) from error

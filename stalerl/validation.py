@@ -7,7 +7,9 @@ the learner's path it took about a tenth of a run at S >= 1, where the next batc
 (README, Performance). The rows of the steps since then are held until the score is in and are
 written in step order, so metrics.jsonl, TensorBoard and W&B read as before. A checkpoint (and so
 a stop by Ctrl-C or SIGTERM) and the run's end wait for the score and write them first; a run that
-fails writes them at once, the running score left out. One validation runs at a time, and one
+fails writes them at once, the running score left out, and then lets that validation finish: a
+process that exits while a thread is inside torch aborts (exit code 134 instead of the run's own,
+as a stop on non-finite updates showed). One validation runs at a time, and one
 that raises (a reward under task.on_reward_error=stop) raises in the learner's thread at the next
 validation, checkpoint or end.
 """
@@ -73,9 +75,13 @@ class Validation:
         self._write_held()
 
     def close(self) -> None:
-        """After an error (a stop, a failed reward): the held rows now, the running score not waited for."""
+        """After an error (a stop, a failed reward): the held rows now, without the running score; then
+        that validation is let finish (its score, or its error, dropped) so that the process can exit."""
         with contextlib.suppress(OSError):  # a full disk is the error being reported
             self._write_held()
+        running, self._running = self._running, None
+        if running is not None:
+            running.join()
 
     def _score(self, engine: TransformersEngine, metrics: dict[str, Any]) -> None:
         try:

@@ -136,31 +136,35 @@ def _discard(path: Path) -> None:
 
 
 def _build(config: TrainConfig, path: Path) -> None:
-    warm = config.warm_start
-    task = AdditionTask(config.task.max_operand, config.task.val_size)
-    tokenizer = build_char_tokenizer(AdditionTask.alphabet())
-    model = build_tiny_llama(config.model, len(tokenizer), seed=warm.seed)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(warm.seed)
-        supervised_train(model, tokenizer, task, warm.steps, warm.lr, warm.batch_size, warm.seed)
-    engine = TransformersEngine(model, tokenizer, config.rollout.max_new_tokens)
-    record = {
-        "parameters": count_parameters(model),
-        "steps": warm.steps,
-        "val_greedy_accuracy": accuracy(engine, task, task.validation_prompts(), None),
-        "val_sampled_accuracy": accuracy(engine, task, task.validation_prompts(), noise_seed=warm.seed),
-    }
-    # Written to a temporary directory and renamed, so a killed build never leaves a half entry.
+    # Written to a temporary directory and renamed, so a killed build never leaves a half entry. The
+    # directory is made first: an unwritable cache is one line before the training, not after it.
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".warmstart-", dir=path.parent))
     except OSError as error:
         raise ConfigError(f"cannot write the warm-start cache {path.parent} ({error.strerror or error}); "
                           f"set STALERL_CACHE to a writable directory") from None
-    model.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
-    (staging / "warm_start.json").write_text(json.dumps(record, indent=2))
     try:
+        warm = config.warm_start
+        task = AdditionTask(config.task.max_operand, config.task.val_size)
+        tokenizer = build_char_tokenizer(AdditionTask.alphabet())
+        model = build_tiny_llama(config.model, len(tokenizer), seed=warm.seed)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(warm.seed)
+            supervised_train(model, tokenizer, task, warm.steps, warm.lr, warm.batch_size, warm.seed)
+        engine = TransformersEngine(model, tokenizer, config.rollout.max_new_tokens)
+        record = {
+            "parameters": count_parameters(model),
+            "steps": warm.steps,
+            "val_greedy_accuracy": accuracy(engine, task, task.validation_prompts(), None),
+            "val_sampled_accuracy": accuracy(engine, task, task.validation_prompts(), noise_seed=warm.seed),
+        }
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        (staging / "warm_start.json").write_text(json.dumps(record, indent=2))
         os.rename(staging, path)
     except OSError:  # another process finished the same entry first
-        shutil.rmtree(staging, ignore_errors=True)
+        if not path.is_dir():
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # gone already once renamed

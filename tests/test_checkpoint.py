@@ -6,6 +6,7 @@ import dataclasses
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -226,6 +227,27 @@ def test_resume_refuses_another_config_a_finished_run_and_no_usable_checkpoint(s
     with pytest.raises(ConfigError, match="no usable checkpoint in .*step-000003 is unusable: manifest.json "
                                           "unreadable .*step-000002 is unusable: state.json does not match"):
         train(small(small_config, run), resume=True)
+
+
+def test_a_run_with_no_checkpoint_starts_over_and_keeps_what_it_had_logged(small_config, tmp_path, monkeypatch,
+                                                                          capsys):
+    """Killed before its first checkpoint: --resume starts the run over, and the rows it had logged are moved
+    aside, not deleted (a bounded-mode run would not make the same ones again)."""
+    train(small(small_config, tmp_path / "reference"))
+    run = tmp_path / "run"
+    stop_at(monkeypatch, 2)
+    with pytest.raises(Interrupted):
+        train(small(small_config, run))
+    monkeypatch.undo()
+    logged = (run / "metrics.jsonl").read_text()
+    shutil.rmtree(run / "checkpoints")  # as if killed before the first one was written
+    capsys.readouterr()
+    train(small(small_config, run), resume=True)
+    err = capsys.readouterr().err
+    assert "has no checkpoint yet: the run starts over" in err and "the 3 steps it had logged are kept in" in err
+    (aside,) = run.glob("before-restart-*")
+    assert (aside / "metrics.jsonl").read_text() == logged and (aside / "samples.jsonl").is_file()
+    assert without_timings(read_metrics(run)) == without_timings(read_metrics(tmp_path / "reference"))
 
 
 # ---------------------------------------------------------------- the pipeline alone, stub engines

@@ -21,6 +21,10 @@ def test_defaults_validate_and_round_trip(tmp_path):
     ("staleness.mode", "async", "staleness.mode: 'async' is not one of ['exact', 'bounded']"),
     ("steps", "ten", "steps: expected an integer"),
     ("val_in_background", "sometimes", "val_in_background: 'sometimes' does not match bool | None"),
+    ("loss.kl_beta", float("inf"), "loss.kl_beta: must be a finite number, got inf"),  # every float field
+    ("stabilizer.k", float("inf"), "stabilizer.k: must be a finite number, got inf"),
+    ("task.reward_timeout_s", float("nan"), "task.reward_timeout_s: must be"),
+    ("model.hidden_size", 12, "model.hidden_size: hidden_size / num_heads must be even"),  # RoPE, 4 heads
 ])
 def test_bad_values_name_the_key(key, value, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
@@ -99,6 +103,39 @@ def test_cli_errors_are_one_line_before_any_work(capsys, tmp_path):
     missing = tmp_path / "nope.yaml"
     assert f"config file not found: {missing}" in _cli_error(capsys, ["train", "--config", str(missing)])
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_a_key_given_twice_is_refused_and_an_empty_section_is_empty(tmp_path):
+    (tmp_path / "twice.yaml").write_text("steps: 3\noptim:\n  lr: 1.0e-4\n  lr: 2.0e-4\n")
+    with pytest.raises(ConfigError, match=r"twice.yaml:4: not valid YAML \(key 'lr' is given twice\)"):
+        load_config(tmp_path / "twice.yaml")
+    (tmp_path / "empty.yaml").write_text("steps: 3\nmodel:\n  # hidden_size: 64\n")
+    assert load_config(tmp_path / "empty.yaml").model == TrainConfig().model
+
+
+def test_cli_refuses_empty_values_options_of_another_runtime_and_unwritable_outputs(capsys, tmp_path):
+    """An unset shell variable (`--resume "$RUN"`) started a fresh default run; a file where --out should
+    be gave a traceback after the work."""
+    assert "--resume: empty value" in _cli_error(capsys, ["train", "--resume", ""])
+    assert "--config: empty value" in _cli_error(capsys, ["sweep", "-S", "0", "--lr", "1e-4", "--out",
+                                                          str(tmp_path / "s"), "--config", ""])
+    assert "--num-workers: is for --runtime ray" in _cli_error(capsys, ["train", "--num-workers", "3"])
+    assert "--ray-address: is for --runtime ray" in _cli_error(capsys, ["train", "--ray-address", "auto"])
+    in_the_way = tmp_path / "a-file"
+    in_the_way.write_text("")
+    for argv in (["train", "--out", str(in_the_way)],
+                 ["sweep", "-S", "0", "--lr", "1e-4", "--out", str(in_the_way)],
+                 ["bias", "--out", str(in_the_way), "--lr", "1e-4", "--lags", "0,1", "--anchors", "2"],
+                 ["bench", "--out", str(in_the_way), "--quick", "--parts", "gen"]):
+        assert f"--out {in_the_way}: exists and is not a directory" in _cli_error(capsys, argv)
+    assert "cannot write there" in _cli_error(capsys, ["train", "--out", str(in_the_way / "run")])
+    assert "--json" in _cli_error(capsys, ["advise", str(tmp_path), "--json", str(tmp_path)])
+    assert "--clip-threshold" in _cli_error(capsys, ["advise", str(tmp_path), "--clip-threshold", "nan"])
+    for flags, message in ((["--lags", ""], "--lags: no values given"), (["--anchors", "0", "--lags", "0"], "--anchors"),
+                           (["--lr", "nan"], "--lr: learning rates must be > 0 and finite")):
+        argv = ["bias", "--out", str(tmp_path / "b"), "--lr", "1e-4", "--lags", "0,1", "--anchors", "2", *flags]
+        assert message in _cli_error(capsys, argv)
+    assert not (tmp_path / "b").exists()
 
 
 def test_console_script_help():

@@ -129,3 +129,11 @@ def test_lora_geometry_is_that_of_the_merged_weights():
     fake_gradients(model, 9)
     optimizer.step()
     assert again.after_step(model) == tracker.after_step(model)
+
+
+def test_json_outputs_hold_null_for_non_finite_numbers():
+    """summary.json and sweep.json: JSON has no infinity (a diverged run's drift); strict parsers refuse it."""
+    from stalerl.metrics import finite_or_none
+
+    value = {"g_upd_median": float("inf"), "rows": [float("nan"), 1.5], "nested": {"drift": -float("inf"), "n": 3}}
+    assert finite_or_none(value) == {"g_upd_median": None, "rows": [None, 1.5], "nested": {"drift": None, "n": 3}}

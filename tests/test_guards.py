@@ -8,6 +8,7 @@ import json
 import os
 import re
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -133,6 +134,29 @@ def test_a_full_disk_when_saving_the_final_policy_is_one_line(tmp_path, capsys, 
     err = capsys.readouterr().err.strip()
     assert err.startswith("stalerl: disk full (No space left on device) writing ") and "\n" not in err
     assert f"stalerl train --resume {run}" in err and not (run / "summary.json").exists()
+
+
+def test_safetensors_own_disk_full_error_reads_as_the_os_error_and_the_half_checkpoint_goes(tmp_path, monkeypatch):
+    """save_pretrained writes through safetensors' save_file, whose SafetensorError carries the OS's code in
+    its text; save_final raises it as that OSError (so the run says "disk full") and removes final/."""
+    from safetensors import SafetensorError
+
+    from stalerl.config import TrainConfig
+    from stalerl.policy import build_policy, save_final
+
+    model, tokenizer, _ = build_policy(TrainConfig())
+
+    def full_disk(path, **kwargs):
+        Path(path, "config.json").write_text("{}")  # what transformers wrote before the weights
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(model, "save_pretrained", full_disk)
+    final = tmp_path / "final"
+    final.mkdir()
+    with pytest.raises(OSError) as raised:
+        save_final(model, tokenizer, final, lora=False)
+    assert raised.value.errno == errno.ENOSPC and raised.value.strerror == os.strerror(errno.ENOSPC)
+    assert raised.value.filename == str(final) and not final.exists()
 
 
 def test_a_users_config_yaml_in_the_run_directory_is_not_overwritten(tmp_path, capsys):

@@ -212,6 +212,22 @@ def test_without_the_stale_limit_the_advice_names_no_active_constraint():
     assert any(line.startswith("R_batch") for line in advice.missing)
 
 
+def test_a_run_too_short_for_the_collapse_rule_is_neither_stable_nor_collapsed():
+    """8 steps of a policy at reward 0: the rule needs collapse.min_tail (10) steps to confirm a collapse, so
+    the run was reported stable ("largest stable lr 1e+30"); it is left out of the law and counted."""
+    from stalerl.lab.law import law_report
+
+    runs = [synthetic_run(0, lr, 300) for lr in LRS]
+    short = synthetic_run(0, 1e30, 8)
+    for row in short.metrics:
+        row["train_reward"] = 0.0
+    assert short.collapse_version is None and short.too_short_to_judge
+    assert not any(run.too_short_to_judge for run in runs)
+    report = law_report([*runs, short], [0], 300)
+    assert report["too_short_left_out"] == 1 and report["runs"] == len(runs)
+    assert report["collapse"]["by_staleness"][0]["largest_stable_lr"] < 1
+
+
 def test_pairwise_bias_finds_a_planted_bias_under_noise():
     torch.manual_seed(0)
     dimension, batches = 2000, 32

@@ -151,6 +151,16 @@ def test_bad_reward_specs(spec, message):
 def test_missing_function_in_module(user_file):
     with pytest.raises(ConfigError, match="has no function 'nope'"):
         load_reward_function(f"{user_file}:nope")
+    with pytest.raises(ConfigError, match=r"my_rewards.py:CALLS is a list, not a function"):
+        load_reward_function(f"{user_file}:CALLS")
+
+
+def test_a_reward_module_that_exits_at_import_is_an_error_not_an_exit(tmp_path):
+    """A script with module-level argparse or sys.exit ended stalerl there, silently."""
+    script = tmp_path / "script.py"
+    script.write_text("import sys\nsys.exit(5)\ndef f(prompt, completion, **record):\n    return 1.0\n")
+    with pytest.raises(ConfigError, match="cannot import .*script.py.*SystemExit: 5"):
+        load_reward_function(f"{script}:f")
 
 
 # ---------------------------------------------------------------- policies end to end (the tiny default)

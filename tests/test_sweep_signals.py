@@ -58,6 +58,7 @@ def test_ctrl_c_stops_a_sweep_in_one_line_with_a_checkpoint_in_the_running_cell(
     assert "SIGINT: the sweep stops" in stderr
     assert "sweep stopped, 0 of 1 cells finished (1 stopped or not started); rerun the same command" in stderr
     assert "stopping after this step with a checkpoint" in stderr  # the cell's own line: it got the signal
+    assert f"stalerl: {CELL}: stopped by SIGINT after step" in stderr and "--resume" in stderr  # and where it stopped
     assert newest_valid(out / CELL) is not None
     assert not (out / CELL / "summary.json").exists()
     steps_done = len((out / CELL / "metrics.jsonl").read_text().splitlines())

@@ -61,6 +61,25 @@ def test_rows_wait_for_their_validation_and_are_written_in_order(tmp_path):
     writer.close()
 
 
+def test_a_failing_run_writes_the_held_rows_at_once_and_lets_the_running_validation_end(tmp_path):
+    """close() after an error: the rows are written without the running score, and close returns only
+    once that validation has ended (a process that exits while a thread is in torch aborts: exit 134)."""
+    model, tokenizer, _ = build_policy(TrainConfig())
+    task = GatedTask()
+    writer = MetricsWriter(tmp_path, tensorboard=False)
+    validation = Validation(model, lambda policy: TransformersEngine(policy, tokenizer, 6), task,
+                            task.validation_prompts(), writer, background=True)
+    task.closed = True
+    validation.write(*row(0), validate=True)
+    validation.write(*row(1), validate=False)
+    running = validation._running
+    threading.Timer(0.3, task.gate.set).start()  # the validation can end only after close() has begun
+    validation.close()
+    assert not running.is_alive()
+    assert [(r["step"], r["val_reward"]) for r in read_metrics(tmp_path)] == [(0, None), (1, None)]
+    writer.close()
+
+
 class FailingTask(AdditionTask):
     def reward(self, prompt, completion, finished):
         raise ValueError("reward failed")

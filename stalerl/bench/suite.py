@@ -18,6 +18,7 @@ from stalerl.bench.plan import CHECKPOINT_DEFAULTS, CHECKPOINT_PARTS, Plan, base
 from stalerl.bench.runs import isolated
 from stalerl.bench.step import bench_step
 from stalerl.bench.sweep import bench_sweep
+from stalerl.guards import output_directory
 
 
 PARTS = ("step", "gen", "async", "sweep", "memory")
@@ -86,7 +87,7 @@ def run_bench(out: Path, quick: bool, plan: Plan | None = None, parts: tuple[str
 
     model = checked_model_settings(checkpoint, data, settings or {}, parts)
     plan = plan or default_plan(quick, bool(checkpoint))
-    out.mkdir(parents=True, exist_ok=True)
+    output_directory(out, "--out")
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     report: dict[str, Any] = {
         "format": REPORT_FORMAT, "quick": quick, "plan": dataclasses.asdict(plan),

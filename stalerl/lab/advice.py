@@ -39,8 +39,11 @@ def advise_directory(directory: Path, staleness: list[int] | None, horizon: int 
 
 def print_report(report: dict[str, Any]) -> None:
     left_out = report.get("stabilizer_runs_left_out", 0)
+    too_short = report.get("too_short_left_out", 0)
+    notes = [f"{left_out} stabilizer run(s)"] * bool(left_out) + [
+        f"{too_short} run(s) too short to judge (fewer steps than collapse.min_tail)"] * bool(too_short)
     print(f"constants from {report['runs']} fixed-learning-rate run(s), {report['steps_run']} learner steps"
-          + (f" ({left_out} stabilizer run(s) left out):" if left_out else ":"))
+          + (f" ({' and '.join(notes)} left out):" if notes else ":"))
     for key, name in (("g_upd", "G_upd"), ("r_crit", "R_crit"), ("r_batch", "R_batch")):
         print(_format(report[key], name))
     for key, fit in report["drift_fits"].items():

@@ -38,7 +38,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from stalerl.config import ConfigError, TrainConfig
 from stalerl.data import build_task
-from stalerl.guards import check_prompt_lengths
+from stalerl.guards import check_prompt_lengths, output_directory
 from stalerl.lab.law import fit_loglog
 from stalerl.learner import learner_step, make_optimizer, surrogate_gradient
 from stalerl.metrics import flat_parameters
@@ -285,8 +285,8 @@ def run_probe(config: TrainConfig, lrs: list[float], anchors: list[int], lags: l
     what = {"model": config.model.name_or_path, "task": config.task.name}  # "": the embedded tiny model
     if (out / "bias.json").is_file():  # a probe is grown only with points of the same config
         check_same_probe(out / "bias.json", config, what)
+    output_directory(out, "--out")
     policy = build_probe_policy(config)
-    out.mkdir(parents=True, exist_ok=True)
     points: list[BiasPoint] = []
     for lr in lrs:
         keep = {anchor - lag for anchor in anchors for lag in lags} | set(anchors)

@@ -383,6 +383,8 @@ def advise(runs: list[RunRecord], constants: LawConstants, staleness: int, horiz
 
 def law_report(runs: list[RunRecord], staleness: list[int], horizon: int, clip_threshold: float = 0.05,
                safety: float = 0.5) -> dict[str, Any]:
+    too_short = [run for run in runs if run.too_short_to_judge]  # "stable" only for want of steps
+    runs = [run for run in runs if not run.too_short_to_judge]
     constants = law_constants(runs)
     onset = clip_onset_drift(runs, clip_threshold)
     drift_fits = {f"T={horizon}": fit_drift(runs, "cumulative", horizon)}
@@ -392,6 +394,7 @@ def law_report(runs: list[RunRecord], staleness: list[int], horizon: int, clip_t
         "runs": len(fixed),  # the fixed-learning-rate runs every estimate below comes from
         "steps_run": sum(len(run.metrics) for run in fixed),  # the compute the constants cost, in learner steps
         "stabilizer_runs_left_out": len(runs) - len(fixed),
+        "too_short_left_out": len(too_short),  # fewer steps than collapse.min_tail: undecided
         "g_upd": constants.g_upd.to_dict() if constants.g_upd else None,
         "r_crit": constants.r_crit.to_dict() if constants.r_crit else None,
         "r_batch": constants.r_batch.to_dict() if constants.r_batch else None,

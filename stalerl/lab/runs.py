@@ -51,6 +51,12 @@ class RunRecord:
         """The policy version that collapsed (the collapse step minus the lag of its batch)."""
         return self.summary.get("collapse_version", self.collapse_step)
 
+    @property
+    def too_short_to_judge(self) -> bool:
+        """Fewer steps than collapse.min_tail: no collapse could be confirmed, so neither stable nor collapsed."""
+        min_tail = self.config.get("collapse", {}).get("min_tail", CollapseConfig.min_tail)
+        return self.collapse_version is None and len(self.metrics) < min_tail
+
     def series(self, key: str) -> list[Any]:
         return [row.get(key) for row in self.metrics]
 

@@ -39,8 +39,9 @@ from tqdm import tqdm
 from stalerl import forking
 from stalerl.config import ConfigError, TrainConfig, load_config, override, validate
 from stalerl.wandb_logging import sweep_group
-from stalerl.guards import Interrupted, RunStopped, StopRequests, stop_signals_blocked, when_ended
+from stalerl.guards import Interrupted, RunStopped, StopRequests, output_directory, stop_signals_blocked, when_ended
 from stalerl.lab.runs import is_finished, load_run
+from stalerl.metrics import finite_or_none
 
 # Stabilizer name -> config overrides. 'gac' caps the cosine between consecutive updates.
 STABILIZERS: dict[str, dict[str, Any]] = {
@@ -273,7 +274,7 @@ def run_sweep(cells: list[tuple[Cell, TrainConfig]], out: Path, workers: int, pr
         from stalerl.train import check_inputs
 
         check_inputs(first)
-    out.mkdir(parents=True, exist_ok=True)
+    output_directory(out, "--out")
     rows: dict[str, dict] = {}
     todo = []
     for cell, config, action in plan:
@@ -347,10 +348,12 @@ def _collect(futures: dict, stop: SweepStop, rows: dict[str, dict], cells: list[
         try:
             summary = future.result()
         except (RunStopped, KeyboardInterrupt, concurrent.futures.CancelledError,
-                concurrent.futures.process.BrokenProcessPool):
+                concurrent.futures.process.BrokenProcessPool) as error:
             if not stop.requested:
                 raise
             stopped += 1
+            if isinstance(error, RunStopped) and not str(error).startswith("not started"):
+                tqdm.write(f"stalerl: {cell.name}: {error}", file=sys.stderr)  # where it stopped, its checkpoint
             continue
         rows[cell.name] = sweep_row(cell, summary, Path(config.out))
         collapsed = sum(row["collapse_step"] is not None for row in rows.values())
@@ -385,5 +388,5 @@ def write_table(out: Path, rows: list[dict]) -> None:
     earlier = json.loads(path.read_text()) if path.is_file() else []
     merged = [row for row in earlier if row["run_dir"] not in ours] + rows
     temporary = out / "sweep.json.tmp"
-    temporary.write_text(json.dumps(merged, indent=2))
+    temporary.write_text(json.dumps(finite_or_none(merged), indent=2))  # JSON has no infinity: null
     temporary.replace(path)
