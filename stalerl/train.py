@@ -273,6 +273,8 @@ def run_steps(config: TrainConfig, run_dir: Path, resume: bool, wandb_run: Wandb
         raise
     except WorkerLost as error:  # killed or out of memory, not a bug: say how to go on
         raise RunStopped(f"{error}; {resume_hint(run_dir, latest_checkpoint)}") from error
+    except KeyboardInterrupt as error:  # a second Ctrl-C or SIGTERM: at once, the step in progress lost
+        raise Interrupted(f"interrupted at once; {resume_hint(run_dir, latest_checkpoint)}") from error
     finally:
         stop_requests.uninstall()
         progress.close()

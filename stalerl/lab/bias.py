@@ -38,7 +38,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from stalerl.config import ConfigError, TrainConfig
 from stalerl.data import build_task
-from stalerl.guards import check_prompt_lengths, output_directory
+from stalerl.guards import check_output_directory, check_prompt_lengths, output_directory
 from stalerl.lab.law import fit_loglog
 from stalerl.learner import learner_step, make_optimizer, surrogate_gradient
 from stalerl.metrics import flat_parameters
@@ -285,8 +285,9 @@ def run_probe(config: TrainConfig, lrs: list[float], anchors: list[int], lags: l
     what = {"model": config.model.name_or_path, "task": config.task.name}  # "": the embedded tiny model
     if (out / "bias.json").is_file():  # a probe is grown only with points of the same config
         check_same_probe(out / "bias.json", config, what)
-    output_directory(out, "--out")
+    check_output_directory(out, "--out")  # before the policy loads, but no directory for a refused probe
     policy = build_probe_policy(config)
+    output_directory(out, "--out")
     points: list[BiasPoint] = []
     for lr in lrs:
         keep = {anchor - lag for anchor in anchors for lag in lags} | set(anchors)
