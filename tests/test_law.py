@@ -56,6 +56,8 @@ def test_ballistic_drift_gives_the_laws_horizon_limit():
     # T_c = R_crit / (eta G_upd): T_c * eta is constant and T_c ~ eta^-1.
     assert table["by_staleness"][0]["tc_eta"]["value"] == pytest.approx(10.0 / 300.0, rel=0.2)
     assert table["tc_vs_eta"]["slope"] == pytest.approx(-1.0, abs=0.05)  # within S
+    past_first = table["tc_vs_eta_past_first_update"]
+    assert past_first["slope"] == pytest.approx(-1.0, abs=0.05) and past_first["points"] <= table["tc_vs_eta"]["points"]
     assert table["tc_vs_s"] is None  # one S > 0: no S exponent to fit
     advice = advise(runs, constants, staleness=0, horizon=300)
     assert advice.active == HORIZON

@@ -64,7 +64,9 @@ def print_report(report: dict[str, Any]) -> None:
             tc = row["tc_eta"]["value"] if row["tc_eta"] else None
             print(f"  {s:>8}  {row['largest_stable_lr'] or '-':>17}  {row['smallest_collapsing_lr'] or '-':>22}  "
                   f"{'-' if tc is None else f'{tc:.4g}'}")
-    for key, name in (("tc_vs_eta", "T_c ~ eta^b within each S"), ("tc_vs_s", "T_c ~ S^c at fixed eta (S > 0)")):
+    for key, name in (("tc_vs_eta", "T_c ~ eta^b within each S"),
+                      ("tc_vs_eta_past_first_update", "the same without the runs at T_c = 1"),
+                      ("tc_vs_s", "T_c ~ S^c at fixed eta (S > 0)")):
         fit = report["collapse"].get(key)
         if fit is not None:
             interval = "" if math.isnan(fit["slope_low"]) else f" [{fit['slope_low']:.2f}, {fit['slope_high']:.2f}]"

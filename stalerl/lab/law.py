@@ -273,6 +273,10 @@ def collapse_table(runs: list[RunRecord]) -> dict[str, Any]:
                            [run.collapse_version for run in stale])
     within_s = fit_log_linear({"eta": [run.lr for run in timed]}, [run.staleness for run in timed],
                               [run.collapse_version for run in timed])
+    # T_c = 1 is a floor (no run collapses sooner), so those runs pull the slope toward 0: the same fit without them
+    resolved = [run for run in timed if run.collapse_version >= 2]
+    within_s_resolved = fit_log_linear({"eta": [run.lr for run in resolved]}, [run.staleness for run in resolved],
+                                       [run.collapse_version for run in resolved])
     boundary = {s: row["largest_stable_lr"] for s, row in by_s.items() if row["largest_stable_lr"]}
     return {
         "by_staleness": by_s,
@@ -281,6 +285,9 @@ def collapse_table(runs: list[RunRecord]) -> dict[str, Any]:
         "tc_vs_eta": None if within_s is None else {
             **within_s["slopes"]["eta"], "points": within_s["points"],
             "how": "log T_c on log eta with one intercept per S, collapsed runs with T_c > 0"},
+        "tc_vs_eta_past_first_update": None if within_s_resolved is None else {
+            **within_s_resolved["slopes"]["eta"], "points": within_s_resolved["points"],
+            "how": "the same without the runs at the floor T_c = 1 (collapsed on their first update)"},
         # log T_c = a + b log eta + c log S over S > 0: the S exponent at a fixed eta (and b beside it).
         "tc_vs_s": None if joint is None else {
             **joint["slopes"]["S"], "eta_slope": joint["slopes"]["eta"], "points": joint["points"],
