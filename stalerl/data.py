@@ -205,15 +205,22 @@ def check_task_inputs(config: TrainConfig) -> None:
     task_config = config.task
     if task_config.name == "addition":
         prompt = Prompt(text="1+2=", answer="3")  # what the reward is called with, as AdditionTask makes it
+        training_prompts = (task_config.max_operand + 1) ** 2 - task_config.val_size
     else:
         train, val = split_records(task_config)
         for where, record in train + val:
             fill_template(task_config, where, record)
+        training_prompts = len(train)
         record = train[0][1]
         prompt = Prompt(text=str(record[task_config.question_field]), answer=str(record[task_config.answer_field]),
                         record=record)
     if task_config.reward:
         check_reward_signature(load_reward_function(task_config.reward), task_config.reward, prompt)
+    # Prompts are drawn with replacement, so any count runs; past the split's size a step only repeats
+    # prompts, and a typo (an extra zero or three) would take all the memory before any message.
+    if config.rollout.prompts_per_step > training_prompts:
+        raise ConfigError(f"rollout.prompts_per_step: {config.rollout.prompts_per_step} prompts a step, but the "
+                          f"training split has {training_prompts}")
 
 
 def build_task(config: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> Task:

@@ -120,6 +120,9 @@ def test_cli_refuses_empty_values_options_of_another_runtime_and_unwritable_outp
     assert "--config: empty value" in _cli_error(capsys, ["sweep", "-S", "0", "--lr", "1e-4", "--out",
                                                           str(tmp_path / "s"), "--config", ""])
     assert "--num-workers: is for --runtime ray" in _cli_error(capsys, ["train", "--num-workers", "3"])
+    # a typo's extra zeros took all 24 GB before the kernel killed the run, with no message
+    assert "rollout.prompts_per_step: 100000 prompts a step, but the training split has 2244" in _cli_error(
+        capsys, ["train", "--set", "rollout.prompts_per_step=100000", "--out", str(tmp_path / "p")])
     assert "--ray-address: is for --runtime ray" in _cli_error(capsys, ["train", "--ray-address", "auto"])
     in_the_way = tmp_path / "a-file"
     in_the_way.write_text("")
