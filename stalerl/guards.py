@@ -108,10 +108,21 @@ def stop_signals_blocked() -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
+# A stop asked for from another thread: the Ray driver's Ctrl-C or SIGTERM, forwarded to the learner
+# actor (ray_runtime.LearnerActor.request_stop), whose loop reads it as it reads its own signals.
+_forwarded_stop: list[str] = []
+
+
+def request_stop(signal_name: str) -> None:
+    """Asks the running loop of this process to stop after its step, as its own signal would."""
+    _forwarded_stop.append(signal_name)
+
+
 class StopRequests:
     """Ctrl-C and SIGTERM ask the loop to stop after the step in progress, so that the checkpoint it
     writes is consistent; a second signal stops at once, unless `quit_on_second` is off. Only the
-    main thread can take signals: elsewhere (a Ray actor, a thread) this does nothing.
+    main thread can take signals: elsewhere (a Ray actor, a thread) this does nothing, and a stop
+    reaches the loop by request_stop.
 
     A sweep worker holds one with `quit_on_second` off between its cells (lab/sweep.py). A run's
     StopRequests installed over it takes over its request (a stop asked for while the run was
@@ -120,7 +131,7 @@ class StopRequests:
 
     def __init__(self, quit_on_second: bool = True):
         self.quit_on_second = quit_on_second
-        self.requested: str | None = None
+        self._requested: str | None = None
         self._previous: dict[int, object] = {}
         self._enclosing: StopRequests | None = None
 
@@ -136,7 +147,17 @@ class StopRequests:
             self.requested = self.requested or enclosing.requested
         return self
 
+    @property
+    def requested(self) -> str | None:
+        """The name of the signal that asked for a stop (here or forwarded: request_stop), or None."""
+        return self._requested or (_forwarded_stop[0] if _forwarded_stop else None)
+
+    @requested.setter
+    def requested(self, name: str | None) -> None:
+        self._requested = name
+
     def uninstall(self) -> None:
+        _forwarded_stop.clear()  # the request was this run's
         with stop_signals_blocked():
             for signum, handler in self._previous.items():
                 signal.signal(signum, handler)

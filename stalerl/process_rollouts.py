@@ -243,7 +243,12 @@ class ProcessRollouts(QueuedRollouts):
     def close(self) -> None:
         self._stop.set()
         self._mailbox.close()
-        self._process.join(timeout=10)  # a batch in production is discarded, not awaited past this
+        # A child that made every batch before the stop waits at exit to flush the ones not read (a run
+        # that ended early: collapse.stop_early, a guard): they are read and dropped here meanwhile.
+        deadline = time.monotonic() + 10  # a batch in production is discarded, not awaited past this
+        while self._process.is_alive() and time.monotonic() < deadline:
+            with contextlib.suppress(queue.Empty):
+                self._batches.get(timeout=0.1)
         if self._process.is_alive():  # it ignores SIGTERM (_worker_main)
             self._process.kill()
             self._process.join()

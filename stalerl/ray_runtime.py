@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from stalerl.config import ConfigError, TrainConfig, first_line, validate
-from stalerl.guards import RunStopped, resume_hint
+from stalerl.guards import Interrupted, RunStopped, StopRequests, resume_hint
 
 
 def local_init_kwargs(num_cpus: float, num_gpus: int | None = None) -> dict[str, Any]:
@@ -120,21 +120,29 @@ class LearnerFailed(RuntimeError):
 
 
 class LearnerActor:
-    """The learner: the local runtime's loop, `train(config, resume)`, in its own process."""
+    """The learner: the local runtime's loop, `train(config, resume)`, in its own process. It runs with
+    two threads (max_concurrency=2), so that `request_stop` reaches a running `train`."""
 
     def train(self, config: TrainConfig, resume: bool = False) -> dict[str, Any]:
         from stalerl.train import train
 
         return train(config, resume=resume)
 
+    def request_stop(self, signal_name: str) -> None:
+        """The driver's Ctrl-C or SIGTERM: train stops after its step with a checkpoint, as a local run does."""
+        from stalerl.guards import request_stop
 
-def _learner_failed(what: str, why: str, config: TrainConfig) -> LearnerFailed:
+        request_stop(signal_name)
+
+
+def _learner_failed(what: str, why: str, config: TrainConfig,
+                    kind: type[RuntimeError] = LearnerFailed) -> RuntimeError:
     """One line: what happened, the newest checkpoint the learner left and the command that goes on from it."""
     from stalerl.checkpoint import newest_usable  # torch: only once the learner has failed
 
     run_dir = Path(config.out)  # on a cluster: readable here only on a shared filesystem
     why = " ".join(why.split()).rstrip(".")  # Ray's messages span several lines
-    return LearnerFailed(f"{what}: {why}; {resume_hint(run_dir, newest_usable(run_dir))}")
+    return kind(f"{what}: {why}; {resume_hint(run_dir, newest_usable(run_dir))}")
 
 
 def train_on_ray(config: TrainConfig, resume: bool = False) -> dict[str, Any]:
@@ -150,9 +158,14 @@ def train_on_ray(config: TrainConfig, resume: bool = False) -> dict[str, Any]:
         _check_resources(config)
         name = f"stalerl-learner-{uuid.uuid4().hex[:8]}"
         learner = ray.remote(LearnerActor).options(name=name, num_cpus=runtime.learner_cpus,
-                                                   num_gpus=runtime.learner_gpus, max_restarts=0).remote()
+                                                   num_gpus=runtime.learner_gpus, max_restarts=0,
+                                                   max_concurrency=2).remote()
+        stop = StopRequests().install()  # over Ray's own SIGTERM handler, which dumps a stack and exits 1
         try:
-            return ray.get(learner.train.remote(config, resume))
+            return _wait_for(learner, learner.train.remote(config, resume), stop)
+        except KeyboardInterrupt:  # a second signal: the learner is killed below, mid-step
+            raise _learner_failed("interrupted at once", "the step in progress is lost", config,
+                                  Interrupted) from None
         except ray.exceptions.RayTaskError as error:  # train raised
             if isinstance(error.cause, ConfigError):  # bad input stays a one-line error
                 raise ConfigError(str(error.cause)) from None
@@ -162,7 +175,21 @@ def train_on_ray(config: TrainConfig, resume: bool = False) -> dict[str, Any]:
         except ray.exceptions.RayActorError as error:  # the learner's process died
             raise _learner_failed("learner died", str(error), config) from error
         finally:
+            stop.uninstall()
             ray.kill(learner)
+
+
+def _wait_for(learner: Any, run: Any, stop: StopRequests) -> dict[str, Any]:
+    """The learner's summary; a Ctrl-C or SIGTERM meanwhile is passed on to it (it stops after its step
+    with a checkpoint and raises Interrupted), and a second one raises KeyboardInterrupt here."""
+    import ray
+
+    forwarded = False
+    while not ray.wait([run], timeout=0.2)[0]:  # wakes to run the signal handlers
+        if stop.requested and not forwarded:
+            learner.request_stop.remote(stop.requested)
+            forwarded = True
+    return ray.get(run)
 
 
 def _train_task(config: TrainConfig) -> dict[str, Any]:

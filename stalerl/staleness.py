@@ -287,11 +287,13 @@ class ThreadedRollouts(QueuedRollouts):
         self._mailbox.publish(state_dict, version)
 
     def close(self) -> None:
+        """Stops the worker after the batch it is making, and waits for it: a process that exits while a
+        daemon thread is inside torch aborts (exit code 134, not the run's own). Its queue is unbounded
+        and its mailbox is closed, so nothing else can hold it."""
         self._stop.set()
         self._mailbox.close()
-        self._thread.join(timeout=60)
-        if not self._thread.is_alive():  # a thread still generating keeps its engine
-            self.engine.close()
+        self._thread.join()
+        self.engine.close()
 
     def report(self) -> dict:
         return {"runtime": "local", "worker": "thread", "num_workers": 1, "lost_batches": 0,  # a thread is not restarted

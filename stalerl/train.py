@@ -175,10 +175,15 @@ def run_steps(config: TrainConfig, run_dir: Path, resume: bool, wandb_run: Wandb
     cpu_started -= restored.data.get("cpu_s", 0.0) if restored else 0.0
 
     writer = MetricsWriter(run_dir, config.tensorboard, purge_step=start_step if resume else None, wandb_run=wandb_run)
-    validation = Validation(model, lambda policy: TransformersEngine(policy, tokenizer, rollout.max_new_tokens,
+    background = validates_in_background(config, model)
+    # In its own thread, validation gets its own tokenizer: a fast tokenizer's padding setting is the
+    # object's, and the vLLM engine tokenizes without padding while this one pads (a race between them).
+    val_tokenizer = copy.deepcopy(tokenizer) if background else tokenizer
+    validation = Validation(model, lambda policy: TransformersEngine(policy, val_tokenizer, rollout.max_new_tokens,
                                                                      rollout.temperature, config.model.share_prompt_prefix),
-                            task, task.validation_prompts(), writer, background=validates_in_background(config, model))
-    # theta_0's score before the rollout worker starts: a user reward sees the same calls in the same order
+                            task, task.validation_prompts(), writer, background=background)
+    # theta_0's score before the rollout worker starts. Later validations run beside the rollout worker
+    # when in the background: then a user reward sees their calls interleaved in an order timing decides.
     initial_val = restored.data["initial_val_reward"] if restored else validation.score_now(version=0)
     mode, staleness = config.staleness.mode, config.staleness.staleness
     source = make_rollout_source(config, model, tokenizer, task, restored.pipeline if restored else None)
@@ -254,7 +259,8 @@ def run_steps(config: TrainConfig, run_dir: Path, resume: bool, wandb_run: Wandb
 
             # -------------------------------------------------- checkpoint, stop
             periodic = config.checkpoint.every and (step + 1) % config.checkpoint.every == 0 and not guard.streak
-            if (periodic or stop_requests.requested) and step + 1 < config.steps:
+            # Not when the guard stops the run: its checkpoint from before the bad steps is the one to go on from
+            if (periodic or stop_requests.requested) and step + 1 < config.steps and not must_stop:
                 latest_checkpoint = save_checkpoint(step + 1, source.snapshot(version=step + 1))
             if must_stop:
                 raise guard.stop(run_dir, latest_checkpoint)

@@ -348,6 +348,37 @@ def test_bounded_mode_on_ray_resumes_a_killed_learner_losing_and_repeating_no_sa
     assert 0 <= min(lags) and max(lags) <= config.staleness.staleness
 
 
+def test_sigterm_to_the_driver_stops_the_learner_after_its_step_with_a_checkpoint(local_ray, tmp_path):
+    """Ctrl-C or SIGTERM on Ray: the driver passes the stop on to the learner actor, which checkpoints after
+    its step as a local run does (the driver used to kill it: no checkpoint; SIGTERM exited 1 with a stack
+    dump), and --resume goes on to the uninterrupted run's metrics and samples."""
+    import signal
+
+    from stalerl.guards import Interrupted
+
+    config = checkpointed(tmp_path, "stopped", "exact", steps=40)
+    config = dataclasses.replace(config, checkpoint=dataclasses.replace(config.checkpoint, every=1000))
+    metrics = tmp_path / "stopped" / "metrics.jsonl"
+
+    def signal_after_three_steps():
+        while not (metrics.is_file() and metrics.read_text().count("\n") >= 3):
+            time.sleep(0.02)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    sender = threading.Thread(target=signal_after_three_steps, daemon=True)
+    sender.start()
+    with pytest.raises(Interrupted, match=r"stopped by SIGTERM after step (\d+); checkpoint .*; continue with"):
+        train_on_ray(config)
+    sender.join()
+    assert len(list_checkpoints(tmp_path / "stopped")) == 1 and not (tmp_path / "stopped" / "summary.json").exists()
+    assert train_on_ray(config, resume=True)["steps"] == config.steps
+    reference = dataclasses.replace(config, out=str(tmp_path / "reference"),
+                                    runtime=dataclasses.replace(config.runtime, runtime="local"))
+    train(reference)
+    assert without_ray_fields(read_metrics(tmp_path / "stopped")) == without_ray_fields(read_metrics(tmp_path / "reference"))
+    assert (tmp_path / "stopped" / "samples.jsonl").read_text() == (tmp_path / "reference" / "samples.jsonl").read_text()
+
+
 def test_the_cli_resumes_on_ray_and_reports_a_learner_failure_in_one_line(monkeypatch, capsys, tmp_path):
     import stalerl.ray_runtime as ray_runtime
     from stalerl.cli import main

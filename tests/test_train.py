@@ -84,6 +84,29 @@ def test_a_process_worker_makes_the_thread_workers_run(small_config, tmp_path):
     assert len(ids) == len(set(ids)) == 12 * 32
 
 
+def test_a_process_worker_that_made_every_batch_ends_on_close_without_being_killed(small_config):
+    """A run that ends before it reads every batch (collapse.stop_early, a guard): the child, done, waits at
+    exit to flush the unread batches into its pipe. close() drains them; it used to wait 10 s, then kill it."""
+    import time
+
+    from stalerl.policy import build_policy
+    from stalerl.process_rollouts import ProcessRollouts
+
+    config = with_staleness(small_config, "exact", 4, steps=8,
+                            runtime=dataclasses.replace(small_config.runtime, local_worker="process"))
+    model, _, _ = build_policy(config)
+    source = ProcessRollouts(config, model.state_dict())
+    assert source.next_batch().batch_index == 0
+    for version in (1, 2, 3):  # enough weights for every batch: 4 + 3 = 7, and batch 0 is taken
+        source.publish(model.state_dict(), version)
+    deadline = time.monotonic() + 60
+    while source._batches.qsize() < 7 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert source._batches.qsize() == 7  # the child has made all it can, and the learner reads no more
+    source.close()
+    assert source._process.exitcode == 0  # ended by itself, not SIGKILLed (-9)
+
+
 def test_cpu_seconds_count_a_worker_process_that_rusage_leaves_out():
     from stalerl.train import cpu_seconds
 
