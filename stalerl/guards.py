@@ -189,10 +189,11 @@ def disk_full(error: OSError, run_dir: Path, checkpoint: Path | None) -> RunStop
 def check_output_directory(path: Path | str, option: str) -> None:
     """output_directory's checks without making anything: where a refusal further on must leave no
     directory behind. Its nearest existing ancestor must be a directory that can be written."""
-    path = Path(path).absolute()
+    path = Path(path)
     if path.exists() and not path.is_dir():
         raise ConfigError(f"{option} {path}: exists and is not a directory")
-    existing = next(parent for parent in (path, *path.parents) if parent.exists())
+    absolute = path.absolute()
+    existing = next(parent for parent in (absolute, *absolute.parents) if parent.exists())
     if not existing.is_dir():
         raise ConfigError(f"{option} {path}: cannot write there ({existing} is not a directory)")
     if not os.access(existing, os.W_OK | os.X_OK):  # a read-only file system too
@@ -203,9 +204,8 @@ def output_directory(path: Path | str, option: str) -> Path:
     """Makes `path` (with its parents) and checks that files can be written in it, before any work:
     a read-only file system or a file in the way is one line naming `option`, not a traceback later."""
     path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise ConfigError(f"{option} {path}: exists and is not a directory")
-    try:
+    check_output_directory(path, option)
+    try:  # and a file is written: os.access can say yes where a write fails (a full or odd file system)
         path.mkdir(parents=True, exist_ok=True)
         probe = path / f".stalerl-write-check-{os.getpid()}"
         probe.touch()
