@@ -327,15 +327,16 @@ def _print_bias_fits(report: dict) -> None:
           f"within-cycle drift exponent {text(report['fits']['drift_exponent_pooled'])}")
 
 
-# A negative number in scientific notation, which argparse takes for an option's name ("--lr -1e-3").
-NEGATIVE_SCIENTIFIC = re.compile(r"^-(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
+# A negative number in scientific notation or a list that starts with one, which argparse takes for
+# an option's name ("--lr -1e-3", "-S -1,0").
+NEGATIVE_VALUE = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?(,.*)?$")
 
 
 def glue_negative_values(argv: list[str]) -> list[str]:
     """'--lr -1e-3' -> '--lr=-1e-3', so that the value reaches its check ("optim.lr: must be > 0")."""
     glued: list[str] = []
     for token in argv:
-        if NEGATIVE_SCIENTIFIC.match(token) and glued and glued[-1].startswith("--") and "=" not in glued[-1]:
+        if NEGATIVE_VALUE.match(token) and glued and glued[-1].startswith("-") and "=" not in glued[-1]:
             glued[-1] = f"{glued[-1]}={token}"
         else:
             glued.append(token)
@@ -350,8 +351,16 @@ def refuse_empty_values(args: argparse.Namespace) -> None:
             raise ConfigError(f"--{name.replace('_', '-')}: empty value (an unset shell variable?)")
 
 
+class OneLineErrors(argparse.ArgumentParser):
+    """argparse's own errors (`--steps abc`, an unknown option) in one line, as stalerl's other errors;
+    `--help` still shows the usage."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"stalerl: error: {message} (see {self.prog} --help)\n")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="stalerl", description=__doc__)
+    parser = OneLineErrors(prog="stalerl", description=__doc__)
     subparsers = parser.add_subparsers(dest="command", required=True)
     add_train_parser(subparsers)
     add_sweep_parser(subparsers)

@@ -141,6 +141,19 @@ def test_cli_refuses_empty_values_options_of_another_runtime_and_unwritable_outp
     assert not (tmp_path / "b").exists()
 
 
+def test_argparses_own_errors_are_one_line_and_negative_lists_reach_their_checks(capsys):
+    for argv, message in ((["train", "--steps", "abc"], "argument --steps: invalid int value: 'abc' (see stalerl "
+                                                          "train --help)"),
+                          (["train", "--bogus"], "unrecognized arguments: --bogus"),
+                          (["sweep", "-S", "-1,0", "--lr", "1e-4", "--out", "x"], "S must be >= 0"),
+                          (["train", "--lr", "-1e-3"], "optim.lr: learning rate must be > 0")):
+        with pytest.raises(SystemExit) as exited:
+            code = main(argv)
+            raise SystemExit(code)  # a value error is main's return, argparse's an exit
+        err = capsys.readouterr().err.strip()
+        assert exited.value.code == 2 and len(err.splitlines()) == 1 and message in err, err
+
+
 def test_console_script_help():
     result = subprocess.run([sys.executable, "-m", "stalerl.cli", "train", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "--staleness" in result.stdout
