@@ -6,7 +6,7 @@
   of lag s is trained on up to S updates after its sampler's version, so S caps of k * R_batch / S keep
   that within-cycle drift under k * R_batch. Dividing by the batch's own lag would not: in exact mode
   the first S steps all train on theta_0's batches at lags 0, 1, .., S - 1, and their caps add up to
-  k * R_batch * (1 + 1/2 + .. + 1/(S-1)) from theta_0 (2.2 k R_batch at S = 16). At S = 0 there is no
+  k * R_batch * (1 + 1 + 1/2 + .. + 1/(S-1)) from theta_0 (4.3 k R_batch at S = 16). At S = 0 there is no
   stale rollout and no cap.
 * ``lr_control: ess`` (the idea of VCPO, arXiv 2602.17616, implemented from its description):
   eta_t = eta * sqrt(ESS / N) of the sequence-level importance weights pi_theta / mu, so the step
