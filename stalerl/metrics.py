@@ -190,7 +190,7 @@ def finite_or_none(value: Any) -> Any:
         return None
     if isinstance(value, dict):
         return {key: finite_or_none(item) for key, item in value.items()}
-    if isinstance(value, list):
+    if isinstance(value, (list, tuple)):
         return [finite_or_none(item) for item in value]
     return value
 

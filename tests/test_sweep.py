@@ -33,7 +33,10 @@ def test_sweep_resume_figures_and_advice(tmp_path, capsys):
     assert main(["advise", str(out), "--staleness", "0,2", "--steps", "12", "--json", str(tmp_path / "new" / "a.json")]) == 0
     printed = capsys.readouterr().out
     assert "G_upd" in printed and "R_crit" in printed and "S=2, T=12" in printed
-    report = json.loads((tmp_path / "new" / "a.json").read_text())
+    def no_nan(constant):  # strict JSON: NaN (an undetermined interval) is written as null
+        raise AssertionError(f"{constant} in advise's JSON")
+
+    report = json.loads((tmp_path / "new" / "a.json").read_text(), parse_constant=no_nan)
     assert report["g_upd"]["count"] == 4 and len(report["advice"]) == 2
 
 

@@ -20,6 +20,7 @@ from typing import Any
 
 from stalerl.lab.law import law_report
 from stalerl.lab.runs import load_runs
+from stalerl.metrics import finite_or_none
 
 
 def _format(estimate: dict | None, name: str) -> str:
@@ -91,4 +92,5 @@ def print_report(report: dict[str, Any]) -> None:
 
 
 def write_report(report: dict[str, Any], path: Path) -> None:
-    path.write_text(json.dumps(report, indent=2, default=str))
+    # JSON has no NaN (an interval that two points leave undetermined): null, which strict parsers read
+    path.write_text(json.dumps(finite_or_none(report), indent=2, default=str))
