@@ -40,7 +40,7 @@ import torch
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
-from stalerl.config import ConfigError, TrainConfig
+from stalerl.config import ConfigError, TrainConfig, flat_items
 from stalerl.metrics import UpdateTracker, read_metrics
 from stalerl.rollout import Generation, RolloutBatch
 from stalerl.stabilizers import LearningRateControl
@@ -345,13 +345,8 @@ def config_difference(saved: TrainConfig | dict[str, Any], given: TrainConfig,
     """'key: saved -> given' for each differing field, on one line; empty when they agree. `saved` may
     be plain data (a checkpoint's, perhaps of an older stalerl: fields it lacks are not compared).
     `ignore`: fields, or whole sections given as "name." ("collapse.")."""
-    def flat(data: dict, prefix: str = "") -> dict[str, Any]:
-        items: dict[str, Any] = {}
-        for key, value in data.items():
-            items |= flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value}
-        return items
-
-    old, new = flat(saved if isinstance(saved, dict) else saved.to_dict()), flat(given.to_dict())
+    old = dict(flat_items(saved if isinstance(saved, dict) else saved.to_dict()))
+    new = dict(flat_items(given.to_dict()))
     sections = tuple(name for name in ignore if name.endswith("."))
     return ", ".join(f"{key}: {old[key]!r} -> {new.get(key)!r}" for key in old
                      if old[key] != new.get(key) and key not in ignore and not key.startswith(sections) and key in new)

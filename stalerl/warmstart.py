@@ -162,9 +162,10 @@ def _build(config: TrainConfig, path: Path) -> None:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         (staging / "warm_start.json").write_text(json.dumps(record, indent=2))
-        os.rename(staging, path)
-    except OSError:  # another process finished the same entry first
-        if not path.is_dir():
-            raise
+        try:
+            os.rename(staging, path)
+        except OSError:  # another process finished the same entry first
+            if not path.is_dir():
+                raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)  # gone already once renamed
