@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
 import re
@@ -50,10 +51,7 @@ def build_train_config(args: argparse.Namespace) -> TrainConfig:
                              ("--ray-address", args.ray_address, "a local run starts no Ray")):
         if value is not None and config.runtime.runtime != "ray":
             raise ConfigError(f"{flag}: is for --runtime ray ({why})")
-    config = validate(config)
-    if not config.out:
-        config = override(config, {"out": fresh_run_dir(time.strftime("runs/train-%Y%m%d-%H%M%S"))})
-    return config
+    return validate(config)
 
 
 def fresh_run_dir(name: str) -> str:
@@ -117,6 +115,18 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run_train(args: argparse.Namespace) -> int:
     config = build_train_config(args)
+    if config.out:
+        return train_and_report(config, resume=bool(args.resume))
+    config = override(config, {"out": fresh_run_dir(time.strftime("runs/train-%Y%m%d-%H%M%S"))})
+    try:
+        return train_and_report(config, resume=False)
+    except ConfigError:  # refused before its first step: train() left the directory as made here, empty
+        with contextlib.suppress(OSError):
+            Path(config.out).rmdir()
+        raise
+
+
+def train_and_report(config: TrainConfig, resume: bool) -> int:
     if config.runtime.runtime == "local" and config.runtime.local_worker == "process":
         from stalerl import forking
 
@@ -126,9 +136,9 @@ def run_train(args: argparse.Namespace) -> int:
     if config.runtime.runtime == "ray":
         from stalerl.ray_runtime import train_on_ray
 
-        summary = train_on_ray(config, resume=bool(args.resume))
+        summary = train_on_ray(config, resume=resume)
     else:
-        summary = train(config, resume=bool(args.resume))
+        summary = train(config, resume=resume)
     collapse = summary["collapse_step"]
     print(
         f"run {config.out}: {summary['steps']} steps in {summary['wall_s']:.0f} s; "

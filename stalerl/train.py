@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import resource
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -53,6 +55,29 @@ def prepare_run_dir(config: TrainConfig, resume: bool = False) -> Path:
         raise ConfigError(f"run directory {run_dir} holds a config.yaml that stalerl did not write, and a run "
                           f"writes its own there; choose another --out")
     return output_directory(run_dir, "--out")
+
+
+def entries(directory: Path) -> set[str] | None:
+    """The names in `directory`, or None where it does not exist."""
+    return set(os.listdir(directory)) if directory.is_dir() else None
+
+
+def withdraw_refused_run(run_dir: Path, found: set[str] | None) -> None:
+    """Leaves `run_dir` as it was before a run that was refused before its first step (W&B's login, a
+    prompt too long for the model's context, weights that do not load): otherwise the same command,
+    once fixed, is refused for "already holds a run", and a directory holding only config.yaml looks
+    like a run. Only what this run made goes; nothing goes once a step is logged."""
+    metrics = run_dir / "metrics.jsonl"
+    if metrics.is_file() and metrics.stat().st_size:
+        return
+    for name in sorted(set(os.listdir(run_dir)) - (found or set())):
+        path = run_dir / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    if found is None:
+        run_dir.rmdir()
 
 
 def build_rollout_worker(config: TrainConfig, model: PreTrainedModel | None, tokenizer: PreTrainedTokenizerBase,
@@ -128,15 +153,19 @@ def train(config: TrainConfig, resume: bool = False) -> dict[str, Any]:
     """
     config = validate(config)
     check_inputs(config)
+    found = entries(Path(config.out))
     run_dir = prepare_run_dir(config, resume)
     if not resume:
         save_config(config, run_dir / "config.yaml")
-    wandb_run = WandbRun.start(config, run_dir, resume)  # None unless asked for; before any work: login, network
+    wandb_run = None
     try:
+        wandb_run = WandbRun.start(config, run_dir, resume)  # None unless asked for; before any work: login, network
         summary = run_steps(config, run_dir, resume, wandb_run)
     except BaseException as error:
         if wandb_run is not None:
             wandb_run.finish(error=error)
+        if isinstance(error, ConfigError) and not resume:
+            withdraw_refused_run(run_dir, found)
         raise
     if wandb_run is not None:
         wandb_run.finish(summary)

@@ -1,6 +1,10 @@
 """`stalerl bias` end to end on the tiny model, shortened: the report, the figure, growing a probe."""
 
+import dataclasses
 import json
+import math
+
+import pytest
 
 from stalerl.cli import main
 
@@ -24,6 +28,9 @@ def test_bias_probe_end_to_end(tmp_path, capsys):
     grown = json.loads((out / "bias.json").read_text())
     assert {(p["lr"], p["lag"]) for p in grown["points"]} == set(points) | {(3e-4, 1)}
     assert "S exponent" in capsys.readouterr().out
+    json.loads((out / "bias.json").read_text(), parse_constant=lambda name: pytest.fail(f"{name} written"))
+    assert main(["bias", "--refit", "--out", str(out)]) == 0
+    assert json.loads((out / "bias.json").read_text()) == grown
     assert main(common + ["--lr", "3e-4", "--lags", "1", "--set", "loss.objective=decoupled"]) == 2
     assert ("holds a probe of another config (loss.objective: 'clipped' -> 'decoupled'); its points would be "
             "fitted with these") in capsys.readouterr().err
@@ -80,3 +87,20 @@ def test_bias_probe_measures_the_configured_model_and_task(tmp_path, capsys):
     capsys.readouterr()
     assert main(["bias", "--anchors", "1", "--lags", "1", "--batches", "3", "--out", str(out)]) == 2  # other model
     assert "holds a probe of model" in capsys.readouterr().err
+
+
+def test_bias_json_is_strict_json_and_reads_its_nulls_back_as_nan(tmp_path):
+    from stalerl.lab.bias import BiasPoint, read_points, refit, write_report
+
+    fields = dict(lr=1e-3, anchor=8, lag=2, bias_sq=4e-4, bias_sq_se=1e-4, bias_norm=0.02, bias_low=0.0,
+                  bias_high=0.03, noise_floor=0.014, below_floor=False, naive_norm=0.05, drift=0.1, batches=3)
+    points = [BiasPoint(**fields), BiasPoint(**fields | {"lag": 4, "bias_high": math.nan, "drift": 0.2})]
+    report = {"points": [dataclasses.asdict(p) for p in points], "fits": {"slope_low": math.nan}}
+    write_report(tmp_path / "bias.json", report)
+    text = (tmp_path / "bias.json").read_text()
+    strict = json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} written"))
+    assert strict["fits"]["slope_low"] is None and strict["points"][1]["bias_high"] is None
+    again = read_points(tmp_path / "bias.json")
+    assert math.isnan(again[1].bias_high) and again[0] == points[0]
+    refit(tmp_path)  # the fits and the figure from the file as written
+    assert (tmp_path / "bias.png").is_file()

@@ -226,7 +226,22 @@ def test_bad_input_is_one_line(tmp_path, capsys, extra, message):
     out = tmp_path / "run"
     assert main(["train", "--steps", "2", "--out", str(out), "--no-progress", *extra]) == 2
     assert capsys.readouterr().err == f"stalerl: error: {message}\n"
-    assert not (out / "metrics.jsonl").exists()  # refused before any step
+    assert not out.exists()  # refused before any step, and nothing left behind
+
+
+def test_a_refused_run_leaves_its_directory_as_it_found_it(tmp_path, capsys, monkeypatch):
+    too_long = ["--set", "rollout.max_new_tokens=80"]  # refused once the model is built, after the directory
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--steps", "2", "--no-progress", *too_long]) == 2  # the default runs/train-DATE
+    assert list((tmp_path / "runs").iterdir()) == []
+    out = tmp_path / "mine"
+    (out / "tensorboard").mkdir(parents=True)
+    (out / "tensorboard" / "notes.txt").write_text("the user's\n")
+    assert main(["train", "--steps", "2", "--out", str(out), "--no-progress", *too_long]) == 2
+    assert sorted(str(path.relative_to(out)) for path in out.rglob("*")) == ["tensorboard", "tensorboard/notes.txt"]
+    capsys.readouterr()
+    assert main(["train", "--steps", "2", "--out", str(out), "--no-progress"]) == 0  # the same command, fixed
+    assert (out / "summary.json").is_file() and (out / "tensorboard" / "notes.txt").is_file()
 
 
 def test_bad_config_files_and_resume_targets_are_one_line(tmp_path, capsys):

@@ -41,7 +41,7 @@ from stalerl.data import build_task
 from stalerl.guards import check_output_directory, check_prompt_lengths, output_directory
 from stalerl.lab.law import fit_loglog
 from stalerl.learner import learner_step, make_optimizer, surrogate_gradient
-from stalerl.metrics import flat_parameters
+from stalerl.metrics import finite_or_none, flat_parameters
 from stalerl.model import count_parameters
 from stalerl.policy import build_policy
 from stalerl.rollout import RolloutBatch
@@ -206,12 +206,23 @@ def fit_exponents(points: list[BiasPoint]) -> dict[str, Any]:
             "drift_exponent_pooled": pooled_drift.to_dict() if pooled_drift else None}
 
 
+def read_points(path: Path) -> list[BiasPoint]:
+    """The points of a bias.json; null (how the file writes a NaN) read back as NaN."""
+    return [BiasPoint(**{key: math.nan if value is None else value for key, value in row.items()})
+            for row in json.loads(path.read_text())["points"]]
+
+
+def write_report(path: Path, report: dict[str, Any]) -> None:
+    """Strict JSON, as summary.json and sweep.json: an undetermined interval (NaN) is written as null."""
+    path.write_text(json.dumps(finite_or_none(report), indent=2))
+
+
 def refit(out: Path) -> dict[str, Any]:
     """Recomputes the fits and the figure of DIR/bias.json without sampling anything."""
     report = json.loads((out / "bias.json").read_text())
-    points = [BiasPoint(**row) for row in report["points"]]
+    points = read_points(out / "bias.json")
     report["fits"] = fit_exponents(points)
-    (out / "bias.json").write_text(json.dumps(report, indent=2))
+    write_report(out / "bias.json", report)
     bias_figure(points, out / "bias.png")
     return report
 
@@ -304,7 +315,7 @@ def run_probe(config: TrainConfig, lrs: list[float], anchors: list[int], lags: l
     # A probe can be grown: points of other (lr, anchor, lag) already in DIR/bias.json are kept.
     measured = {(p.lr, p.anchor, p.lag) for p in points}
     if (out / "bias.json").is_file():
-        earlier = [BiasPoint(**row) for row in json.loads((out / "bias.json").read_text())["points"]]
+        earlier = read_points(out / "bias.json")
         points = [p for p in earlier if (p.lr, p.anchor, p.lag) not in measured] + points
     report = {"points": [asdict(p) for p in points], "fits": fit_exponents(points),
               "settings": {"lrs": sorted({p.lr for p in points}), "anchors": sorted({p.anchor for p in points}),
@@ -312,6 +323,6 @@ def run_probe(config: TrainConfig, lrs: list[float], anchors: list[int], lags: l
                            **what, "config": config.to_dict(),
                            "parameters": count_parameters(policy.model),
                            "device": str(next(policy.model.parameters()).device)}}
-    (out / "bias.json").write_text(json.dumps(report, indent=2))
+    write_report(out / "bias.json", report)
     bias_figure(points, out / "bias.png")
     return report
