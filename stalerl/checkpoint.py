@@ -335,9 +335,9 @@ def truncate_outputs(run_dir: Path, outputs: dict[str, int] | None) -> list[dict
 # ---------------------------------------------------------------- the run directory on --resume
 
 
-# What a run may change when it goes on: where it is, and how it is shown, validated and logged (no
-# step, and no logged value, changes).
-NOT_THE_RUNS_STEPS = ("out", "progress", "val_in_background", "tensorboard", "wandb.")
+# What a run may change when it goes on: where it is, and how it is shown, validated, logged and
+# checkpointed (no step, and no logged value, changes: a checkpoint only reads the pipeline's state).
+NOT_THE_RUNS_STEPS = ("out", "progress", "val_in_background", "tensorboard", "wandb.", "checkpoint.")
 
 
 def config_difference(saved: TrainConfig | dict[str, Any], given: TrainConfig,

@@ -20,7 +20,7 @@ from processes import descendants_of, is_gone, made_by
 import stalerl.train as train_module
 from stalerl import checkpoint
 from stalerl.cli import main
-from stalerl.config import ConfigError
+from stalerl.config import CheckpointConfig, ConfigError
 from stalerl.guards import Interrupted
 from stalerl.metrics import read_metrics
 from stalerl.staleness import PipelineState, ThreadedRollouts
@@ -182,10 +182,13 @@ def test_sigterm_checkpoints_at_once_and_a_corrupt_newest_checkpoint_falls_back(
     model_file = run / "checkpoints" / "step-000005" / "model.safetensors"
     os.truncate(model_file, model_file.stat().st_size // 2)
     capsys.readouterr()
-    train(small(small_config, run), resume=True)
+    # resumed with other checkpoint settings (--set checkpoint.every=3 --set checkpoint.keep=1): the same steps
+    other_checkpoints = dataclasses.replace(small(small_config, run), checkpoint=CheckpointConfig(3, 1))
+    train(other_checkpoints, resume=True)
     warning = capsys.readouterr().err
     assert "step-000005 is unusable: model.safetensors does not match its sha256" in warning
     assert "resuming from step-000004 instead" in warning
+    assert [p.name for p in checkpoint.list_checkpoints(run)] == ["step-000009"]  # every 3 from step 4, keep 1
     assert without_timings(read_metrics(run)) == without_timings(read_metrics(tmp_path / "reference"))
     assert (run / "samples.jsonl").read_text() == (tmp_path / "reference" / "samples.jsonl").read_text()
 
