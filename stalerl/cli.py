@@ -13,6 +13,7 @@ from pathlib import Path
 
 from stalerl.bench.cli import add_bench_parser, run_bench_command
 from stalerl.config import ConfigError, TrainConfig, load_config, override, parse_assignment, validate
+from stalerl.provenance import version_line
 
 
 def build_train_config(args: argparse.Namespace) -> TrainConfig:
@@ -369,8 +370,21 @@ class OneLineErrors(argparse.ArgumentParser):
         self.exit(2, f"stalerl: error: {message} (see {self.prog} --help)\n")
 
 
+class PrintVersion(argparse.Action):
+    """`--version` as one line (argparse's own action wraps it at the terminal's width)."""
+
+    def __init__(self, option_strings: list[str], dest: str, help: str) -> None:
+        super().__init__(option_strings, dest, nargs=0, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: object) -> None:
+        print(version_line())  # to stdout, as argparse's own --version
+        parser.exit(0)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = OneLineErrors(prog="stalerl", description=__doc__)
+    parser = OneLineErrors(prog="stalerl", description="Asynchronous GRPO with exact or bounded staleness, and "
+                           "the lab that turns staleness into learning-rate advice.")
+    parser.add_argument("--version", action=PrintVersion, help="stalerl's version and its libraries'")
     subparsers = parser.add_subparsers(dest="command", required=True)
     add_train_parser(subparsers)
     add_sweep_parser(subparsers)

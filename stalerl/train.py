@@ -36,6 +36,7 @@ from stalerl.guards import (BadStepGuard, Interrupted, RunStopped, StopRequests,
                             is_disk_full, output_directory, resume_hint)
 from stalerl.policy import (build_policy, build_rollout_engine, check_hardware, check_model_files, hub_access,
                             load_tokenizer, save_final)
+from stalerl.provenance import environment
 from stalerl.rollout import RolloutWorker, TransformersEngine
 from stalerl.stabilizers import LearningRateControl, align_update
 from stalerl.staleness import PipelineState, RolloutSource, ThreadedRollouts, WorkerLost, check_lag
@@ -323,6 +324,7 @@ def run_steps(config: TrainConfig, run_dir: Path, resume: bool, wandb_run: Wandb
     summary["reward_errors"] = sum(row.get("reward_errors", 0) for row in history)
     summary["skipped_updates"] = sum(row.get("skipped_update", 0) for row in history)
     summary["stopped"] = stopped  # null: ran every step; "collapse": collapse.stop_early ended it
+    summary["environment"] = environment(str(next(model.parameters()).device))  # what a rerun should match
     summary["final_checkpoint"] = str(run_dir / "final")
     try:
         save_final(model, tokenizer, run_dir / "final", lora=config.model.lora_rank > 0)  # a plain HF checkpoint

@@ -2,9 +2,13 @@
 
 import dataclasses
 import json
+import re
 
 import pytest
 import torch
+import transformers
+
+import stalerl
 
 from stalerl.cli import main
 from stalerl.config import load_config
@@ -42,6 +46,9 @@ def test_run_directory_contents(small_config, tmp_path):
     for key in ("collapse_step", "final_val_reward", "best_val_reward", "steps", "wall_s", "cpu_s"):
         assert key in summary
     assert summary["steps"] == 8 and summary["final_val_reward"] == rows[-1]["val_reward"]
+    environment = summary["environment"]  # what made the run: a rerun elsewhere can be compared with it
+    assert environment["torch"] == torch.__version__ and environment["transformers"] == transformers.__version__
+    assert environment["device"] == "cpu" and environment["stalerl"] == stalerl.__version__
 
 
 @pytest.mark.parametrize("skip_padding", [False, True])
@@ -204,6 +211,11 @@ def test_cli_runs_and_refuses_to_overwrite(tmp_path, capsys):
             "--set", "rollout.prompts_per_step=4", "--set", "tensorboard=true"]
     assert main(argv) == 0
     assert "3 steps" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit:
+        main(["--version"])
+    assert exit.value.code == 0
+    assert re.fullmatch(rf"stalerl {stalerl.__version__}( \(git [0-9a-f]{{12}}(\+dirty)?\))?; torch "
+                        rf"{re.escape(torch.__version__)}, transformers .*\n", capsys.readouterr().out)
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(out / "tensorboard")).Reload()  # all of them: the queue is flushed at the end
