@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from stalerl.lab.bias import linear_regime_end, pairwise_bias, BiasPoint
-from stalerl.lab.law import (HORIZON, STALE, advise, clip_onset_drift, collapse_table, estimate_g_upd, fit_drift,
-                             fit_loglog, first_crossing_drift, law_constants)
+from stalerl.lab.law import (HORIZON, STALE, advise, clip_onset_drift, collapse_table, estimate_g_upd,
+                             fit_censored_loglog, fit_drift, fit_log_linear, fit_loglog, first_crossing_drift,
+                             law_constants)
 from stalerl.lab.runs import RunRecord, load_run
 
 
@@ -136,6 +137,114 @@ def test_a_collapse_at_version_0_counts_but_has_no_logarithm():
     assert row["smallest_collapsing_lr"] == 1e-3 and row["largest_stable_lr"] == 1e-4
     assert row["collapsed"] == 3 and row["at_version_0"] == 1
     assert row["tc_eta"]["count"] == 2 and row["tc_vs_eta"]["points"] == 2
+
+
+def log_normal_collapses(rng, horizon=40.0, slope=-1.5, sigma=0.8):
+    """Collapse times from the censored fit's own model, log T = a_S + slope log eta + sigma * eps, three
+    runs per (S, eta); a run whose T passes the horizon did not collapse by then and is censored there."""
+    x, groups, y, kinds = [], [], [], []
+    for s, a_s in {0: -7.0, 4: -7.5, 16: -8.0}.items():
+        for lr in np.geomspace(1e-4, 1e-2, 10):
+            for _ in range(3):
+                t = np.exp(a_s + slope * np.log(lr) + sigma * rng.normal())
+                x.append(lr)
+                groups.append(s)
+                y.append(min(t, horizon))
+                kinds.append("observed" if t <= horizon else "right")
+    return x, groups, y, kinds
+
+
+def test_the_censored_fit_recovers_the_slope_that_the_collapsed_runs_alone_bias():
+    """At small eta only the fast collapses happen by the horizon: least squares on them is shallower than
+    the truth (-1.33 here against -1.5); the censored fit's interval holds the truth, and sigma is recovered."""
+    x, groups, y, kinds = log_normal_collapses(np.random.default_rng(0))
+    assert kinds.count("right") == 36
+    fit = fit_censored_loglog(x, groups, y, kinds)
+    seen = [i for i, kind in enumerate(kinds) if kind == "observed"]
+    collapsed_only = fit_log_linear({"eta": [x[i] for i in seen]}, [groups[i] for i in seen],
+                                    [y[i] for i in seen])["slopes"]["eta"]["slope"]
+    assert fit["slope_low"] < -1.5 < fit["slope_high"]
+    assert collapsed_only > -1.5 + 0.15  # biased toward 0
+    assert abs(fit["slope"] + 1.5) < abs(collapsed_only + 1.5) - 0.1
+    assert fit["sigma"] == pytest.approx(0.8, rel=0.1)
+    assert fit["intercepts"] == pytest.approx({0: -7.0, 4: -7.5, 16: -8.0}, abs=0.6)
+    assert fit["points"] == 90 and fit["groups_left_out"] == []
+
+
+def test_without_censored_points_the_censored_fit_is_least_squares():
+    """The Gaussian maximum likelihood is least squares, with sigma^2 = RSS / n, and the observed information
+    gives b's variance sigma^2 [(X'X)^-1]_bb: checked against the closed forms."""
+    rng = np.random.default_rng(1)
+    x = list(np.geomspace(1e-4, 1e-2, 8)) * 2
+    groups = [0] * 8 + [16] * 8
+    y = [np.exp(-6.0 - 0.5 * g / 16 - 1.2 * np.log(lr) + 0.3 * rng.normal()) for lr, g in zip(x, groups)]
+    fit = fit_censored_loglog(x, groups, y, ["observed"] * 16)
+    design = np.column_stack([np.log(x), np.asarray(groups) == 0, np.asarray(groups) == 16]).astype(float)
+    coefficients, rss, *_ = np.linalg.lstsq(design, np.log(y), rcond=None)
+    assert fit["slope"] == pytest.approx(coefficients[0], abs=1e-6)
+    assert fit["slope"] == pytest.approx(fit_log_linear({"eta": x}, groups, y)["slopes"]["eta"]["slope"], abs=1e-6)
+    assert fit["intercepts"] == pytest.approx({0: coefficients[1], 16: coefficients[2]}, abs=1e-6)
+    assert fit["sigma"] == pytest.approx(np.sqrt(rss[0] / 16), rel=1e-6)
+    half = 1.959964 * np.sqrt(rss[0] / 16 * np.linalg.inv(design.T @ design)[0, 0])
+    assert fit["slope_high"] - fit["slope"] == pytest.approx(half, rel=1e-4)
+
+
+def test_the_censored_fit_returns_none_where_it_has_no_maximum(monkeypatch):
+    lrs = [1e-4, 3e-4, 1e-3, 3e-3]
+    noisy = [50.0, 7.0, 3.0, 2.0]
+    assert fit_censored_loglog(lrs, [0] * 4, [100.0] * 4, ["right"] * 4) is None  # no collapse
+    assert fit_censored_loglog([1e-3] * 4, [0] * 4, noisy, ["observed"] * 4) is None  # one eta
+    assert fit_censored_loglog(lrs[:2], [0] * 2, noisy[:2], ["observed"] * 2) is None  # no residual left
+    exact = [0.01 / lr for lr in lrs]  # on the line: sigma -> 0
+    assert fit_censored_loglog(lrs, [0] * 4, exact, ["observed"] * 4) is None
+    # an S with censored runs only has no intercept to fit: it is left out, and said to be
+    fit = fit_censored_loglog(lrs + lrs, [0] * 4 + [8] * 4, noisy + [100.0] * 4, ["observed"] * 4 + ["right"] * 4)
+    assert fit["groups_left_out"] == [8] and fit["points"] == 4
+    # a singular information matrix: the slope stands, its interval is nan
+    import stalerl.lab.law as law
+
+    monkeypatch.setattr(law, "_hessian", lambda gradient, at: np.zeros((at.size, at.size)))
+    fit = fit_censored_loglog(lrs, [0] * 4, noisy, ["observed"] * 4)
+    assert np.isfinite(fit["slope"]) and np.isnan(fit["slope_low"]) and np.isnan(fit["slope_high"])
+
+
+def test_collapse_table_censors_the_runs_that_did_not_collapse():
+    """Stable runs enter at horizon_version (199 - S for 200 steps), T_c = 1 as T_c <= 1, an S without a
+    collapse past its first update is left out; no collapse at all, or only at version 0, gives None."""
+    runs = [collapsed_record(0, lr, version) for lr, version in ((1e-4, None), (2e-4, None), (5e-4, 80), (7e-4, 45),
+                                                                 (1e-3, 3), (3e-3, 1))]
+    runs += [collapsed_record(4, lr, version) for lr, version in ((1e-4, None), (3e-4, None), (7e-4, 20), (1e-3, 4),
+                                                                  (3e-3, 1))]
+    runs += [collapsed_record(16, lr, version) for lr, version in ((1e-4, None), (3e-3, 1))]
+    table = collapse_table(runs)
+    fit = table["tc_vs_eta_censored"]
+    assert (fit["points"], fit["collapsed"], fit["at_floor"], fit["censored"], fit["s_left_out"]) == (11, 7, 2, 4, [16])
+    assert fit["slope_low"] < fit["slope"] < fit["slope_high"]
+    assert fit["slope"] < table["tc_vs_eta"]["slope"]  # the collapsed-only fit is shallower
+    assert collapse_table([collapsed_record(0, lr, None) for lr in (1e-4, 1e-3)])["tc_vs_eta_censored"] is None
+    assert collapse_table([collapsed_record(0, 1e-3, 0), collapsed_record(0, 1e-4, None)])["tc_vs_eta_censored"] is None
+
+
+def test_advise_prints_the_censored_slope_and_writes_it_as_strict_json(tmp_path, capsys):
+    import json
+
+    from stalerl.lab.advice import print_report, write_report
+    from stalerl.lab.law import law_report
+
+    report = law_report([synthetic_run(s, lr, 300) for s in (0, 4) for lr in LRS], [0, 4], 300)
+    fit = report["collapse"]["tc_vs_eta_censored"]
+    assert fit["censored"] > 0 and fit["collapsed"] == report["collapse"]["tc_vs_eta"]["points"]
+    print_report(report)
+    assert f"(censored fit): {fit['slope']:.2f} [{fit['slope_low']:.2f}, {fit['slope_high']:.2f}]" in capsys.readouterr().out
+    report["collapse"]["tc_vs_eta_censored"] |= {"slope_low": float("nan"), "slope_high": float("nan")}
+    write_report(report, tmp_path / "advise.json")
+
+    def no_nan(constant):
+        raise AssertionError(f"{constant} in advise's JSON")
+
+    written = json.loads((tmp_path / "advise.json").read_text(), parse_constant=no_nan)
+    assert written["collapse"]["tc_vs_eta_censored"]["slope_low"] is None
+    assert written["collapse"]["tc_vs_eta_censored"]["slope"] == pytest.approx(fit["slope"])
 
 
 def test_g_upd_comes_from_the_fixed_learning_rate_runs_only():

@@ -67,11 +67,12 @@ def print_report(report: dict[str, Any]) -> None:
                   f"{'-' if tc is None else f'{tc:.4g}'}")
     for key, name in (("tc_vs_eta", "T_c ~ eta^b within each S"),
                       ("tc_vs_eta_past_first_update", "the same without the runs at T_c = 1"),
+                      ("tc_vs_eta_censored", "the same with the runs that did not collapse (censored fit)"),
                       ("tc_vs_s", "T_c ~ S^c at fixed eta (S > 0)")):
         fit = report["collapse"].get(key)
         if fit is not None:
             interval = "" if math.isnan(fit["slope_low"]) else f" [{fit['slope_low']:.2f}, {fit['slope_high']:.2f}]"
-            print(f"  {name}: {fit['slope']:.2f}{interval} ({fit['points']} collapsed runs)")
+            print(f"  {name}: {fit['slope']:.2f}{interval} ({_fit_runs(fit)})")
     for advice in report["advice"]:
         head = f"S={advice['staleness']}, T={advice['horizon']}:"
         if advice["boundary_lr"] is None:
@@ -89,6 +90,14 @@ def print_report(report: dict[str, Any]) -> None:
                  f"would say {advice['ballistic_lr']:.3g}"))
         for missing in advice["missing"]:
             print(f"    could not estimate {missing}")
+
+
+def _fit_runs(fit: dict[str, Any]) -> str:
+    if "censored" not in fit:
+        return f"{fit['points']} collapsed runs"
+    left_out = f"; S = {', '.join(map(str, fit['s_left_out']))} left out" if fit["s_left_out"] else ""
+    return (f"{fit['collapsed']} collapsed runs ({fit['at_floor']} at T_c = 1, read as T_c <= 1) and "
+            f"{fit['censored']} censored; sigma {fit['sigma']:.2f} in log T_c{left_out}")
 
 
 def write_report(report: dict[str, Any], path: Path) -> None:

@@ -30,12 +30,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
 from stalerl.collapse import moving_average
-from stalerl.lab.runs import RunRecord
+from stalerl.lab.runs import RunRecord, horizon_version
 
 
 @dataclass(frozen=True)
@@ -229,6 +229,98 @@ def fit_log_linear(columns: dict[str, list[float]], groups: list[Any] | None, y:
     return {"points": n, "slopes": slopes, "intercepts": [float(c) for c in coefficients[len(names):]]}
 
 
+Censoring = Literal["observed", "right", "left"]  # y is T itself; T > y (no collapse by y); T <= y
+
+
+def censored_log_likelihood(parameters: np.ndarray, design: np.ndarray, log_y: np.ndarray,
+                            kinds: np.ndarray) -> tuple[float, np.ndarray]:
+    """Log-likelihood and gradient of log T = design @ coefficients + sigma * eps, eps ~ N(0, 1), with
+    parameters = (coefficients, log sigma): an observed point contributes the density of its log T, a
+    right-censored one P(log T > log y), a left-censored one P(log T <= log y)."""
+    from scipy import stats
+
+    coefficients, log_sigma = parameters[:-1], parameters[-1]
+    sigma = math.exp(log_sigma)
+    z = (log_y - design @ coefficients) / sigma
+    observed, right = kinds == "observed", kinds == "right"
+    # censored points: log Phi(w), with w = -z (right: T beyond y) or z (left: T at most y)
+    w = np.where(right, -z, z)
+    log_cdf = stats.norm.logcdf(w)
+    mills = np.exp(stats.norm.logpdf(w) - log_cdf)  # phi(w) / Phi(w), stable in the tails
+    value = float(np.sum(np.where(observed, -log_sigma - 0.5 * z**2 - 0.5 * math.log(2 * math.pi), log_cdf)))
+    d_mean = np.where(observed, z, np.where(right, mills, -mills)) / sigma  # d log L_i / d mean_i
+    d_log_sigma = np.where(observed, z**2 - 1, -mills * w)
+    return value, np.append(design.T @ d_mean, d_log_sigma.sum())
+
+
+def _hessian(gradient: Any, at: np.ndarray) -> np.ndarray:
+    """Central differences of an analytic gradient (error O(h^2)), symmetrised."""
+    columns = []
+    for j in range(at.size):
+        step = np.zeros(at.size)
+        step[j] = 1e-5 * max(1.0, abs(at[j]))
+        columns.append((gradient(at + step) - gradient(at - step)) / (2 * step[j]))
+    hessian = np.column_stack(columns)
+    return (hessian + hessian.T) / 2
+
+
+def fit_censored_loglog(x: list[float], groups: list[Any], y: list[float],
+                        kinds: list[Censoring]) -> dict[str, Any] | None:
+    """Maximum likelihood of log y = a_group + b log x + sigma * eps with censored points (a log-normal
+    accelerated failure time, or Tobit, model), and b's 95% interval from the observed information
+    (a finite-difference Hessian of the log-likelihood at the optimum; nan where it is singular).
+
+    A group with no observed point is left out (its intercept would run to infinity) and listed in
+    groups_left_out. None when the observed points do not determine the slope with a residual to spare:
+    then sigma -> 0 fits them exactly and the likelihood has no maximum (no observed point, all at one
+    x, or too few). Without censored points this is least squares, with sigma^2 = RSS / n.
+    """
+    from scipy import optimize, stats
+
+    keep = {g for g, kind in zip(groups, kinds) if kind == "observed"}
+    if not keep:
+        return None
+    rows = [i for i, g in enumerate(groups) if g in keep]
+    levels = sorted(keep)
+    log_x = np.log(np.asarray([x[i] for i in rows], dtype=float))
+    center = float(log_x.mean())  # the intercepts at the mean log x: nearly uncorrelated with the slope
+    design = np.column_stack([log_x - center]
+                             + [np.asarray([groups[i] == level for i in rows], dtype=float) for level in levels])
+    log_y = np.log(np.asarray([y[i] for i in rows], dtype=float))
+    kind = np.asarray([kinds[i] for i in rows])
+    observed = kind == "observed"
+    parameters = design.shape[1]
+    if observed.sum() <= parameters or np.linalg.matrix_rank(design[observed]) < parameters:
+        return None
+    fitted, *_ = np.linalg.lstsq(design[observed], log_y[observed], rcond=None)
+    if np.sum((log_y[observed] - design[observed] @ fitted) ** 2) <= 1e-12 * observed.sum():
+        return None  # the observed points lie on the line: sigma -> 0
+    # start from least squares with the censored points at their bounds: a sigma that covers them too
+    start, *_ = np.linalg.lstsq(design, log_y, rcond=None)
+    rss = float(np.sum((log_y - design @ start) ** 2))
+
+    def negative(p: np.ndarray) -> tuple[float, np.ndarray]:
+        value, gradient = censored_log_likelihood(p, design, log_y, kind)
+        return -value, -gradient
+
+    result = optimize.minimize(negative, np.append(start, 0.5 * math.log(rss / len(rows))), jac=True,
+                               method="BFGS", options={"gtol": 1e-9, "maxiter": 1000})
+    if not np.all(np.isfinite(result.x)):
+        return None
+    hessian, gradient = _hessian(lambda p: negative(p)[1], result.x), negative(result.x)[1]
+    singular = (not np.all(np.isfinite(hessian))
+                or np.min(np.linalg.eigvalsh(hessian)) <= 1e-10 * np.max(np.abs(hessian)))
+    covariance = np.full(hessian.shape, np.nan) if singular else np.linalg.inv(hessian)
+    # converged: the Newton step's gain g' H^-1 g / 2 is negligible (BFGS may stop on "precision loss" there)
+    if (np.max(np.abs(gradient)) > 1e-6) if singular else (gradient @ covariance @ gradient > 1e-10):
+        return None
+    half = float(stats.norm.ppf(0.975) * math.sqrt(covariance[0, 0]))
+    slope = float(result.x[0])
+    intercepts = {level: float(a) - slope * center for level, a in zip(levels, result.x[1:-1])}
+    return {"slope": slope, "slope_low": slope - half, "slope_high": slope + half, "sigma": math.exp(result.x[-1]),
+            "intercepts": intercepts, "points": len(rows), "groups_left_out": sorted(set(groups) - keep)}
+
+
 def collapse_table(runs: list[RunRecord]) -> dict[str, Any]:
     """T_c * eta across eta (per S), how T_c scales with eta and with S, and the stable-eta boundary.
 
@@ -240,6 +332,8 @@ def collapse_table(runs: list[RunRecord]) -> dict[str, Any]:
     T_c against eta at each S and with one intercept per S. A run whose collapsed version is 0 (its
     starting policy's reward was already below the threshold) counts as collapsed, but has no
     logarithm: it is left out of the fits and of the T_c * eta medians, and counted as at_version_0.
+    The fits above take only the runs that collapsed; tc_vs_eta_censored fits the same within-S model
+    with the runs that did not, each right-censored at the newest version it saw (_censored_fit).
     """
     fixed = _fixed(runs)
     collapsed = [run for run in fixed if run.collapse_version is not None]
@@ -277,6 +371,7 @@ def collapse_table(runs: list[RunRecord]) -> dict[str, Any]:
     resolved = [run for run in timed if run.collapse_version >= 2]
     within_s_resolved = fit_log_linear({"eta": [run.lr for run in resolved]}, [run.staleness for run in resolved],
                                        [run.collapse_version for run in resolved])
+    censored = _censored_fit(timed, [run for run in fixed if run.collapse_version is None])
     boundary = {s: row["largest_stable_lr"] for s, row in by_s.items() if row["largest_stable_lr"]}
     return {
         "by_staleness": by_s,
@@ -288,12 +383,41 @@ def collapse_table(runs: list[RunRecord]) -> dict[str, Any]:
         "tc_vs_eta_past_first_update": None if within_s_resolved is None else {
             **within_s_resolved["slopes"]["eta"], "points": within_s_resolved["points"],
             "how": "the same without the runs at the floor T_c = 1 (collapsed on their first update)"},
+        # the same model with the runs that did not collapse, censored at the newest version they saw
+        "tc_vs_eta_censored": censored,
         # log T_c = a + b log eta + c log S over S > 0: the S exponent at a fixed eta (and b beside it).
         "tc_vs_s": None if joint is None else {
             **joint["slopes"]["S"], "eta_slope": joint["slopes"]["eta"], "points": joint["points"],
             "how": "log T_c on log eta and log S jointly, collapsed runs with S > 0 and T_c > 0"},
         "largest_stable_lr_vs_s": _fit_dict(fit_loglog([s for s in boundary if s > 0],
                                                        [boundary[s] for s in boundary if s > 0])),
+    }
+
+
+def _censored_fit(timed: list[RunRecord], survived: list[RunRecord]) -> dict[str, Any] | None:
+    """log T_c = a_S + b log eta + sigma * eps over the collapsed runs (T_c > 0) and the runs that did not
+    collapse, each of those right-censored at horizon_version: T_c beyond it. Leaving them out keeps
+    only the fast collapses at the smaller learning rates, which biases b."""
+    survived = [run for run in survived if horizon_version(run) >= 1]  # T_c > 0 says nothing
+    # The version grid cannot show a collapse before the first update, so T_c = 1 says T_c <= 1
+    # (left-censored), not T_c = 1: read as exact, the floor pulls the slope toward 0.
+    kinds: list[Censoring] = [("left" if run.collapse_version == 1 else "observed") for run in timed]
+    fit = fit_censored_loglog([run.lr for run in timed + survived], [run.staleness for run in timed + survived],
+                              [run.collapse_version for run in timed] + [horizon_version(run) for run in survived],
+                              kinds + ["right"] * len(survived))
+    if fit is None:
+        return None
+    left_out = set(fit["groups_left_out"])
+    return {
+        **{key: fit[key] for key in ("slope", "slope_low", "slope_high", "sigma", "points")},
+        "collapsed": sum(run.staleness not in left_out for run in timed),
+        "at_floor": sum(run.staleness not in left_out and run.collapse_version == 1 for run in timed),
+        "censored": sum(run.staleness not in left_out for run in survived),
+        "s_left_out": fit["groups_left_out"],
+        "how": "maximum likelihood, log T_c = a_S + b log eta + sigma * eps (normal): collapsed runs by their "
+               "density, those at T_c = 1 as T_c <= 1, runs that did not collapse as T_c > the newest version "
+               "they saw; S values with no collapse past T_c = 1 left out (s_left_out); 95% interval from "
+               "the observed information (finite-difference Hessian)",
     }
 
 

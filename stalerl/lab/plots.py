@@ -19,7 +19,7 @@ import numpy as np  # noqa: E402
 
 from stalerl.collapse import moving_average  # noqa: E402
 from stalerl.config import StabilizerConfig  # noqa: E402
-from stalerl.lab.runs import RunRecord, load_runs  # noqa: E402
+from stalerl.lab.runs import RunRecord, horizon_version, load_runs  # noqa: E402
 
 ROWS = [("train_reward", "training reward"), ("grad_cos_sim", "Grad CosSim"), ("val_reward", "validation reward")]
 
@@ -99,12 +99,6 @@ def per_staleness_figure(runs: list[RunRecord], path: Path, seed: int | None = N
     figure.savefig(path, dpi=110)
     plt.close(figure)
     return path
-
-
-def horizon_version(run: RunRecord) -> int:
-    """The newest policy version whose reward a run saw: where a run that did not collapse is censored."""
-    return run.metrics[-1]["version"] if run.metrics and "version" in run.metrics[-1] \
-        else max(run.summary["steps"] - 1 - run.staleness, 0)
 
 
 def collapse_points(runs: list[RunRecord], seed: int | None = None) -> dict[str, dict]:

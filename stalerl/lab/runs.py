@@ -61,6 +61,13 @@ class RunRecord:
         return [row.get(key) for row in self.metrics]
 
 
+def horizon_version(run: RunRecord) -> int:
+    """The newest policy version whose reward a run saw: where a run that did not collapse is censored
+    (collapse.png draws it, and law.collapse_table's censored fit uses it)."""
+    return run.metrics[-1]["version"] if run.metrics and "version" in run.metrics[-1] \
+        else max(run.summary["steps"] - 1 - run.staleness, 0)
+
+
 def stabilizer_name(config: dict[str, Any]) -> str:
     stabilizer = config.get("stabilizer", {})
     names = [stabilizer["lr_control"]] if stabilizer.get("lr_control", "none") != "none" else []
