@@ -180,11 +180,19 @@ def split_records(config: TaskConfig, split_seed: int = 1234) -> tuple[list, lis
     if config.val_split:
         return records, read_records(config.data, *fields, data_config=config.data_config, split=config.val_split,
                                      split_key="task.val_split")
-    if config.val_size >= len(records):
-        raise ConfigError(f"task.val_size: holding out {config.val_size} records leaves none of the "
-                          f"{len(records)} in {config.data} for training (or set task.val_data)")
-    order = np.random.default_rng(split_seed).permutation(len(records))
-    return [records[i] for i in order[config.val_size:]], [records[i] for i in order[: config.val_size]]
+    # Held out by question, not by record: a question on two lines (two worked solutions, a line pasted
+    # twice) would otherwise validate on a prompt it trains on. Without repeats, the records' own split.
+    questions: dict[str, list[int]] = {}
+    for i, (_, record) in enumerate(records):
+        questions.setdefault(str(record[config.question_field]).strip(), []).append(i)
+    groups = list(questions.values())
+    if config.val_size >= len(groups):
+        counted = "records" if len(groups) == len(records) else "distinct questions"
+        raise ConfigError(f"task.val_size: holding out {config.val_size} of the {len(groups)} {counted} in "
+                          f"{config.data} leaves none for training (or set task.val_data)")
+    order = np.random.default_rng(split_seed).permutation(len(groups))
+    train = [records[i] for group in order[config.val_size:] for i in groups[group]]
+    return train, [records[groups[group][0]] for group in order[: config.val_size]]
 
 
 def check_task_inputs(config: TrainConfig) -> None:

@@ -5,6 +5,7 @@ import gzip
 import json
 import re
 
+import numpy as np
 import pytest
 from hf_checkpoint import SAMPLE
 
@@ -68,6 +69,23 @@ def test_split_holds_out_val_size_and_refuses_too_few(tmp_path):
     assert not {w for w, _ in train} & {w for w, _ in val}
     with pytest.raises(ConfigError, match="task.val_size"):
         split_records(TaskConfig(name="math", data=str(SAMPLE), val_size=200))
+
+
+def test_a_repeated_question_is_held_out_whole_and_the_split_is_unchanged_without_repeats(tmp_path):
+    """Two records of one question (two worked solutions, a line pasted twice) are on one side of the
+    split: held out, one of them validates and neither trains. Data without repeats splits as before."""
+    rows = [{"question": f"q{i % 50}", "answer": f"#### {i % 50}"} for i in range(100)]  # each question twice
+    train, val = split_records(TaskConfig(name="math", data=str(write_lines(tmp_path / "twice.jsonl",
+                                                                               map(json.dumps, rows))), val_size=10))
+    val_questions = [record["question"] for _, record in val]
+    assert len(val) == 10 and len(set(val_questions)) == 10 and len(train) == 80
+    assert not set(val_questions) & {record["question"] for _, record in train}
+    with pytest.raises(ConfigError, match="task.val_size: holding out 50 of the 50 distinct questions"):
+        split_records(TaskConfig(name="math", data=str(tmp_path / "twice.jsonl"), val_size=50))
+    train, val = split_records(TaskConfig(name="math", data=str(SAMPLE), val_size=20))  # no repeats: as before
+    order = np.random.default_rng(1234).permutation(200)
+    assert [where for where, _ in val] == [f"{SAMPLE}:{i + 1}" for i in order[:20]]
+    assert [where for where, _ in train] == [f"{SAMPLE}:{i + 1}" for i in order[20:]]
 
 
 GOOD = json.dumps({"question": "q", "answer": "1"}).encode() + b"\n"
