@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from jinja2 import TemplateError
 from transformers import PreTrainedTokenizerBase
 
 from stalerl.config import ConfigError, TaskConfig, TrainConfig, first_line
@@ -148,7 +149,16 @@ class MathTask:
             return question
         messages = [{"role": "system", "content": self.config.system_prompt}] if self.config.system_prompt else []
         messages.append({"role": "user", "content": question})
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        try:
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except TemplateError as error:  # Gemma's refuses a system message, Mistral's roles that do not alternate
+            if self.config.system_prompt:
+                raise ConfigError(f"task.system_prompt: the tokenizer's chat template refuses a system message "
+                                  f"({first_line(error)}); leave task.system_prompt empty and put it in "
+                                  f"task.prompt_template") from None
+            raise ConfigError(f"task.chat_template: the tokenizer's chat template cannot render a prompt "
+                              f"({first_line(error)}); set task.chat_template=false to send prompts as they are"
+                              ) from None
         # The template writes <bos> itself and the tokenizer would add another one.
         if self._strip_bos and text.startswith(self.tokenizer.bos_token):
             text = text[len(self.tokenizer.bos_token):]

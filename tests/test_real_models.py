@@ -7,11 +7,11 @@ import json
 
 import pytest
 import torch
-from hf_checkpoint import SAMPLE, save_tiny_checkpoint
+from hf_checkpoint import SAMPLE, build_bpe_tokenizer, save_tiny_checkpoint
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from stalerl.cli import main
-from stalerl.config import ConfigError, TrainConfig, override
+from stalerl.config import ConfigError, TaskConfig, TrainConfig, override
 from stalerl.data import MathTask, build_task, split_records
 from stalerl.learner import learner_step, surrogate_gradient, valid_group_advantages
 from stalerl.metrics import read_metrics
@@ -73,6 +73,21 @@ def test_math_task_renders_chat_template_without_a_second_bos(checkpoint):
     assert task.reward(prompt, "#### 99999", True) == 0.0
     plain = dataclasses.replace(config, task=dataclasses.replace(config.task, chat_template=False))
     assert MathTask(*split_records(plain.task), plain.task, tokenizer).validation_prompts()[0].text.endswith("####.")
+
+
+def test_a_chat_template_that_refuses_the_prompt_is_one_line(tmp_path):
+    """Gemma's template raises on a system message, Mistral's on roles that do not alternate: a
+    config error naming task.system_prompt, not a jinja2 traceback after the model has loaded."""
+    tokenizer = build_bpe_tokenizer()
+    tokenizer.chat_template = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not "
+                               "supported') }}{% endif %}{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    config = TaskConfig(name="math", data=str(SAMPLE), val_size=4, system_prompt="Be brief.")
+    with pytest.raises(ConfigError, match=r"^task.system_prompt: the tokenizer's chat template refuses a "
+                                          r"system message \(System role not supported\); leave task.system_prompt "
+                                          r"empty and put it in task.prompt_template$"):
+        MathTask(*split_records(config), config, tokenizer)
+    plain = dataclasses.replace(config, system_prompt="")
+    assert MathTask(*split_records(plain), plain, tokenizer).validation_prompts()[0].text
 
 
 @pytest.mark.parametrize("aggregation", ["token_mean", "sequence_mean", "constant"])
