@@ -123,8 +123,9 @@ def fill_template(config: TaskConfig, where: str, record: Record) -> str:
     try:
         return config.prompt_template.format(**fields)
     except (KeyError, IndexError, ValueError, AttributeError, TypeError) as error:
+        # "... within \\boxed{}." is the usual instruction for MATH, and a field to str.format
         raise ConfigError(f"task.prompt_template: cannot fill it from {where} ({type(error).__name__}: "
-                          f"{error})") from None
+                          f"{error}; a literal brace is written {{{{ or }}}})") from None
 
 
 class MathTask:

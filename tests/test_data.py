@@ -176,6 +176,19 @@ def test_check_task_inputs_refuses_bad_inputs_in_one_line(tmp_path, task, messag
     assert str(error.value).startswith(message.replace("{tmp}", str(tmp_path))) and "\n" not in str(error.value)
 
 
+@pytest.mark.parametrize("template, error", [
+    (r"{question} Put the final answer in \boxed{}.", "IndexError: Replacement index 0 out of range"),
+    (r"{question} Answer as \boxed{n}.", "KeyError: 'n'"),
+    ("{question} } {", "ValueError: Single '}'"),
+])
+def test_a_template_with_a_literal_brace_says_how_to_write_one(template, error):
+    """MATH's usual instruction '... within \\boxed{}' is a format field to str.format: the error says
+    to double the braces, which is what the template then needs."""
+    with pytest.raises(ConfigError, match=re.escape(error) + r".*; a literal brace is written {{ or }}\)$"):
+        check_task_inputs(math_config(prompt_template=template))
+    check_task_inputs(math_config(prompt_template=r"{question} Put the final answer in \boxed{{}}."))
+
+
 def test_check_task_inputs_passes_good_inputs_and_the_addition_task(tmp_path):
     (tmp_path / "rewards.py").write_text(REWARDS)
     check_task_inputs(math_config(reward=f"{tmp_path}/rewards.py:good"))
