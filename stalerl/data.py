@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import math
 import zlib
 from pathlib import Path
 from typing import Any
@@ -60,7 +61,9 @@ def read_records(path: str | Path, question_field: str, answer_field: str, key: 
             raise ConfigError(f"{where}: expected a JSON object, got {type(record).__name__}")
         for name, field_key in ((question_field, "task.question_field"), (answer_field, "task.answer_field")):
             value = record.get(name)
-            if not isinstance(value, (str, int, float)) or isinstance(value, bool) or str(value).strip() == "":
+            # NaN: a float column's missing value (JSON's NaN, polars and pyarrow keep it apart from null)
+            if (not isinstance(value, (str, int, float)) or isinstance(value, bool) or str(value).strip() == ""
+                    or isinstance(value, float) and not math.isfinite(value)):
                 raise ConfigError(f"{where}: record has no non-empty '{name}' ({field_key})")
     if not located:
         raise ConfigError(f"{path}: no records (empty dataset)")

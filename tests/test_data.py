@@ -3,6 +3,7 @@
 import dataclasses
 import gzip
 import json
+import math
 import re
 
 import numpy as np
@@ -37,6 +38,8 @@ def test_malformed_line_names_file_and_line(tmp_path):
     ('{"question": "q"}', "record has no non-empty 'answer' (task.answer_field)"),
     ('{"question": "", "answer": "1"}', "record has no non-empty 'question' (task.question_field)"),
     ('[1, 2]', "expected a JSON object, got list"),
+    ('{"question": "q", "answer": NaN}', "record has no non-empty 'answer' (task.answer_field)"),  # json.dumps(nan)
+    ('{"question": "q", "answer": -Infinity}', "record has no non-empty 'answer' (task.answer_field)"),
 ])
 def test_bad_records_name_the_line(tmp_path, line, message):
     path = write_lines(tmp_path / "bad.jsonl", [json.dumps({"question": "q", "answer": "1"}), line])
@@ -60,6 +63,12 @@ def test_custom_field_names_and_parquet(tmp_path):
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "math.parquet")
     records = read_records(tmp_path / "math.parquet", "problem", "solution")
     assert [record for _, record in records] == rows and records[2][0].endswith("math.parquet:row 2")
+    # a float column's missing value as NaN (polars and pyarrow keep NaN apart from null): refused, not
+    # the reference answer "nan" that no completion equals
+    missing = [{"problem": "1 + 1?", "answer": 2.0}, {"problem": "2 + 2?", "answer": math.nan}]
+    pq.write_table(pa.Table.from_pylist(missing), tmp_path / "nan.parquet")
+    with pytest.raises(ConfigError, match=re.escape("nan.parquet:row 1: record has no non-empty 'answer'")):
+        read_records(tmp_path / "nan.parquet", "problem", "answer")
 
 
 def test_split_holds_out_val_size_and_refuses_too_few(tmp_path):
