@@ -56,12 +56,15 @@ def read_dataset(reference: str, config_name: str, split: str, key: str, split_k
 
 
 def _split_of(loaded: Any, split: str, reference: str, key: str, split_key: str) -> Any:
-    """A saved DatasetDict's split. A saved Dataset has none: it is used whole for training, and
-    cannot also give the validation records."""
+    """A saved DatasetDict's split. A saved Dataset has none: it is used whole (task.data for training,
+    task.val_data for validation), and task.data's cannot also give the validation records."""
     if not hasattr(loaded, "keys"):
-        if split_key == "task.val_split":
+        if key == "task.data" and split_key == "task.val_split":
             raise ConfigError(f"{split_key}: {reference} is one dataset with no splits; hold out task.val_size "
                               f"of it instead (leave {split_key} empty), or set task.val_data")
+        if split != "train":  # a split said (task.val_data is read at task.val_split, else task.data_split)
+            raise ConfigError(f"{split_key}: {reference} is one dataset with no split {split!r}; leave {split_key} "
+                              f"{'empty' if split_key == 'task.val_split' else repr('train')} to use all of it")
         return loaded
     if split not in loaded:
         raise ConfigError(f"{key}: {reference} has no split {split!r} (it has {', '.join(loaded.keys())}); "

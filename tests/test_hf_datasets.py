@@ -65,6 +65,26 @@ def test_a_saved_dataset_gives_its_train_split_and_its_test_split_for_validation
                                             val_split="test"))[1]) == ROWS[150:]
 
 
+def test_a_saved_dataset_with_no_splits_is_the_validation_set_in_val_data_and_a_split_of_it_is_refused(tmp_path):
+    """save_to_disk of one Dataset (no DatasetDict) for training and another for validation: each is
+    used whole. A split asked of one (a task.data_split other than train, a task.val_split) is said."""
+    train_path, val_path = tmp_path / "train", tmp_path / "val"
+    datasets.Dataset.from_list(ROWS[:150]).save_to_disk(str(train_path))
+    datasets.Dataset.from_list(ROWS[150:]).save_to_disk(str(val_path))
+    train, val = split_records(TaskConfig(name="math", data=str(train_path), val_data=str(val_path)))
+    assert records(train) == ROWS[:150] and records(val) == ROWS[150:]
+    for task, message in [
+        (TaskConfig(name="math", data=str(train_path), data_split="test", val_size=5),
+         rf"^task.data_split: {train_path} is one dataset with no split 'test'; leave task.data_split 'train' to "
+         r"use all of it$"),
+        (TaskConfig(name="math", data=str(train_path), val_data=str(val_path), val_split="test"),
+         rf"^task.val_split: {val_path} is one dataset with no split 'test'; leave task.val_split empty to use all "
+         r"of it$"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            split_records(task)
+
+
 def test_a_local_copy_of_a_hub_repository_is_read_by_its_configurations(repository):
     train, val = split_records(TaskConfig(name="math", data=str(repository), data_config="main", val_split="test"))
     assert records(train) == ROWS[:-20] and records(val) == ROWS[-20:]
