@@ -95,6 +95,9 @@ def _read_jsonl(path: Path, gzipped: bool) -> list[tuple[str, Record]]:
                                       f"{error.start + 1}){_binary_hint(raw, number)}") from None
                 if not line.strip():
                     continue
+                if number == 1 and line.lstrip().startswith("["):  # json.dump of a list: valid JSON, not JSONL
+                    raise ConfigError(f"{path}:1: a JSON array; records are read as JSON Lines, one object a line "
+                                      f"(jq -c '.[]' FILE writes them so)")
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError as error:

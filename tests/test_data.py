@@ -47,6 +47,16 @@ def test_bad_records_name_the_line(tmp_path, line, message):
         read_records(path, "question", "answer")
 
 
+@pytest.mark.parametrize("indent", [None, 2])
+def test_a_json_array_file_is_told_to_be_json_lines(tmp_path, indent):
+    """A .json file that holds one array of records (json.dump of a list) is valid JSON, and not JSON Lines."""
+    path = tmp_path / "records.json"
+    path.write_text(json.dumps([{"question": "q", "answer": "1"}, {"question": "r", "answer": "2"}], indent=indent))
+    with pytest.raises(ConfigError, match="^" + re.escape(f"{path}:1: a JSON array; records are read as JSON Lines, "
+                                                          "one object a line (jq -c '.[]' FILE writes them so)")):
+        read_records(path, "question", "answer")
+
+
 def test_empty_and_missing_datasets(tmp_path):
     empty = write_lines(tmp_path / "empty.jsonl", ["", "  "])
     with pytest.raises(ConfigError, match="no records"):
