@@ -98,6 +98,10 @@ class TaskConfig:
     # A reward that raises, returns NaN or times out is counted (reward_errors); then it scores 0,
     # its sample is dropped from the loss (and its group's statistics), or the run stops.
     on_reward_error: Literal["zero", "drop", "stop"] = "zero"
+    # math: a response cut off at rollout.max_new_tokens (no end-of-sequence) gave no final answer.
+    # zero scores it 0, as the addition task does (scored by its last number, rambling until the
+    # budget runs out would pay); score reads it as it is.
+    truncated: Literal["zero", "score"] = "zero"
 
 
 @dataclass(frozen=True)

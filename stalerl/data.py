@@ -178,6 +178,8 @@ class MathTask:
         return self.val
 
     def reward(self, prompt: Prompt, completion: str, finished: bool) -> float:
+        if not finished and self.config.truncated == "zero":  # cut off at max_new_tokens: no final answer given
+            return 0.0
         return math_reward(completion, prompt.answer)
 
 

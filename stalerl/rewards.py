@@ -48,6 +48,16 @@ def gold_text(answer: str) -> str:
     return answer.rsplit("####", 1)[1].strip() if "####" in answer else answer.strip()
 
 
+def answer_text(completion: str) -> str:
+    """What a completion answers: the line after its last ``####`` (GSM8K's answer marker) when it has
+    one, so that a note after the answer ("#### 18\\n\\nNote: ...") does not replace it with its last
+    number; else all of it (a \\boxed{} answer, "The answer is 72.")."""
+    if "####" not in completion:
+        return completion
+    after = completion.rsplit("####", 1)[1].strip()
+    return after.splitlines()[0].strip() if after else ""
+
+
 def math_reward(completion: str, answer: str) -> float:
     """1.0 if math-verify finds the completion's final answer equal to the reference, else 0.0.
 
@@ -58,7 +68,7 @@ def math_reward(completion: str, answer: str) -> float:
     from math_verify import parse, verify
 
     gold = parsed_reference(gold_text(answer))
-    predicted = parse(completion, extraction_config=_math_extraction(), parsing_timeout=None)
+    predicted = parse(answer_text(completion), extraction_config=_math_extraction(), parsing_timeout=None)
     return float(bool(predicted) and verify(gold, predicted, timeout_seconds=None))
 
 

@@ -71,6 +71,10 @@ def test_math_task_renders_chat_template_without_a_second_bos(checkpoint):
     answer = prompt.record["answer"].rsplit("####", 1)[1].strip()
     assert task.reward(prompt, f"so the answer is #### {answer}", True) == 1.0
     assert task.reward(prompt, "#### 99999", True) == 0.0
+    # cut off at max_new_tokens (finished False): no final answer was given, unless task.truncated=score
+    assert task.reward(prompt, f"so the answer is #### {answer}", False) == 0.0
+    scoring = dataclasses.replace(config.task, truncated="score")
+    assert MathTask(*split_records(scoring), scoring, tokenizer).reward(prompt, f"#### {answer}", False) == 1.0
     plain = dataclasses.replace(config, task=dataclasses.replace(config.task, chat_template=False))
     assert MathTask(*split_records(plain.task), plain.task, tokenizer).validation_prompts()[0].text.endswith("####.")
 

@@ -10,7 +10,7 @@ import pytest
 from stalerl.cli import main
 from stalerl.config import ConfigError
 from stalerl.metrics import read_metrics
-from stalerl.rewards import (GuardedTask, RewardError, gold_text, load_reward_function, math_reward,
+from stalerl.rewards import (GuardedTask, RewardError, answer_text, gold_text, load_reward_function, math_reward,
                              parsed_reference, user_reward)
 from stalerl.tasks import AdditionTask, Prompt
 
@@ -49,6 +49,16 @@ def test_a_reference_is_parsed_once_and_a_bad_one_fails_every_time():
     for _ in range(2):  # an exception is not cached: each call says what is wrong
         with pytest.raises(ValueError, match="cannot parse the reference answer"):
             math_reward("#### 1", "#### ")
+
+
+def test_a_completion_answers_on_the_line_after_its_last_marker():
+    """GSM8K's '#### 18' is the answer even with a note after it (math-verify alone reads the note's
+    last number); the last marker counts; no marker: the whole completion, as before."""
+    assert math_reward("#### 18\n\nNote: I assumed 2 cups a day.", "#### 18") == 1.0
+    assert math_reward("#### 18 cups, as 9 * 2 = 18.", "18") == 1.0
+    assert math_reward("#### 72\n#### 73", "72") == 0.0
+    assert math_reward("first 3, then ####", "3") == 0.0  # a marker with nothing after it answers nothing
+    assert answer_text("####\n 42 \nmore") == "42" and answer_text("The answer is 72.") == "The answer is 72."
 
 
 def test_gold_text_takes_what_follows_the_last_marker():
