@@ -171,9 +171,9 @@ def add_sweep_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", required=True, help="sweep directory (rerun the command to resume)")
     parser.add_argument("--workers", type=int, default=2, help="runs in parallel (processes, 1 torch thread each)")
     parser.add_argument("--runtime", choices=["local", "ray"], default="local",
-                        help="ray: every cell a Ray task (a private Ray on 127.0.0.1, or --ray-address)")
+                        help="ray: every cell a Ray actor (a private Ray on 127.0.0.1, or --ray-address)")
     parser.add_argument("--ray-address", help="join this Ray cluster (e.g. auto) instead of starting one")
-    parser.add_argument("--cpus-per-run", type=float, default=1.0, help="CPUs each Ray task asks for")
+    parser.add_argument("--cpus-per-run", type=float, default=1.0, help="CPUs each cell's Ray actor asks for")
     parser.add_argument("--config", help="base config YAML")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--wandb", metavar="PROJECT", help="log each cell to Weights & Biases, grouped by the "

@@ -1,4 +1,4 @@
-"""Running on Ray: the session (local on 127.0.0.1, or joined), the learner actor, sweeps as Ray tasks.
+"""Running on Ray: the session (local on 127.0.0.1, or joined), the learner actor, a sweep's cells.
 
     stalerl train --runtime ray --num-workers 2                 # a local Ray, bound to localhost
     stalerl train --runtime ray --ray-address auto              # join a running cluster
@@ -12,7 +12,9 @@ The learner writes the run directory on the node it runs on (use a shared filesy
 on a multi-node cluster). Checkpoints are written as in the local runtime
 (``RayRollouts.snapshot``), and ``--resume`` goes on from them on Ray. A learner failure ends the
 run: its actor's error is raised here with the newest checkpoint and the ``--resume`` command that
-continues from it, and the rollout actors it owns die with it.
+continues from it, and the rollout actors it owns die with it. A sweep on Ray runs each cell in a
+learner actor of its own (run_configs_on_ray), so that a Ctrl-C or SIGTERM reaches its cells as it
+reaches the learner of ``stalerl train --runtime ray``.
 """
 
 from __future__ import annotations
@@ -22,10 +24,13 @@ import os
 import socket
 import uuid
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 from stalerl.config import ConfigError, TrainConfig, first_line, validate
 from stalerl.guards import Interrupted, RunStopped, StopRequests, resume_hint
+
+if TYPE_CHECKING:  # the sweep imports this module only for --runtime ray
+    from stalerl.lab.sweep import SweepStop
 
 
 def local_init_kwargs(num_cpus: float, num_gpus: int | None = None) -> dict[str, Any]:
@@ -121,7 +126,11 @@ class LearnerFailed(RuntimeError):
 
 class LearnerActor:
     """The learner: the local runtime's loop, `train(config, resume)`, in its own process. It runs with
-    two threads (max_concurrency=2), so that `request_stop` reaches a running `train`."""
+    two threads (max_concurrency=2, start_learner), so that `request_stop` reaches a running `train`."""
+
+    def ready(self) -> None:
+        """Answers once Ray has placed and started the actor: a sweep gives it its cell only then, so
+        that a cell still waiting for room is never started after a stop (run_configs_on_ray)."""
 
     def train(self, config: TrainConfig, resume: bool = False) -> dict[str, Any]:
         from stalerl.train import train
@@ -133,6 +142,14 @@ class LearnerActor:
         from stalerl.guards import request_stop
 
         request_stop(signal_name)
+
+
+def start_learner(num_cpus: float, num_gpus: float, name: str | None = None) -> Any:
+    """A LearnerActor asking for these resources; never restarted (a restart would begin its run again)."""
+    import ray
+
+    return ray.remote(LearnerActor).options(name=name, num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=0,
+                                            max_concurrency=2).remote()
 
 
 def _learner_failed(what: str, why: str, config: TrainConfig,
@@ -156,10 +173,7 @@ def train_on_ray(config: TrainConfig, resume: bool = False) -> dict[str, Any]:
     runtime = config.runtime
     with ray_session(runtime.ray_address, runtime.learner_cpus + runtime.num_workers * runtime.worker_cpus):
         _check_resources(config)
-        name = f"stalerl-learner-{uuid.uuid4().hex[:8]}"
-        learner = ray.remote(LearnerActor).options(name=name, num_cpus=runtime.learner_cpus,
-                                                   num_gpus=runtime.learner_gpus, max_restarts=0,
-                                                   max_concurrency=2).remote()
+        learner = start_learner(runtime.learner_cpus, runtime.learner_gpus, f"stalerl-learner-{uuid.uuid4().hex[:8]}")
         stop = StopRequests().install()  # over Ray's own SIGTERM handler, which dumps a stack and exits 1
         try:
             return _wait_for(learner, learner.train.remote(config, resume), stop)
@@ -192,32 +206,23 @@ def _wait_for(learner: Any, run: Any, stop: StopRequests) -> dict[str, Any]:
     return ray.get(run)
 
 
-def _train_task(config: TrainConfig) -> dict[str, Any]:
-    from stalerl.train import train
-
-    try:
-        return train(config)
-    except Exception as error:  # one failed cell must not sink the sweep
-        return {"out": config.out, "error": f"{type(error).__name__}: {error}"}
+NOT_STARTED = "not started: the sweep was stopping"
 
 
-def train_task_options(config: TrainConfig, cpus_per_run: float) -> dict[str, Any]:
-    """The Ray task options of one sweep cell: its CPUs, the GPUs its learner asks for, and a fresh
-    worker process for a cell that may hold a GPU, since vLLM in process cannot be torn down fully
-    (vllm#21073): a reused worker could not start the next cell's vLLM."""
-    fresh_process = config.rollout.engine == "vllm" or config.runtime.learner_gpus > 0
-    return {"num_cpus": cpus_per_run, "num_gpus": config.runtime.learner_gpus, "max_retries": 0,
-            "max_calls": 1 if fresh_process else 0}  # max_calls 0: a worker process runs any number
-
-
-def run_configs_on_ray(configs: list[TrainConfig], cpus_per_run: float, address: str | None = None
-                       ) -> list[dict[str, Any]]:
-    """Runs `train(config)` for each config as a Ray task asking for `cpus_per_run` CPUs (and
-    runtime.learner_gpus GPUs; train_task_options).
+def run_configs_on_ray(configs: list[TrainConfig], cpus_per_run: float, address: str | None = None,
+                       resume: list[bool] | None = None, stop: SweepStop | None = None) -> list[dict[str, Any]]:
+    """Runs `train(config, resume)` for each config in a learner actor of its own, asking for
+    `cpus_per_run` CPUs and runtime.learner_gpus GPUs; Ray starts each one as room frees up. A process
+    per cell also means that a cell with vLLM, which cannot be torn down in process (vllm#21073),
+    leaves nothing behind for the next cell.
 
     Returns the summaries in the order of `configs`; a run that raised gives ``{"out", "error"}``.
+    `stop` (the sweep's Ctrl-C and SIGTERM, installed here over Ray's own handler): on the first
+    signal each running cell stops after its step with a checkpoint and gives ``{"out", "interrupted":
+    its message}``, and a cell not yet started gives ``{"out", "interrupted": NOT_STARTED}``; on a second
+    the running cells are killed at once ("interrupted", since a summary has a "stopped" of its own).
     Without `address`, a local Ray on 127.0.0.1 sized for the runs is started and shut down.
-    A config with ``runtime.runtime: ray`` starts its own rollout actors from inside its task; their
+    A config with ``runtime.runtime: ray`` starts its own rollout actors from inside its actor; their
     CPUs come on top of `cpus_per_run`, so a cluster must have room for both.
     """
     import ray
@@ -225,18 +230,77 @@ def run_configs_on_ray(configs: list[TrainConfig], cpus_per_run: float, address:
     if cpus_per_run <= 0:
         raise ConfigError("cpus_per_run: must be > 0")
     configs = [validate(config) for config in configs]
-    with ray_session(address or "", num_cpus=cpus_per_run):
+    resume = resume or [False] * len(configs)
+    with ray_session(address or "", num_cpus=cpus_per_run), stop.installed() if stop else contextlib.nullcontext():
         gpus = max((config.runtime.learner_gpus for config in configs), default=0)
         available = ray.cluster_resources().get("GPU", 0.0)
-        if gpus > available:  # its task would wait forever
+        if gpus > available:  # its actor would wait forever
             raise ConfigError(f"runtime.learner_gpus: a sweep cell asks for {gpus:g} GPUs; "
                               f"the cluster has {available:g}")
-        tasks: dict[tuple, Any] = {}  # one remote function per set of options (max_calls cannot be an .options())
-        refs = []
-        for config in configs:
-            options = train_task_options(config, cpus_per_run)
-            key = tuple(sorted(options.items()))
-            if key not in tasks:
-                tasks[key] = ray.remote(**options)(_train_task)
-            refs.append(tasks[key].remote(config))
-        return ray.get(refs)
+        actors = [start_learner(cpus_per_run, config.runtime.learner_gpus) for config in configs]
+        try:
+            return _run_cells(actors, configs, resume, stop)
+        finally:
+            for actor in actors:
+                ray.kill(actor)
+
+
+def _run_cells(actors: list[Any], configs: list[TrainConfig], resume: list[bool],
+               stop: SweepStop | None) -> list[dict[str, Any]]:
+    """run_configs_on_ray's loop: each actor gets its cell once Ray has started it, and is killed once
+    its cell ends, which frees its resources for a waiting one. A stop is passed on as train_on_ray
+    passes it on (_wait_for)."""
+    import ray
+
+    results: list[dict[str, Any]] = [{} for _ in configs]
+    starting = {actor.ready.remote(): index for index, actor in enumerate(actors)}
+    running: dict[Any, int] = {}
+    forwarded = False
+    while starting or running:
+        for ref in ray.wait([*starting, *running], num_returns=1, timeout=0.2)[0]:  # wakes to run the signal handlers
+            if ref in starting:
+                index = starting.pop(ref)
+                if stop is not None and stop.requested:  # started just now: never begins its cell
+                    ray.kill(actors[index])
+                    results[index] = {"out": configs[index].out, "interrupted": NOT_STARTED}
+                else:
+                    running[actors[index].train.remote(configs[index], resume[index])] = index
+            else:
+                index = running.pop(ref)
+                results[index] = _cell_result(ref, configs[index])
+                ray.kill(actors[index])
+        if stop is not None and stop.requested and not forwarded:
+            for index in starting.values():  # still waiting for room (ray.kill cancels that)
+                ray.kill(actors[index])
+                results[index] = {"out": configs[index].out, "interrupted": NOT_STARTED}
+            starting.clear()
+            for index in running.values():
+                actors[index].request_stop.remote(stop.requested)
+            forwarded = True
+        if stop is not None and stop.again:  # a second signal: their steps in progress are lost
+            for index in running.values():
+                ray.kill(actors[index])
+                results[index] = {"out": configs[index].out, "interrupted": _at_once(configs[index])}
+            running.clear()
+    return results
+
+
+def _cell_result(ref: Any, config: TrainConfig) -> dict[str, Any]:
+    """A finished cell's summary, or what stopped it: one failed cell must not sink the sweep."""
+    import ray
+
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError as error:
+        if isinstance(error.cause, Interrupted):  # the stop passed on: its message says where it stopped
+            return {"out": config.out, "interrupted": str(error.cause)}
+        return {"out": config.out, "error": f"{type(error.cause).__name__}: {error.cause}"}
+    except ray.exceptions.RayActorError as error:  # its process died
+        return {"out": config.out, "error": f"its actor died: {first_line(error)}"}
+
+
+def _at_once(config: TrainConfig) -> str:
+    from stalerl.checkpoint import newest_usable
+
+    run_dir = Path(config.out)
+    return f"interrupted at once; {resume_hint(run_dir, newest_usable(run_dir))}"

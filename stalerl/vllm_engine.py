@@ -26,7 +26,7 @@ behavior weights kept beside vLLM (twice the weight memory).
 
 ``close()`` shuts the engine down and frees what vLLM lets go of; in process it does not give back
 all of it (vllm#21073), so a process that needs another vLLM afterwards should be a fresh one (the
-Ray runtime's actors and sweep tasks are).
+Ray runtime's actors and a Ray sweep's cells are).
 
 Written against vLLM's V1 ``LLM`` API; it runs only on a CUDA machine and is covered by the tests
 marked ``gpu``, which skip elsewhere (the plumbing is tested on CPU against a stub ``vllm``).

@@ -25,8 +25,8 @@ from stalerl.checkpoint import list_checkpoints  # noqa: E402
 from stalerl.config import ConfigError, RuntimeConfig, StalenessConfig, TrainConfig, validate  # noqa: E402
 from stalerl.metrics import read_metrics  # noqa: E402
 from stalerl.ray_rollouts import RayRollouts  # noqa: E402
-from stalerl.ray_runtime import (check_ray_address, local_init_kwargs, ray_session, run_configs_on_ray,  # noqa: E402
-                                 train_on_ray, train_task_options)
+from stalerl.ray_runtime import (NOT_STARTED, check_ray_address, local_init_kwargs, ray_session,  # noqa: E402
+                                 run_configs_on_ray, train_on_ray)
 from stalerl.staleness import PipelineState, RolloutWorkerError, check_lag  # noqa: E402
 from stalerl.train import train  # noqa: E402
 
@@ -412,19 +412,27 @@ def test_run_configs_on_ray_returns_each_runs_summary(local_ray, tmp_path):
     assert summaries[1]["out"] == str(tmp_path / "cell1") and "already holds a run" in summaries[1]["error"]
 
 
-def test_sweep_cells_that_may_hold_a_gpu_get_their_gpus_and_a_fresh_process(local_ray, tmp_path):
+def test_sweep_cells_get_their_gpus_in_an_actor_of_their_own(local_ray, tmp_path):
     plain = dataclasses.replace(ray_config(tmp_path, "vllm-cell", "exact", 0, steps=3), runtime=RuntimeConfig())
     vllm = dataclasses.replace(plain, model=dataclasses.replace(plain.model, name_or_path="some/checkpoint"),
                                rollout=dataclasses.replace(plain.rollout, engine="vllm"),
                                runtime=RuntimeConfig(learner_gpus=1))
-    assert train_task_options(plain, 0.5) == {"num_cpus": 0.5, "num_gpus": 0.0, "max_retries": 0, "max_calls": 0}
-    # vLLM cannot be torn down in process (vllm#21073): a reused worker could not start the next cell's.
-    assert train_task_options(vllm, 0.5) == {"num_cpus": 0.5, "num_gpus": 1, "max_retries": 0, "max_calls": 1}
-    assert train_task_options(dataclasses.replace(plain, runtime=RuntimeConfig(learner_gpus=0.5)), 1)["max_calls"] == 1
-    [summary] = run_configs_on_ray([vllm], cpus_per_run=0.5, address=None)  # Ray takes the options
-    assert "rollout.engine: vllm" in summary["error"]  # refused in its task: no GPU here (or no vllm)
+    # An actor per cell, so a process per cell: vLLM cannot be torn down in process (vllm#21073).
+    [summary] = run_configs_on_ray([vllm], cpus_per_run=0.5, address=None)  # Ray places it on a GPU
+    assert "rollout.engine: vllm" in summary["error"]  # refused in its actor: no GPU here (or no vllm)
     with pytest.raises(ConfigError, match="runtime.learner_gpus: a sweep cell asks for 3 GPUs; the cluster has 2"):
         run_configs_on_ray([dataclasses.replace(plain, runtime=RuntimeConfig(learner_gpus=3))], cpus_per_run=0.5)
+
+
+def test_no_sweep_cell_starts_once_the_sweep_is_stopping(local_ray, tmp_path):
+    from stalerl.lab.sweep import SweepStop
+
+    stop = SweepStop(threading.Event())
+    stop.requested = "SIGTERM"  # as if it came while the cells waited for room
+    config = dataclasses.replace(ray_config(tmp_path, "cell", "exact", 0, steps=3), runtime=RuntimeConfig())
+    [result] = run_configs_on_ray([config], cpus_per_run=0.5, stop=stop)
+    assert result == {"out": config.out, "interrupted": NOT_STARTED}
+    assert not (tmp_path / "cell").exists()
 
 
 def test_stalerl_sweep_runs_its_cells_as_ray_tasks(local_ray, tmp_path, capsys):
@@ -441,6 +449,52 @@ def test_stalerl_sweep_runs_its_cells_as_ray_tasks(local_ray, tmp_path, capsys):
     assert main(argv) == 0  # finished cells are not rerun
     assert {row["run_dir"]: row["wall_s"] for row in json.loads((out / "sweep.json").read_text())} == walls
     capsys.readouterr()
+
+
+def test_sigterm_stops_a_ray_sweep_with_a_checkpoint_in_each_cell_and_the_rerun_goes_on(local_ray, tmp_path):
+    """The driver used to exit (134, Ray's stack dump) and Ray killed the cells' tasks: no checkpoint. Now
+    each cell's actor gets the stop, checkpoints after its step, and the same command goes on to the
+    uninterrupted sweep's metrics and samples, bit for bit."""
+    import signal
+    import subprocess
+
+    from stalerl.cli import main
+
+    argv = ["sweep", "--staleness", "0,1", "--lr", "1e-4", "--steps", "60", "--runtime", "ray", "--cpus-per-run", "0.5",
+            "--no-progress", "--no-figures", "--set", "rollout.prompts_per_step=2", "--set", "rollout.group_size=4",
+            "--set", "task.val_size=32", "--set", "val_every=1000", "--set", "checkpoint.every=0"]
+    # 60 steps: a step takes ~0.2 s here, and the second cell's actor can start some 15 steps after the first's.
+    out = tmp_path / "stopped"
+    # Its own Ray, as from a shell: the signal goes to a driver that started Ray itself.
+    sweep = subprocess.Popen([sys.executable, "-m", "stalerl.cli", *argv, "--out", str(out)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    cells = ["S0-lr0.0001-seed0", "S1-lr0.0001-seed0"]
+    deadline = time.monotonic() + 240
+    while not all((out / cell / "metrics.jsonl").is_file() and
+                  len((out / cell / "metrics.jsonl").read_text().splitlines()) >= 2 for cell in cells):
+        if sweep.poll() is not None or time.monotonic() > deadline:
+            os.killpg(sweep.pid, signal.SIGKILL)  # the driver and the Ray it started
+            raise AssertionError(f"the cells made no steps in time: {sweep.communicate()}")
+        time.sleep(0.2)
+    sweep.send_signal(signal.SIGTERM)
+    _, stderr = sweep.communicate(timeout=120)
+    assert sweep.returncode == 130, stderr
+    assert "Traceback" not in stderr and "SIGTERM: the sweep stops" in stderr, stderr
+    for cell in cells:
+        assert f"stalerl: {cell}: stopped by SIGTERM after step" in stderr  # where it stopped, how to go on
+        assert len(list_checkpoints(out / cell)) == 1 and not (out / cell / "summary.json").exists()
+    assert "0 of 2 cells finished (2 stopped or not started); rerun the same command" in stderr
+    assert json.loads((out / "sweep.json").read_text()) == []
+    before = {cell: read_metrics(out / cell) for cell in cells}
+
+    assert main([*argv, "--out", str(out)]) == 0  # the same command, in this process's Ray: resumed on Ray
+    assert main([*argv, "--out", str(tmp_path / "reference")]) == 0  # the sweep never stopped
+    for cell in cells:
+        stopped, reference = out / cell, tmp_path / "reference" / cell
+        rows = read_metrics(stopped)
+        assert rows[:len(before[cell])] == before[cell]  # timings too: resumed, not started over
+        assert without_ray_fields(rows) == without_ray_fields(read_metrics(reference))
+        assert (stopped / "samples.jsonl").read_text() == (reference / "samples.jsonl").read_text()
 
 
 # ---------------------------------------------------------------- stub workers: faults at stub speed

@@ -14,7 +14,8 @@ not fight over the cores; on CPU the workers are forked from a server that has i
 Ctrl-C or SIGTERM stops the sweep as it stops a run: each running cell stops after its step with a
 checkpoint, no new cell starts, and the same command goes on from there; a second one quits at once.
 A worker whose sweep was killed outright stops its cell the same way and exits, so no orphan keeps
-writing into a cell.
+writing into a cell. With `--runtime ray` each cell runs in a Ray actor of its own
+(ray_runtime.run_configs_on_ray), and Ctrl-C or SIGTERM stops the cells in the same way.
 """
 
 from __future__ import annotations
@@ -155,8 +156,9 @@ class SweepStop:
     workers (their earlier checkpoints stay, as after a killed run)."""
 
     def __init__(self, stopping: Any):
-        self.stopping = stopping  # multiprocessing.Event, shared with the workers
+        self.stopping = stopping  # multiprocessing.Event, shared with the workers (on Ray a threading.Event)
         self.requested: str | None = None
+        self.again = False  # a second signal: on Ray, run_configs_on_ray then kills the cells' actors
 
     @contextlib.contextmanager
     def installed(self):
@@ -175,7 +177,9 @@ class SweepStop:
         if first:  # no lock taken twice, nothing printed twice
             self.requested = signal.Signals(signum).name
             self.stopping.set()
-        for worker in multiprocessing.active_children():  # the pool's processes
+        else:
+            self.again = True
+        for worker in multiprocessing.active_children():  # the pool's processes (none on Ray)
             with contextlib.suppress(ProcessLookupError):
                 os.kill(worker.pid, signum if first else signal.SIGKILL)
         if first:
@@ -261,7 +265,7 @@ def sweep_row(cell: Cell, summary: dict[str, Any], run_dir: Path) -> dict[str, A
 
 def run_sweep(cells: list[tuple[Cell, TrainConfig]], out: Path, workers: int, progress: bool = True,
               runtime: str = "local", ray_address: str | None = None, cpus_per_run: float = 1.0) -> list[dict]:
-    """Runs the unfinished cells: `workers` local processes, or Ray tasks of `cpus_per_run` CPUs each."""
+    """Runs the unfinished cells: `workers` local processes, or Ray actors of `cpus_per_run` CPUs each."""
     if (out / "config.yaml").is_file():  # the lab would read it as one run and not see the cells
         raise ConfigError(f"--out {out}: holds a training run (config.yaml), not a sweep; use another directory")
     plan = plan_cells(cells)
@@ -288,12 +292,24 @@ def run_sweep(cells: list[tuple[Cell, TrainConfig]], out: Path, workers: int, pr
             shutil.rmtree(run_dir)
         todo.append((cell, config, action == "resume"))
     bar = tqdm(total=len(cells), initial=len(rows), desc="sweep", disable=not progress, dynamic_ncols=True)
-    if runtime == "ray" and any(not resume for _, _, resume in todo):
-        # Fresh cells go to Ray; a cell with a checkpoint resumes in the local pool below.
-        _run_on_ray([(cell, config) for cell, config, resume in todo if not resume], rows, out, cells,
-                    ray_address, cpus_per_run)
-        bar.update(sum(not resume for _, _, resume in todo))
-        todo = [item for item in todo if item[2]]
+    if runtime == "ray":
+        stop, stopped = _run_on_ray(todo, rows, out, cells, ray_address, cpus_per_run, bar)
+    else:
+        stop, stopped = _run_locally(todo, rows, out, cells, workers, bar)
+    bar.close()
+    if stop.requested:
+        write_table(out, [rows[c.name] for c, _ in cells if c.name in rows])
+        raise Interrupted(f"{stop.requested}: sweep stopped, {len(rows)} of {len(cells)} cells finished "
+                          f"({stopped} stopped or not started); rerun the same command to go on from their checkpoints")
+    table = [rows[cell.name] for cell, _ in cells]
+    write_table(out, table)
+    return table
+
+
+def _run_locally(todo: list[tuple[Cell, TrainConfig, bool]], rows: dict[str, dict], out: Path,
+                 cells: list[tuple[Cell, TrainConfig]], workers: int, bar: tqdm) -> tuple[SweepStop, int]:
+    """The cells (cell, config, resume) in `workers` local processes; returns the sweep's stop and how
+    many cells were stopped or never started (_collect)."""
     context = worker_context([config for _, config, _ in todo])
     one_cell_each = _has_vllm_cells([config for _, config, _ in todo])
     if one_cell_each and sys.version_info < (3, 11):
@@ -312,14 +328,7 @@ def run_sweep(cells: list[tuple[Cell, TrainConfig]], out: Path, workers: int, pr
                        for cell, config, resume in todo}
         with pool:
             stopped = _collect(futures, stop, rows, cells, out, bar)
-    bar.close()
-    if stop.requested:
-        write_table(out, [rows[c.name] for c, _ in cells if c.name in rows])
-        raise Interrupted(f"{stop.requested}: sweep stopped, {len(rows)} of {len(cells)} cells finished "
-                          f"({stopped} stopped or not started); rerun the same command to go on from their checkpoints")
-    table = [rows[cell.name] for cell, _ in cells]
-    write_table(out, table)
-    return table
+    return stop, stopped
 
 
 def worker_context(configs: list[TrainConfig]) -> Any:
@@ -352,8 +361,8 @@ def _collect(futures: dict, stop: SweepStop, rows: dict[str, dict], cells: list[
             if not stop.requested:
                 raise
             stopped += 1
-            if isinstance(error, RunStopped) and not str(error).startswith("not started"):
-                tqdm.write(f"stalerl: {cell.name}: {error}", file=sys.stderr)  # where it stopped, its checkpoint
+            if isinstance(error, RunStopped):
+                _report_stopped(cell, str(error))
             continue
         rows[cell.name] = sweep_row(cell, summary, Path(config.out))
         collapsed = sum(row["collapse_step"] is not None for row in rows.values())
@@ -363,21 +372,38 @@ def _collect(futures: dict, stop: SweepStop, rows: dict[str, dict], cells: list[
     return stopped
 
 
-def _run_on_ray(todo: list[tuple[Cell, TrainConfig]], rows: dict[str, dict], out: Path,
-                cells: list[tuple[Cell, TrainConfig]], address: str | None, cpus_per_run: float) -> None:
-    """The cells as Ray tasks (ray_runtime.run_configs_on_ray); a failed cell is reported, not tabled."""
+def _report_stopped(cell: Cell, message: str) -> None:
+    if not message.startswith("not started"):  # where it stopped, its checkpoint, the command that goes on
+        tqdm.write(f"stalerl: {cell.name}: {message}", file=sys.stderr)
+
+
+def _run_on_ray(todo: list[tuple[Cell, TrainConfig, bool]], rows: dict[str, dict], out: Path,
+                cells: list[tuple[Cell, TrainConfig]], address: str | None, cpus_per_run: float,
+                bar: tqdm) -> tuple[SweepStop, int]:
+    """The cells, each in a Ray actor of its own (ray_runtime.run_configs_on_ray), a cell with a
+    checkpoint resumed from it; Ctrl-C or SIGTERM stops them as _run_locally's workers. A failed cell is
+    reported, not tabled. Returns the sweep's stop and how many cells were stopped or never started."""
     from stalerl.ray_runtime import run_configs_on_ray
 
-    summaries = run_configs_on_ray([config for _, config in todo], cpus_per_run, address)
-    failed = []
-    for (cell, config), summary in zip(todo, summaries):
-        if "error" in summary:
-            failed.append(f"{cell.name}: {summary['error']}")
+    stop = SweepStop(threading.Event())  # installed by run_configs_on_ray, over the handler ray.init sets
+    if not todo:  # every cell finished: no Ray to start
+        return stop, 0
+    summaries = run_configs_on_ray([config for _, config, _ in todo], cpus_per_run, address,
+                                   resume=[resume for _, _, resume in todo], stop=stop)
+    failed, stopped = [], 0
+    for (cell, config, _), summary in zip(todo, summaries):
+        if "interrupted" in summary and stop.requested:
+            stopped += 1
+            _report_stopped(cell, summary["interrupted"])
+        elif "error" in summary or "interrupted" in summary:
+            failed.append(f"{cell.name}: {summary.get('error') or summary['interrupted']}")
         else:
             rows[cell.name] = sweep_row(cell, summary, Path(config.out))
+            bar.update()
     write_table(out, [rows[c.name] for c, _ in cells if c.name in rows])
     if failed:
         raise RuntimeError(f"{len(failed)} sweep cell(s) failed on Ray; rerun to retry them. " + "; ".join(failed))
+    return stop, stopped
 
 
 def write_table(out: Path, rows: list[dict]) -> None:
