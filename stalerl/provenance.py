@@ -5,6 +5,7 @@ reproduce elsewhere can be traced to a difference here."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import os
 import platform
@@ -57,9 +58,23 @@ def environment(device: str) -> dict[str, object]:
         "device": device,
         "cuda_device": torch.cuda.get_device_name(device) if device.startswith("cuda") else None,
         "torch_threads": torch.get_num_threads(),
+        # torch picks its CPU kernels by the instruction set, and they round differently: with the same
+        # seed and code the embedded default's warm start scores 0.324 with AVX2 kernels and 0.355 with
+        # ATEN_CPU_CAPABILITY=default (README, "Measured on the embedded default")
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu": cpu_model(),
         "cpus": os.cpu_count(),
         "platform": f"{sys.platform}-{platform.machine()}",
     }
+
+
+def cpu_model() -> str:
+    """The CPU's model name (Linux: /proc/cpuinfo), else what platform knows."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
 
 
 def version_line() -> str:
