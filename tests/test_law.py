@@ -10,7 +10,7 @@ from stalerl.lab.bias import linear_regime_end, pairwise_bias, BiasPoint
 from stalerl.lab.law import (HORIZON, STALE, advise, clip_onset_drift, collapse_table, estimate_g_upd,
                              fit_censored_loglog, fit_drift, fit_log_linear, fit_loglog, first_crossing_drift,
                              law_constants)
-from stalerl.lab.runs import RunRecord, load_run
+from stalerl.lab.runs import RunRecord, censoring_version, load_run
 
 
 def synthetic_run(staleness, lr, steps, c=300.0, beta=1.0, alpha=1.0, r_crit=10.0, r_batch=float("inf")):
@@ -209,13 +209,15 @@ def test_the_censored_fit_returns_none_where_it_has_no_maximum(monkeypatch):
 
 
 def test_collapse_table_censors_the_runs_that_did_not_collapse():
-    """Stable runs enter at horizon_version (199 - S for 200 steps), T_c = 1 as T_c <= 1, an S without a
+    """Stable runs enter at censoring_version (199 - S - 9 for 200 steps: a collapse in the last
+    collapse.min_tail - 1 steps would not be confirmed), T_c = 1 as T_c <= 1, an S without a
     collapse past its first update is left out; no collapse at all, or only at version 0, gives None."""
     runs = [collapsed_record(0, lr, version) for lr, version in ((1e-4, None), (2e-4, None), (5e-4, 80), (7e-4, 45),
                                                                  (1e-3, 3), (3e-3, 1))]
     runs += [collapsed_record(4, lr, version) for lr, version in ((1e-4, None), (3e-4, None), (7e-4, 20), (1e-3, 4),
                                                                   (3e-3, 1))]
     runs += [collapsed_record(16, lr, version) for lr, version in ((1e-4, None), (3e-3, 1))]
+    assert [censoring_version(run) for run in runs if run.collapse_version is None] == [190, 190, 186, 186, 174]
     table = collapse_table(runs)
     fit = table["tc_vs_eta_censored"]
     assert (fit["points"], fit["collapsed"], fit["at_floor"], fit["censored"], fit["s_left_out"]) == (11, 7, 2, 4, [16])

@@ -35,7 +35,7 @@ from typing import Any, Literal
 import numpy as np
 
 from stalerl.collapse import moving_average
-from stalerl.lab.runs import RunRecord, horizon_version
+from stalerl.lab.runs import RunRecord, censoring_version
 
 
 @dataclass(frozen=True)
@@ -333,7 +333,7 @@ def collapse_table(runs: list[RunRecord]) -> dict[str, Any]:
     starting policy's reward was already below the threshold) counts as collapsed, but has no
     logarithm: it is left out of the fits and of the T_c * eta medians, and counted as at_version_0.
     The fits above take only the runs that collapsed; tc_vs_eta_censored fits the same within-S model
-    with the runs that did not, each right-censored at the newest version it saw (_censored_fit).
+    with the runs that did not, each right-censored where a collapse would still have shown (_censored_fit).
     """
     fixed = _fixed(runs)
     collapsed = [run for run in fixed if run.collapse_version is not None]
@@ -383,7 +383,7 @@ def collapse_table(runs: list[RunRecord]) -> dict[str, Any]:
         "tc_vs_eta_past_first_update": None if within_s_resolved is None else {
             **within_s_resolved["slopes"]["eta"], "points": within_s_resolved["points"],
             "how": "the same without the runs at the floor T_c = 1 (collapsed on their first update)"},
-        # the same model with the runs that did not collapse, censored at the newest version they saw
+        # the same model with the runs that did not collapse, censored where a collapse would still have shown
         "tc_vs_eta_censored": censored,
         # log T_c = a + b log eta + c log S over S > 0: the S exponent at a fixed eta (and b beside it).
         "tc_vs_s": None if joint is None else {
@@ -396,14 +396,14 @@ def collapse_table(runs: list[RunRecord]) -> dict[str, Any]:
 
 def _censored_fit(timed: list[RunRecord], survived: list[RunRecord]) -> dict[str, Any] | None:
     """log T_c = a_S + b log eta + sigma * eps over the collapsed runs (T_c > 0) and the runs that did not
-    collapse, each of those right-censored at horizon_version: T_c beyond it. Leaving them out keeps
+    collapse, each of those right-censored at censoring_version: T_c beyond it. Leaving them out keeps
     only the fast collapses at the smaller learning rates, which biases b."""
-    survived = [run for run in survived if horizon_version(run) >= 1]  # T_c > 0 says nothing
+    survived = [run for run in survived if censoring_version(run) >= 1]  # T_c > 0 says nothing
     # The version grid cannot show a collapse before the first update, so T_c = 1 says T_c <= 1
     # (left-censored), not T_c = 1: read as exact, the floor pulls the slope toward 0.
     kinds: list[Censoring] = [("left" if run.collapse_version == 1 else "observed") for run in timed]
     fit = fit_censored_loglog([run.lr for run in timed + survived], [run.staleness for run in timed + survived],
-                              [run.collapse_version for run in timed] + [horizon_version(run) for run in survived],
+                              [run.collapse_version for run in timed] + [censoring_version(run) for run in survived],
                               kinds + ["right"] * len(survived))
     if fit is None:
         return None
@@ -416,7 +416,8 @@ def _censored_fit(timed: list[RunRecord], survived: list[RunRecord]) -> dict[str
         "s_left_out": fit["groups_left_out"],
         "how": "maximum likelihood, log T_c = a_S + b log eta + sigma * eps (normal): collapsed runs by their "
                "density, those at T_c = 1 as T_c <= 1, runs that did not collapse as T_c > the newest version "
-               "they saw; S values with no collapse past T_c = 1 left out (s_left_out); 95% interval from "
+               "they saw less collapse.min_tail - 1 (a later collapse would not be confirmed); S values with no "
+               "collapse past T_c = 1 left out (s_left_out); 95% interval from "
                "the observed information (finite-difference Hessian)",
     }
 

@@ -68,6 +68,14 @@ def horizon_version(run: RunRecord) -> int:
         else max(run.summary["steps"] - 1 - run.staleness, 0)
 
 
+def censoring_version(run: RunRecord) -> int:
+    """The version past which a run that did not collapse may still have collapsed: a collapse is
+    confirmed only once it has lasted collapse.min_tail steps, so one that began in the run's last
+    min_tail - 1 steps would not show. The run rules out the versions up to this one."""
+    min_tail = run.config.get("collapse", {}).get("min_tail", CollapseConfig.min_tail)
+    return max(horizon_version(run) - (min_tail - 1), 0)
+
+
 def stabilizer_name(config: dict[str, Any]) -> str:
     stabilizer = config.get("stabilizer", {})
     names = [stabilizer["lr_control"]] if stabilizer.get("lr_control", "none") != "none" else []
