@@ -186,7 +186,6 @@ def test_exact_mode_on_ray_makes_the_local_runtimes_batches(local_ray, tmp_path)
     on_ray, local = read_lines(tmp_path / "ray" / "samples.jsonl"), read_lines(tmp_path / "local" / "samples.jsonl")
     assert on_ray == local  # same prompts, same sampling noise, same weights: same rewards, bit for bit
     assert [row["step"] - row["versions"][0] for row in on_ray] == [min(step, 1) for step in range(12)]  # lag S
-    assert {row["worker"] for row in read_lines(tmp_path / "ray" / "metrics.jsonl")} == {0, 1}  # both actors
     losses = [[row["loss"] for row in read_lines(tmp_path / name / "metrics.jsonl")] for name in ("ray", "local")]
     assert losses[0] == losses[1]
 
