@@ -90,13 +90,14 @@ def test_bias_probe_measures_the_configured_model_and_task(tmp_path, capsys):
 
 
 def test_bias_json_is_strict_json_and_reads_its_nulls_back_as_nan(tmp_path):
-    from stalerl.lab.bias import BiasPoint, read_points, refit, write_report
+    from stalerl.lab.advice import write_report
+    from stalerl.lab.bias import BiasPoint, read_points, refit
 
     fields = dict(lr=1e-3, anchor=8, lag=2, bias_sq=4e-4, bias_sq_se=1e-4, bias_norm=0.02, bias_low=0.0,
                   bias_high=0.03, noise_floor=0.014, below_floor=False, naive_norm=0.05, drift=0.1, batches=3)
     points = [BiasPoint(**fields), BiasPoint(**fields | {"lag": 4, "bias_high": math.nan, "drift": 0.2})]
     report = {"points": [dataclasses.asdict(p) for p in points], "fits": {"slope_low": math.nan}}
-    write_report(tmp_path / "bias.json", report)
+    write_report(report, tmp_path / "bias.json")
     text = (tmp_path / "bias.json").read_text()
     strict = json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} written"))
     assert strict["fits"]["slope_low"] is None and strict["points"][1]["bias_high"] is None

@@ -39,9 +39,10 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from stalerl.config import ConfigError, TrainConfig
 from stalerl.data import build_task
 from stalerl.guards import check_output_directory, check_prompt_lengths, output_directory
+from stalerl.lab.advice import write_report
 from stalerl.lab.law import fit_loglog
 from stalerl.learner import learner_step, make_optimizer, surrogate_gradient
-from stalerl.metrics import finite_or_none, flat_parameters
+from stalerl.metrics import flat_parameters
 from stalerl.model import count_parameters
 from stalerl.policy import build_policy
 from stalerl.rollout import RolloutBatch
@@ -212,17 +213,12 @@ def read_points(path: Path) -> list[BiasPoint]:
             for row in json.loads(path.read_text())["points"]]
 
 
-def write_report(path: Path, report: dict[str, Any]) -> None:
-    """Strict JSON, as summary.json and sweep.json: an undetermined interval (NaN) is written as null."""
-    path.write_text(json.dumps(finite_or_none(report), indent=2))
-
-
 def refit(out: Path) -> dict[str, Any]:
     """Recomputes the fits and the figure of DIR/bias.json without sampling anything."""
     report = json.loads((out / "bias.json").read_text())
     points = read_points(out / "bias.json")
     report["fits"] = fit_exponents(points)
-    write_report(out / "bias.json", report)
+    write_report(report, out / "bias.json")  # strict JSON: NaN as null
     bias_figure(points, out / "bias.png")
     return report
 
@@ -323,6 +319,6 @@ def run_probe(config: TrainConfig, lrs: list[float], anchors: list[int], lags: l
                            **what, "config": config.to_dict(),
                            "parameters": count_parameters(policy.model),
                            "device": str(next(policy.model.parameters()).device)}}
-    write_report(out / "bias.json", report)
+    write_report(report, out / "bias.json")  # strict JSON: NaN as null
     bias_figure(points, out / "bias.png")
     return report
