@@ -137,6 +137,10 @@ class RolloutConfig:
     # once (a 1B Llama on an H100: 27 s cold, 8-9 s with a warm compile cache). Generation
     # prefills every row's prompt with it.
     static_cache: bool = False
+    # Tokens that also end a response, beside the tokenizer's end-of-sequence and the checkpoint's
+    # generation_config.json ids (rollout.response_stop_ids): a chat turn's end that neither names,
+    # e.g. [<|im_end|>] for a Qwen base model under its chat template. Each must be one token.
+    stop_tokens: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -304,7 +308,14 @@ class TrainConfig:
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Plain data (YAML- and JSON-ready): a tuple field is a list."""
+        return _lists_for_tuples(dataclasses.asdict(self))
+
+
+def _lists_for_tuples(data: Any) -> Any:
+    if isinstance(data, dict):
+        return {key: _lists_for_tuples(value) for key, value in data.items()}
+    return list(data) if isinstance(data, tuple) else data
 
 
 # ---------------------------------------------------------------- loading from plain data
@@ -317,6 +328,11 @@ def _check_value(value: Any, annotation: Any, key: str) -> Any:
         if value not in typing.get_args(annotation):
             raise ConfigError(f"{key}: {value!r} is not one of {list(typing.get_args(annotation))}")
         return value
+    if origin is tuple:  # tuple[str, ...]: a YAML list, or one item on its own
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)) or not all(isinstance(item, str) and item for item in items):
+            raise ConfigError(f"{key}: expected a list of non-empty strings, got {value!r}")
+        return tuple(items)
     if origin in (typing.Union, types.UnionType):
         for option in typing.get_args(annotation):
             if option is type(None):

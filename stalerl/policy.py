@@ -244,7 +244,7 @@ def build_rollout_engine(config: TrainConfig, model: PreTrainedModel | None,
             gpu_memory_utilization=rollout.vllm_gpu_memory_utilization,
             trust_remote_code=config.model.trust_remote_code,
             scoring_model=model if rollout.recompute_behavior_logprobs else None, seed=config.seed,
-            share_prompts=config.model.share_prompt_prefix,
+            share_prompts=config.model.share_prompt_prefix, stop_tokens=rollout.stop_tokens,
         )
     return TransformersEngine(copy.deepcopy(model), tokenizer, rollout.max_new_tokens, rollout.temperature,
-                              config.model.share_prompt_prefix, rollout.static_cache)
+                              config.model.share_prompt_prefix, rollout.static_cache, rollout.stop_tokens)

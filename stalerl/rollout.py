@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase
 
+from stalerl.config import ConfigError
 from stalerl.prefix import cache_argument, response_logit_parts, shared_prompt_cache, take_rows
 from stalerl.tasks import Prompt, Task
 
@@ -31,12 +32,13 @@ STATIC_CACHE_STEP = 64  # tokens: the static KV cache's length is a multiple of 
 class Generation:
     """N sequences: a left-padded prompt block of width T_p followed by L response positions."""
 
+    # "End-of-sequence" below is any of the engine's stop ids (response_stop_ids).
     tokens_N_T: torch.Tensor  # [N, T_p + L] prompt ids then response ids (pad after end-of-sequence)
     attention_mask_N_T: torch.Tensor  # [N, T_p + L] 1 on real prompt and response tokens
     response_mask_N_L: torch.Tensor  # [N, L] 1 on response tokens, end-of-sequence included
     behavior_logprobs_N_L: torch.Tensor  # [N, L] log mu(y_t | x, y_<t) at sampling time, 0 on padding
     finished_N: torch.Tensor  # [N] True where the response ended with end-of-sequence
-    completions: list[str]  # decoded responses, end-of-sequence and padding removed
+    completions: list[str]  # decoded responses, special tokens (end-of-sequence) and padding removed
 
     @property
     def prompt_width(self) -> int:
@@ -79,6 +81,26 @@ class RolloutBatch:
         if self.valid_N is None:
             return rewards
         return [reward if valid else None for reward, valid in zip(rewards, self.valid_N.tolist())]
+
+
+def response_stop_ids(tokenizer: PreTrainedTokenizerBase, generation_config: GenerationConfig | None,
+                      stop_tokens: Sequence[str] = ()) -> list[int]:
+    """The token ids that end a response, for every engine alike: the tokenizer's end-of-sequence, the
+    checkpoint's own (generation_config.json's eos_token_id, as generate() and vLLM stop on: Llama-3.x
+    Instruct lists <|eot_id|> beside <|end_of_text|>), and rollout.stop_tokens, for a chat turn's end
+    that neither calls end-of-sequence (a base model under a chat template: Qwen's <|im_end|>)."""
+    ids = [tokenizer.eos_token_id]
+    checkpoint_ids = generation_config.eos_token_id if generation_config is not None else None
+    ids += [checkpoint_ids] if isinstance(checkpoint_ids, int) else list(checkpoint_ids or [])
+    vocabulary = tokenizer.get_vocab()
+    for token in stop_tokens:
+        if token not in vocabulary:
+            pieces = tokenizer.tokenize(token)
+            raise ConfigError(f"rollout.stop_tokens: {token!r} is not one token of the tokenizer (it splits into "
+                              f"{pieces!r}); give a token of its vocabulary, e.g. one of its special tokens "
+                              f"{tokenizer.all_special_tokens[:6]!r}")
+        ids.append(vocabulary[token])
+    return list(dict.fromkeys(ids))  # once each, the tokenizer's first
 
 
 class RolloutEngine(Protocol):
@@ -168,6 +190,7 @@ class TransformersEngine:
         temperature: float = 1.0,
         share_prompts: bool = True,
         static_cache: bool = False,
+        stop_tokens: Sequence[str] = (),
     ):
         self.model = model.eval()
         self.share_prompts = share_prompts  # a group's prompt prefilled once (prefix.py)
@@ -177,11 +200,12 @@ class TransformersEngine:
         self.version = 0
         self.sync_s = 0.0  # weight-sync time since the last batch (the worker reads and resets it)
         self.device = next(model.parameters()).device
+        self.stop_ids = response_stop_ids(tokenizer, model.generation_config, stop_tokens)
         self.generation_config = GenerationConfig(
             do_sample=False,  # sampling happens in SampledTokens; greedy when no noise is given
             max_new_tokens=max_new_tokens,
             pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
+            eos_token_id=self.stop_ids,
             bos_token_id=tokenizer.bos_token_id,
             use_cache=True,
             cache_implementation="static" if static_cache else None,
@@ -246,7 +270,7 @@ class TransformersEngine:
                                              logits_processor=LogitsProcessorList([sampled]))
         response_N_L = tokens_N_T[:, prompt_width:]
 
-        is_eos_N_L = response_N_L == self.tokenizer.eos_token_id
+        is_eos_N_L = torch.isin(response_N_L, torch.tensor(self.stop_ids, device=response_N_L.device))
         # A position is part of the response if no end-of-sequence came strictly before it.
         eos_before_N_L = (is_eos_N_L.long().cumsum(dim=1) - is_eos_N_L.long()) > 0
         response_mask_N_L = ~eos_before_N_L

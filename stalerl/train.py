@@ -37,7 +37,7 @@ from stalerl.guards import (BadStepGuard, Interrupted, RunStopped, StopRequests,
 from stalerl.policy import (build_policy, build_rollout_engine, check_hardware, check_model_files, hub_access,
                             load_tokenizer, save_final)
 from stalerl.provenance import environment
-from stalerl.rollout import RolloutWorker, TransformersEngine
+from stalerl.rollout import RolloutWorker, TransformersEngine, response_stop_ids
 from stalerl.stabilizers import LearningRateControl, align_update
 from stalerl.staleness import PipelineState, RolloutSource, ThreadedRollouts, WorkerLost, check_lag
 from stalerl.tasks import Task
@@ -186,6 +186,7 @@ def run_steps(config: TrainConfig, run_dir: Path, resume: bool, wandb_run: Wandb
     rollout = config.rollout
     check_prompt_lengths(task, tokenizer, getattr(model.config, "max_position_embeddings", None),
                          rollout.max_new_tokens)
+    response_stop_ids(tokenizer, model.generation_config, rollout.stop_tokens)  # refuses a bad stop token now
     reference = copy.deepcopy(model).requires_grad_(False) if config.loss.kl_beta > 0 else None
     optimizer = make_optimizer(model, config.optim)
     tracker = UpdateTracker(model, config.staleness.staleness, optimizer)
@@ -210,7 +211,8 @@ def run_steps(config: TrainConfig, run_dir: Path, resume: bool, wandb_run: Wandb
     # object's, and the vLLM engine tokenizes without padding while this one pads (a race between them).
     val_tokenizer = copy.deepcopy(tokenizer) if background else tokenizer
     validation = Validation(model, lambda policy: TransformersEngine(policy, val_tokenizer, rollout.max_new_tokens,
-                                                                     rollout.temperature, config.model.share_prompt_prefix),
+                                                                     rollout.temperature, config.model.share_prompt_prefix,
+                                                                     stop_tokens=rollout.stop_tokens),
                             task, task.validation_prompts(), writer, background=background)
     # theta_0's score before the rollout worker starts. Later validations run beside the rollout worker
     # when in the background: then a user reward sees their calls interleaved in an order timing decides.

@@ -9,13 +9,13 @@ and ends by emptying vLLM's prefix cache: its cached prompt KV was computed by t
 reusing it would sample version k+1 partly with version k's attention keys and values (vllm#9744).
 
 The sampling contract is the transformers engine's (rollout.py, ``Generation``): mu is
-softmax(logits / T) alone, and a response ends only at the tokenizer's end-of-sequence. vLLM would
-otherwise stop on every id in the checkpoint's ``generation_config.json`` too (Llama-3.2-Instruct
-lists three), and ``generation_config="vllm"`` does not remove those (vLLM still reads the file for
-its stop ids), so each request ignores vLLM's own EOS handling and stops on the tokenizer's EOS as
-its one stop token. ``finished`` is read from the last token, not from vLLM's finish reason (older
-versions report "length" for an EOS sampled at exactly max_tokens), and completions are decoded by
-the same tokenizer call as the transformers engine's.
+softmax(logits / T) alone, and a response ends at the first of the same stop ids
+(``rollout.response_stop_ids``: the tokenizer's end-of-sequence, the checkpoint's
+``generation_config.json`` ids, ``rollout.stop_tokens``). Each request ignores vLLM's own EOS
+handling and names those ids itself, so that both engines stop on one list whatever vLLM's version
+reads from the checkpoint. ``finished`` is read from the last token, not from vLLM's finish reason
+(older versions report "length" for an EOS sampled at exactly max_tokens), and completions are
+decoded by the same tokenizer call as the transformers engine's.
 
 Behavior log-probs are vLLM's per-token log-probs of the sampled tokens (``SamplingParams.logprobs``)
 *after* temperature scaling (``logprobs_mode="processed_logprobs"``), i.e. log mu at temperature T.
@@ -39,12 +39,13 @@ import gc
 import importlib.util
 import os
 import time
+from collections.abc import Sequence
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from stalerl.config import ConfigError
-from stalerl.rollout import Generation, policy_logprobs
+from stalerl.rollout import Generation, policy_logprobs, response_stop_ids
 
 IN_PROCESS = "VLLM_ENABLE_V1_MULTIPROCESSING"
 _open_engines = 0  # VLLMEngines alive in this process: they share vLLM's process-wide parallel state
@@ -70,6 +71,15 @@ def check_in_process() -> None:
                           f"{IN_PROCESS}={os.environ[IN_PROCESS]}; unset it or set it to 0")
 
 
+def checkpoint_generation_config(model_path: str) -> GenerationConfig | None:
+    """The checkpoint's generation_config.json, for its stop ids; None where it has none. Read after
+    vLLM has loaded the checkpoint, so a hub model's file is in the local cache by then."""
+    try:
+        return GenerationConfig.from_pretrained(model_path, local_files_only=True)
+    except (OSError, ValueError):
+        return None
+
+
 def _load_weights_on_worker(worker, weights: list[tuple[str, torch.Tensor]]) -> int:
     """Runs on vLLM's worker (in this process): the model's load_weights maps HF names itself."""
     worker.model_runner.model.load_weights(weights=weights)
@@ -92,6 +102,7 @@ class VLLMEngine:
         scoring_model: PreTrainedModel | None = None,
         seed: int = 0,
         share_prompts: bool = True,
+        stop_tokens: Sequence[str] = (),
     ):
         global _open_engines
         check_in_process()
@@ -111,6 +122,7 @@ class VLLMEngine:
         )
         _open_engines += 1
         self.tokenizer = tokenizer
+        self.stop_ids = response_stop_ids(tokenizer, checkpoint_generation_config(model_path), stop_tokens)
         self.max_new_tokens = max_new_tokens
         self.temperature = temperature
         self.device = device
@@ -156,10 +168,9 @@ class VLLMEngine:
                 max_tokens=self.max_new_tokens,
                 logprobs=0,  # the sampled token's log-prob only
                 seed=None if greedy else (noise_seed + i) % 2**63,  # per-sample seed: reproducible batches
-                # Stop at the tokenizer's EOS and nowhere else, as the transformers engine does: vLLM's
-                # own EOS handling would add the checkpoint's generation_config.json ids to the stops.
+                # The transformers engine's stop ids and no others (see the module doc).
                 ignore_eos=True,
-                stop_token_ids=[self.tokenizer.eos_token_id],
+                stop_token_ids=self.stop_ids,
             )
             for i in range(len(prompts))
         ]
@@ -170,11 +181,12 @@ class VLLMEngine:
 
     def _to_generation(self, prompt_ids: list[list[int]], completions: list) -> Generation:
         """vLLM's ragged outputs -> the left-padded prompt block + right-padded responses layout."""
-        pad_id, eos_id = self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
+        pad_id, stop_ids = self.tokenizer.pad_token_id, set(self.stop_ids)
         responses = []
-        for completion in completions:  # up to and including the first EOS (Generation's contract)
+        for completion in completions:  # up to and including the first stop id (Generation's contract)
             response = list(completion.token_ids)
-            responses.append(response[: response.index(eos_id) + 1] if eos_id in response else response)
+            end = next((i + 1 for i, token in enumerate(response) if token in stop_ids), len(response))
+            responses.append(response[:end])
         prompt_width = max(len(ids) for ids in prompt_ids)
         length = max(1, max(len(response) for response in responses))
         count = len(prompt_ids)
@@ -190,7 +202,7 @@ class VLLMEngine:
                 attention_mask_N_T[i, prompt_width: prompt_width + len(response)] = 1
                 behavior_logprobs_N_L[i, : len(response)] = torch.tensor(
                     [step[token].logprob for step, token in zip(completion.logprobs, response)])
-                finished_N[i] = response[-1] == eos_id  # not finish_reason: see the module doc
+                finished_N[i] = response[-1] in stop_ids  # not finish_reason: see the module doc
         response_mask_N_L = attention_mask_N_T[:, prompt_width:].bool()
         return Generation(
             tokens_N_T=tokens_N_T.to(self.device),

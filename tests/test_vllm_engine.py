@@ -16,6 +16,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from transformers import GenerationConfig
 from hf_checkpoint import SAMPLE, build_bpe_tokenizer, save_tiny_checkpoint
 
 from stalerl.config import ConfigError
@@ -125,7 +126,7 @@ def test_each_weight_sync_empties_the_prefix_cache(stub_vllm, tokenizer):
 
 
 def test_responses_end_at_the_tokenizers_eos_as_in_the_transformers_engine(stub_vllm, tokenizer):
-    engine = stub_engine(tokenizer, max_new_tokens=3)
+    engine = stub_engine(tokenizer, max_new_tokens=3)  # a path with no generation_config.json
     eos = tokenizer.eos_token_id
     a, b, c = tokenizer("Ava buys apples", add_special_tokens=False).input_ids[:3]
     engine.llm.responses = [
@@ -137,7 +138,7 @@ def test_responses_end_at_the_tokenizers_eos_as_in_the_transformers_engine(stub_
     generation = engine.generate(["Ava buys 3 apples"] * 2 + ["How many"] * 2, noise_seed=7)
 
     params = engine.llm.params
-    assert all(p.ignore_eos and p.stop_token_ids == [eos] for p in params)  # no checkpoint stop ids
+    assert all(p.ignore_eos and p.stop_token_ids == [eos] for p in params)  # vLLM's own stops off
     assert [p.seed for p in params] == [7, 8, 9, 10] and all(p.max_tokens == 3 for p in params)
     assert generation.finished_N.tolist() == [True, False, True, True]
     assert generation.response_mask_N_L.sum(dim=1).tolist() == [3, 3, 2, 2]
@@ -146,6 +147,23 @@ def test_responses_end_at_the_tokenizers_eos_as_in_the_transformers_engine(stub_
     assert generation.behavior_logprobs_N_L[3].tolist() == [-0.5, -1.0, 0.0]
     expected = tokenizer.batch_decode([[a, b, eos], [a, b, c], [a, eos], [a, eos]], skip_special_tokens=True)
     assert generation.completions == expected  # the transformers engine's decoding, not vLLM's text
+    engine.close()
+
+
+def test_responses_end_at_the_checkpoints_and_the_configs_stop_ids_too(stub_vllm, tokenizer, tmp_path):
+    eos = tokenizer.eos_token_id
+    a, b, c = tokenizer("Ava buys apples", add_special_tokens=False).input_ids[:3]
+    # generation_config.json lists a second end id, as Llama-3.x-Instruct's does
+    GenerationConfig(eos_token_id=[eos, b]).save_pretrained(tmp_path)
+    engine = VLLMEngine(str(tmp_path), tokenizer, max_new_tokens=3, temperature=1.0, dtype="float32",
+                        device=torch.device("cpu"), gpu_memory_utilization=0.3,
+                        stop_tokens=(tokenizer.convert_ids_to_tokens(c),))
+    assert engine.stop_ids == [eos, b, c]
+    engine.llm.responses = [([a, b, c], "stop"), ([a, c, b], "stop"), ([a, a, a], "length")]
+    generation = engine.generate(["Ava buys 3 apples"] * 3, noise_seed=0)
+    assert all(p.ignore_eos and p.stop_token_ids == [eos, b, c] for p in engine.llm.params)
+    assert generation.response_mask_N_L.sum(dim=1).tolist() == [2, 2, 3]  # up to and including the first stop
+    assert generation.finished_N.tolist() == [True, True, False]
     engine.close()
 
 
