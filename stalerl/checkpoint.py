@@ -34,7 +34,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import load_file
@@ -42,10 +42,12 @@ from safetensors.torch import save as safetensors_bytes
 
 from stalerl.config import ConfigError, TrainConfig, flat_items
 from stalerl.metrics import UpdateTracker, read_metrics
-from stalerl.rollout import Generation, RolloutBatch
 from stalerl.stabilizers import LearningRateControl
 from stalerl.staleness import PipelineState
 from stalerl.tasks import Prompt
+
+if TYPE_CHECKING:
+    from stalerl.rollout import RolloutBatch
 
 FORMAT = 1
 FILES = ("model.safetensors", "optimizer.safetensors", "tensors.safetensors", "state.json")
@@ -304,6 +306,9 @@ def _load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.T
 
 
 def _batch_from(data: dict[str, Any], tensors: dict[str, torch.Tensor]) -> RolloutBatch:
+    # Here, not at the top: a sweep's driver checks its cells' checkpoints without transformers.
+    from stalerl.rollout import Generation, RolloutBatch
+
     generation = Generation(**{name: tensors[name] for name in BATCH_TENSORS}, completions=data["completions"])
     return RolloutBatch(
         batch_index=data["batch_index"], version=data["version"], group_size=data["group_size"],

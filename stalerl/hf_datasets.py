@@ -31,7 +31,7 @@ def read_dataset(reference: str, config_name: str, split: str, key: str, split_k
     except ImportError:
         raise ConfigError(f"{key}: {reference} is not a JSONL or Parquet file; reading a dataset directory or a "
                           f"hub dataset needs datasets (pip install 'stalerl[datasets]')") from None
-    from stalerl.policy import hub_unreachable, is_missing_directory
+    from stalerl.preflight import hub_unreachable, is_missing_directory
 
     if is_missing_directory(reference):
         raise ConfigError(f"{key}: not found: {reference}")

@@ -16,9 +16,7 @@ import errno
 import os
 import re
 import shutil
-import socket
 from pathlib import Path
-from urllib.parse import urlparse
 
 import torch
 from safetensors import SafetensorError
@@ -27,66 +25,15 @@ from transformers.utils import logging as hf_logging
 
 from stalerl.config import ConfigError, ModelConfig, TrainConfig, one_line
 from stalerl.model import count_parameters
+from stalerl.preflight import hub_unreachable, is_missing_directory, resolve_device
 from stalerl.rollout import RolloutEngine, TransformersEngine
 from stalerl.warmstart import warm_started_policy
-
-
-def resolve_device(model: ModelConfig) -> torch.device:
-    if model.device != "auto":
-        return torch.device(model.device)
-    # The embedded tiny model is faster on CPU than a GPU's kernel launches.
-    return torch.device("cuda" if model.name_or_path and torch.cuda.is_available() else "cpu")
 
 
 def resolve_dtype(model: ModelConfig, device: torch.device) -> torch.dtype:
     if model.dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return getattr(torch, model.dtype)
-
-
-def check_hardware(config: TrainConfig) -> None:
-    """What validate() cannot check on any machine (a config may be read where it will not run)."""
-    if config.rollout.engine == "vllm":
-        from stalerl.vllm_engine import check_vllm_usable  # imports torch, not vllm
-
-        check_vllm_usable(config.model.device)
-    if config.model.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"model.device: {config.model.device} asked for but no CUDA GPU is visible")
-    index = config.model.device.partition(":")[2]
-    if config.model.device.startswith("cuda:") and int(index) >= torch.cuda.device_count():
-        raise ConfigError(f"model.device: {config.model.device} asked for but {torch.cuda.device_count()} CUDA "
-                          f"GPU(s) are visible (cuda:0 .. cuda:{torch.cuda.device_count() - 1})")
-    if config.model.device == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError("model.device: mps asked for but Apple's MPS backend is not available here")
-    device = resolve_device(config.model)
-    if config.runtime.rollout_cuda_stream == "own" and device.type != "cuda":
-        raise ConfigError(f"runtime.rollout_cuda_stream: own needs the model on a CUDA GPU (model.device "
-                          f"{config.model.device} runs it on {device.type} here)")
-
-
-# What transformers reads a local checkpoint's config and weights from (a peft adapter directory has
-# its own pair, and transformers loads it with its base model).
-CONFIG_FILES = ("config.json", "adapter_config.json")
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json",
-                "adapter_model.safetensors", "adapter_model.bin", "tf_model.h5", "flax_model.msgpack")
-
-
-def check_model_files(model: ModelConfig) -> None:
-    """A local model.name_or_path that cannot be a checkpoint, in one line, before the run directory
-    exists: no directory, no config or no weights (named); then its tokenizer, which loads in well
-    under a second, so that its error comes here too and not after the run has started."""
-    if not model.name_or_path:
-        return
-    if is_missing_directory(model.name_or_path):
-        raise ConfigError(f"model.name_or_path: directory not found: {model.name_or_path}")
-    path = Path(model.name_or_path).expanduser()
-    if not path.is_dir():  # a hub name
-        return
-    for what, names in (("config", CONFIG_FILES), ("weights", WEIGHT_FILES)):
-        if not any((path / name).is_file() for name in names):
-            raise ConfigError(f"model.name_or_path: {model.name_or_path} is not a Hugging Face checkpoint directory: "
-                              f"it has no {what} file ({', '.join(names)})")
-    load_tokenizer(model)
 
 
 def build_policy(config: TrainConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, dict]:
@@ -149,33 +96,6 @@ def _from_pretrained(auto_class: type, config: ModelConfig, offline: str | None,
                           f"Hugging Face hub ({reason})") from None
     finally:
         hf_logging.enable_progress_bar()
-
-
-def hub_unreachable(timeout_s: float = 5.0) -> str | None:
-    """Why the Hugging Face hub cannot be asked now (offline mode, no route to it), or None: try it.
-
-    A TCP connection to the endpoint; skipped (None) behind a proxy, where only the proxy can tell.
-    """
-    from huggingface_hub import constants
-
-    if constants.HF_HUB_OFFLINE:
-        return "HF_HUB_OFFLINE is set"
-    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
-        return None
-    endpoint = urlparse(constants.ENDPOINT)
-    host, port = endpoint.hostname, endpoint.port or (443 if endpoint.scheme == "https" else 80)
-    try:
-        socket.create_connection((host, port), timeout=timeout_s).close()
-    except OSError as error:
-        return f"{host} cannot be reached: {error.strerror or type(error).__name__}"
-    return None
-
-
-def is_missing_directory(path: str) -> bool:
-    """A path that is meant as a local directory (not a hub name) and is not one."""
-    # A hub name is NAME or NAMESPACE/NAME: a path with two separators can only be local.
-    looks_local = path.startswith((".", "/", "~")) or Path(path).exists() or path.count("/") >= 2 or "\\" in path
-    return looks_local and not Path(path).expanduser().is_dir()
 
 
 def enable_activation_checkpointing(model: PreTrainedModel) -> None:

@@ -31,11 +31,11 @@ from stalerl.collapse import collapse_step, collapse_summary
 from stalerl.config import ConfigError, TrainConfig, is_run_config, save_config, validate
 from stalerl.learner import learner_step, make_optimizer
 from stalerl.metrics import MetricsWriter, UpdateTracker, finite_or_none
-from stalerl.data import build_task, check_task_inputs
+from stalerl.data import build_task
 from stalerl.guards import (BadStepGuard, Interrupted, RunStopped, StopRequests, check_prompt_lengths, disk_full,
                             is_disk_full, output_directory, resume_hint)
-from stalerl.policy import (build_policy, build_rollout_engine, check_hardware, check_model_files, hub_access,
-                            load_tokenizer, save_final)
+from stalerl.policy import build_policy, build_rollout_engine, hub_access, load_tokenizer, save_final
+from stalerl.preflight import check_inputs
 from stalerl.provenance import environment
 from stalerl.rollout import RolloutWorker, TransformersEngine, response_stop_ids
 from stalerl.stabilizers import LearningRateControl, align_update
@@ -138,13 +138,6 @@ def validates_in_background(config: TrainConfig, model: PreTrainedModel) -> bool
     if config.val_in_background is not None:
         return config.val_in_background
     return next(model.parameters()).device.type == "cpu"
-
-
-def check_inputs(config: TrainConfig) -> None:
-    """What a run checks before its directory exists or a model loads, each a one-line ConfigError."""
-    check_hardware(config)  # e.g. vLLM without a GPU
-    check_task_inputs(config)  # a bad data line or reward spec: before a model loads or a warm start trains
-    check_model_files(config.model)  # a checkpoint directory without config.json, a tokenizer or weights
 
 
 def train(config: TrainConfig, resume: bool = False) -> dict[str, Any]:

@@ -185,11 +185,18 @@ def one_arg(completion):
     ({"reward": "{tmp}/rewards.py:no_record"}, "task.reward: {tmp}/rewards.py:no_record cannot be called as "
                                                "(prompt, completion, **record) with the record's fields"),
     ({"reward": "{tmp}/rewards.py:one_arg"}, "task.reward: {tmp}/rewards.py:one_arg cannot be called as"),
+    # math-verify's reference is what follows the last ####: an empty one failed every sample's reward
+    ({"data": "{tmp}/no_reference.jsonl", "val_size": 1},
+     "{tmp}/no_reference.jsonl:3: the answer 'She pays 2 * 9 = 18. #### ' has nothing after its last '####', "
+     "where the reference answer goes (answer)"),
 ])
 def test_check_task_inputs_refuses_bad_inputs_in_one_line(tmp_path, task, message):
     (tmp_path / "rewards.py").write_text(REWARDS)
     write_lines(tmp_path / "bad.jsonl", [json.dumps({"question": "q", "answer": "1"}), "{"])
-    config = math_config(**{key: value.replace("{tmp}", str(tmp_path)) for key, value in task.items()})
+    write_lines(tmp_path / "no_reference.jsonl", [json.dumps({"question": f"q{i}", "answer": answer}) for i, answer in
+                                                  enumerate(["#### 3", "4", "She pays 2 * 9 = 18. #### "])])
+    config = math_config(**{key: value.replace("{tmp}", str(tmp_path)) if isinstance(value, str) else value
+                            for key, value in task.items()})
     with pytest.raises(ConfigError) as error:
         check_task_inputs(config)
     assert str(error.value).startswith(message.replace("{tmp}", str(tmp_path))) and "\n" not in str(error.value)
@@ -211,6 +218,9 @@ def test_a_template_with_a_literal_brace_says_how_to_write_one(template, error):
 def test_check_task_inputs_passes_good_inputs_and_the_addition_task(tmp_path):
     (tmp_path / "rewards.py").write_text(REWARDS)
     check_task_inputs(math_config(reward=f"{tmp_path}/rewards.py:good"))
+    write_lines(tmp_path / "no_reference.jsonl", [json.dumps({"question": f"q{i}", "answer": "####"}) for i in range(20)])
+    check_task_inputs(math_config(data=str(tmp_path / "no_reference.jsonl"), val_size=1,  # a user reward reads
+                                  reward=f"{tmp_path}/rewards.py:good"))  # the answers its own way
     check_task_inputs(TrainConfig())
     addition = TrainConfig()
     with pytest.raises(ConfigError, match="cannot be called as"):

@@ -22,7 +22,8 @@ from stalerl.cli import main
 from stalerl.config import ConfigError, ModelConfig, TrainConfig, override, parse_assignment, validate
 from stalerl.guards import RunStopped
 from stalerl.metrics import MetricsWriter, read_metrics
-from stalerl.policy import build_policy, check_hardware, load_pretrained
+from stalerl.policy import build_policy, load_pretrained
+from stalerl.preflight import check_hardware
 from stalerl.train import train
 from stalerl.warmstart import warm_start_key, warm_started_policy
 

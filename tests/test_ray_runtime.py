@@ -44,11 +44,14 @@ def local_ray(warm_start_cache):
     assert not ray.is_initialized()
 
 
-def ray_config(tmp_path: Path, name: str, mode: str, staleness: int, steps: int, **runtime) -> TrainConfig:
+def ray_config(tmp_path: Path, name: str, mode: str, staleness: int, steps: int, num_workers: int = 2,
+               **runtime) -> TrainConfig:
+    """Each actor is a fresh interpreter that imports torch and transformers (~7 s of CPU on CI's 2
+    cores): tests whose subject is not the number of rollout actors ask for one."""
     config = TrainConfig(steps=steps, val_every=10**6, progress=False, tensorboard=False, threads=1,
                          out=str(tmp_path / name), staleness=StalenessConfig(mode=mode, staleness=staleness),
-                         runtime=RuntimeConfig(runtime="ray", num_workers=2, worker_cpus=0.5, learner_cpus=0.5,
-                                               **runtime))
+                         runtime=RuntimeConfig(runtime="ray", num_workers=num_workers, worker_cpus=0.5,
+                                               learner_cpus=0.5, **runtime))
     return dataclasses.replace(
         config, rollout=dataclasses.replace(config.rollout, prompts_per_step=2, group_size=4),
         task=dataclasses.replace(config.task, val_size=32),
@@ -234,7 +237,7 @@ def test_a_killed_rollout_worker_is_replaced_and_its_batch_regenerated(local_ray
 
 
 def test_bad_input_in_the_learner_actor_stays_a_config_error(local_ray, tmp_path):
-    config = ray_config(tmp_path, "taken", "exact", 1, steps=2)
+    config = ray_config(tmp_path, "taken", "exact", 1, steps=2, num_workers=1)
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "metrics.jsonl").write_text("")
     with pytest.raises(ConfigError, match="already holds a run"):  # raised in the learner actor
@@ -289,7 +292,7 @@ def kill_the_learner_after(run_dir: Path, checkpoint: bool = True) -> threading.
 
 
 def test_a_dead_learner_ends_the_run_with_a_clear_error(local_ray, tmp_path):
-    config = ray_config(tmp_path, "learner", "bounded", 1, steps=400)
+    config = ray_config(tmp_path, "learner", "bounded", 1, steps=400, num_workers=1)
     killer = kill_the_learner_after(tmp_path / "learner", checkpoint=False)
     with pytest.raises(RuntimeError, match="learner died"):
         train_on_ray(config)
@@ -303,8 +306,8 @@ def test_a_dead_learner_ends_the_run_with_a_clear_error(local_ray, tmp_path):
 # ---------------------------------------------------------------- checkpoints and resume on Ray
 
 
-def checkpointed(tmp_path: Path, name: str, mode: str, steps: int) -> TrainConfig:
-    config = ray_config(tmp_path, name, mode, 2, steps)
+def checkpointed(tmp_path: Path, name: str, mode: str, steps: int, num_workers: int = 1) -> TrainConfig:
+    config = ray_config(tmp_path, name, mode, 2, steps, num_workers)
     return dataclasses.replace(config, seed=5, checkpoint=dataclasses.replace(config.checkpoint, every=2))
 
 
@@ -349,7 +352,7 @@ def test_exact_mode_on_ray_resumes_a_killed_learner_as_if_never_stopped(local_ra
 
 
 def test_bounded_mode_on_ray_resumes_a_killed_learner_losing_and_repeating_no_sample(local_ray, tmp_path):
-    config = checkpointed(tmp_path, "killed", "bounded", steps=24)
+    config = checkpointed(tmp_path, "killed", "bounded", steps=24, num_workers=2)  # batches in flight on both
     killed_then_resumed(config)
     samples = read_lines(tmp_path / "killed" / "samples.jsonl")
     assert [row["step"] for row in samples] == list(range(config.steps))

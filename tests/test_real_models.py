@@ -182,7 +182,7 @@ def test_a_peft_adapter_directory_is_not_refused(checkpoint, tmp_path):
     from peft import LoraConfig, get_peft_model
 
     from stalerl.config import ModelConfig
-    from stalerl.policy import check_model_files
+    from stalerl.preflight import check_model_files
 
     model = AutoModelForCausalLM.from_pretrained(checkpoint)
     adapter = tmp_path / "adapter"

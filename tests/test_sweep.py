@@ -218,9 +218,9 @@ def test_vllm_cells_get_a_fresh_process_each(tmp_path, monkeypatch):
             raise RuntimeError("recorded")
 
     monkeypatch.setattr(sweep.concurrent.futures, "ProcessPoolExecutor", Recorder)
-    import stalerl.train
+    import stalerl.preflight
 
-    monkeypatch.setattr(stalerl.train, "check_inputs", lambda config: None)  # vLLM here would be refused (no GPU)
+    monkeypatch.setattr(stalerl.preflight, "check_inputs", lambda config: None)  # vLLM here would be refused (no GPU)
     for engine, expected in (("transformers", None), ("vllm", 1)):
         base = validate(override(TrainConfig(), {"model.name_or_path": "some/checkpoint", "rollout.engine": engine}))
         cells = sweep.cell_configs(base, tmp_path / engine, [0], [1e-4], [0], ["none"])

@@ -30,7 +30,7 @@ BENCH_SETS = ("steps", "out", "staleness.staleness", "runtime.local_worker", "ru
 def checked_model_settings(checkpoint: str, data: str, settings: dict, parts: tuple[str, ...]) -> dict:
     """The config changes that the gen and async parts run under; a clear error before any work."""
     from stalerl.config import ConfigError
-    from stalerl.policy import is_missing_directory
+    from stalerl.preflight import is_missing_directory
     from stalerl.random_checkpoint import shape_of
 
     fixed = [key for key in BENCH_SETS if key in settings]
@@ -59,7 +59,7 @@ def checked_model_settings(checkpoint: str, data: str, settings: dict, parts: tu
 
 def on_gpu(model: dict) -> bool:
     """Whether the gen and async runs put the model on a GPU (the embedded default stays on CPU)."""
-    from stalerl.policy import resolve_device
+    from stalerl.preflight import resolve_device
 
     return resolve_device(base_config(**model).model).type == "cuda"
 

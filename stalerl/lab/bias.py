@@ -47,7 +47,8 @@ from stalerl.model import count_parameters
 from stalerl.policy import build_policy
 from stalerl.rollout import RolloutBatch
 from stalerl.tasks import Task
-from stalerl.train import build_rollout_worker, check_inputs
+from stalerl.preflight import check_inputs
+from stalerl.train import build_rollout_worker
 
 
 @dataclass(frozen=True)

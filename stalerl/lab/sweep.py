@@ -195,11 +195,10 @@ UNUSED_WITHOUT_STALENESS_CAP = ("stabilizer.k", "stabilizer.r_batch")
 def saved_config(cell: Cell, config: TrainConfig) -> TrainConfig | None:
     """The config a cell's directory already holds, if it is the one asked for; None for no directory
     (or an empty one). Raises ConfigError, in one line, when it holds anything else."""
-    from stalerl.checkpoint import NOT_THE_RUNS_STEPS, config_difference
-
     run_dir = Path(config.out)
     if not run_dir.exists() or (run_dir.is_dir() and not any(run_dir.iterdir())):
         return None
+    from stalerl.checkpoint import NOT_THE_RUNS_STEPS, config_difference  # torch and transformers: when needed
     if not (run_dir / "config.yaml").is_file():
         raise ConfigError(f"sweep cell {cell.name}: {run_dir} exists but holds no run (no config.yaml); "
                           f"move it away or use another --out")
@@ -275,7 +274,7 @@ def run_sweep(cells: list[tuple[Cell, TrainConfig]], out: Path, workers: int, pr
 
         check_ray_address(ray_address or "")
     elif first is not None:  # here, not in a worker after a minute: the cells share model, task and hardware
-        from stalerl.train import check_inputs
+        from stalerl.preflight import check_inputs
 
         check_inputs(first)
     output_directory(out, "--out")
