@@ -82,6 +82,42 @@ class RolloutActor:
         self.worker.engine.close()
 
 
+def _build_worker_from_config(config) -> Any:
+    """In a rollout actor: the worker that train.py builds, imported there, not where the actor starts."""
+    from stalerl.train import build_rollout_worker_from_config
+
+    return build_rollout_worker_from_config(config)
+
+
+def _launch(actor_class: Any, tag: str, worker_id: int, generation: int, build_worker: Callable[[], Any],
+            threads: int, cpus: float, gpus: float) -> Any:
+    # max_restarts=0: a dead actor is replaced by RayRollouts, where its lost batch is accounted for.
+    return actor_class.options(name=f"stalerl-rollout-{tag}-w{worker_id}-{generation}", num_cpus=cpus, num_gpus=gpus,
+                               max_restarts=0).remote(build_worker, worker_id, threads)
+
+
+@dataclass
+class StartedActors:
+    """A run's rollout actors, started before its learner has imported torch and transformers and built
+    its model (ray_runtime.LearnerActor), so that both start up at once; RayRollouts takes them over."""
+
+    tag: str
+    actors: list[Any]  # worker i's actor
+
+    def kill(self) -> None:
+        for actor in self.actors:  # killing a dead actor is harmless
+            ray.kill(actor, no_restart=True)
+
+
+def start_rollout_actors(config) -> StartedActors:
+    """`config`'s rollout actors (runtime.num_workers), building their workers as rollouts_for_config's do."""
+    runtime, tag = config.runtime, uuid.uuid4().hex[:8]
+    actor_class, build_worker = ray.remote(RolloutActor), functools.partial(_build_worker_from_config, config)
+    return StartedActors(tag, [_launch(actor_class, tag, worker_id, 0, build_worker, config.threads,
+                                       runtime.worker_cpus, runtime.worker_gpus)
+                               for worker_id in range(runtime.num_workers)])
+
+
 @dataclass
 class _Slot:
     """A worker position: the actor in it is replaced after a fault; the statistics stay."""
@@ -119,8 +155,10 @@ class RayRollouts:
         worker_timeout_s: float = 300.0,
         threads: int = 1,
         start: PipelineState | None = None,
+        started: StartedActors | None = None,
     ):
-        """`start`: resume from a checkpoint's pipeline; `initial_weights` must be theta_{start.version}."""
+        """`start`: resume from a checkpoint's pipeline; `initial_weights` must be theta_{start.version}.
+        `started`: actors already started for these workers (start_rollout_actors), taken over."""
         if not ray.is_initialized():
             raise RuntimeError("RayRollouts needs a running Ray (stalerl.ray_runtime.ray_session)")
         self.mode, self.staleness, self.total_batches = mode, staleness, total_batches
@@ -128,8 +166,9 @@ class RayRollouts:
         self._actor_class = ray.remote(RolloutActor)
         self._worker_cpus, self._worker_gpus = worker_cpus, worker_gpus
         self._build_worker, self._threads = build_worker, threads
-        self._tag = uuid.uuid4().hex[:8]  # actor names are unique per run, so tests can find them
-        self._generation = itertools.count()
+        # Actor names are unique per run, so tests can find them; generation 0 may have been started already.
+        self._tag = started.tag if started else uuid.uuid4().hex[:8]
+        self._generation = itertools.count(1 if started else 0)
         self._lock = threading.Condition()
         self._weights: dict[int, ray.ObjectRef] = {}
         start = start or PipelineState(version=0, next_batch=0)
@@ -148,7 +187,11 @@ class RayRollouts:
         self._slots = [_Slot(worker_id) for worker_id in range(num_workers)]
         self._idle: list[_Slot] = []
         for slot in self._slots:
-            self._start_actor(slot)
+            if started:
+                slot.actor = started.actors[slot.worker_id]
+                self._starting[slot.actor.ready.remote()] = slot
+            else:
+                self._start_actor(slot)
         # Work starts as each actor is ready; every batch not made yet needs this version or a newer one.
         self._weights[start.version] = ray.put(_detached(initial_weights))
         self._collector = threading.Thread(target=self._collect_forever, name="stalerl-ray-collector", daemon=True)
@@ -157,10 +200,8 @@ class RayRollouts:
     # ---------------------------------------------------------------- dispatch (lock held)
 
     def _start_actor(self, slot: _Slot) -> None:
-        name = f"stalerl-rollout-{self._tag}-w{slot.worker_id}-{next(self._generation)}"
-        # max_restarts=0: a dead actor is replaced here, where its lost batch is accounted for.
-        slot.actor = self._actor_class.options(name=name, num_cpus=self._worker_cpus, num_gpus=self._worker_gpus,
-                                               max_restarts=0).remote(self._build_worker, slot.worker_id, self._threads)
+        slot.actor = _launch(self._actor_class, self._tag, slot.worker_id, next(self._generation), self._build_worker,
+                             self._threads, self._worker_cpus, self._worker_gpus)
         # The slot takes work once the constructor is done, so start-up never counts as a hang.
         self._starting[slot.actor.ready.remote()] = slot
 
@@ -362,16 +403,15 @@ def _detached(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {name: tensor.detach().cpu() for name, tensor in state_dict.items()}
 
 
-def rollouts_for_config(config, initial_weights: dict[str, torch.Tensor], start: PipelineState | None = None
-                        ) -> RayRollouts:
+def rollouts_for_config(config, initial_weights: dict[str, torch.Tensor], start: PipelineState | None = None,
+                        started: StartedActors | None = None) -> RayRollouts:
     """The Ray source for a TrainConfig: actors build their worker from the config as train.py does.
-    `start`: a checkpoint's pipeline, `initial_weights` the learner's restored theta_{start.version}."""
-    from stalerl.train import build_rollout_worker_from_config
-
+    `start`: a checkpoint's pipeline, `initial_weights` the learner's restored theta_{start.version};
+    `started`: the run's actors, if started already (start_rollout_actors)."""
     runtime = config.runtime
     return RayRollouts(
-        functools.partial(build_rollout_worker_from_config, config), initial_weights,
+        functools.partial(_build_worker_from_config, config), initial_weights,
         config.staleness.mode, config.staleness.staleness, total_batches=config.steps,
         num_workers=runtime.num_workers, worker_cpus=runtime.worker_cpus, worker_gpus=runtime.worker_gpus,
-        worker_timeout_s=runtime.worker_timeout_s, threads=config.threads, start=start,
+        worker_timeout_s=runtime.worker_timeout_s, threads=config.threads, start=start, started=started,
     )

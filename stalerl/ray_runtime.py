@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 from stalerl.config import ConfigError, TrainConfig, first_line, validate
 from stalerl.guards import Interrupted, RunStopped, StopRequests, resume_hint
+from stalerl.warmstart_cache import is_cached
 
 if TYPE_CHECKING:  # the sweep imports this module only for --runtime ray
     from stalerl.lab.sweep import SweepStop
@@ -133,9 +134,21 @@ class LearnerActor:
         that a cell still waiting for room is never started after a stop (run_configs_on_ray)."""
 
     def train(self, config: TrainConfig, resume: bool = False) -> dict[str, Any]:
-        from stalerl.train import train
+        # The rollout actors start first, so that their start-up (importing torch and transformers,
+        # building the policy: 7 s and more) runs beside the learner's instead of after it. Not while
+        # the embedded model's warm start is still to be made: each actor would make it too.
+        started = None
+        if config.runtime.runtime == "ray" and (config.model.name_or_path or is_cached(config)):
+            from stalerl.ray_rollouts import start_rollout_actors
 
-        return train(config, resume=resume)
+            started = start_rollout_actors(validate(config))  # the config train() runs
+        try:
+            from stalerl.train import train
+
+            return train(config, resume=resume, started_actors=started)
+        finally:
+            if started is not None:  # a run refused before its rollouts began would leave them running
+                started.kill()
 
     def request_stop(self, signal_name: str) -> None:
         """The driver's Ctrl-C or SIGTERM: train stops after its step with a checkpoint, as a local run does."""

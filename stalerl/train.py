@@ -19,7 +19,7 @@ import resource
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -43,6 +43,9 @@ from stalerl.staleness import PipelineState, RolloutSource, ThreadedRollouts, Wo
 from stalerl.tasks import Task
 from stalerl.validation import Validation
 from stalerl.wandb_logging import WandbRun
+
+if TYPE_CHECKING:  # Ray loads only for runtime.runtime=ray
+    from stalerl.ray_rollouts import StartedActors
 
 
 def prepare_run_dir(config: TrainConfig, resume: bool = False) -> Path:
@@ -104,13 +107,15 @@ def build_rollout_worker_from_config(config: TrainConfig) -> RolloutWorker:
 
 
 def make_rollout_source(config: TrainConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
-                        task: Task, start: PipelineState | None = None) -> RolloutSource:
+                        task: Task, start: PipelineState | None = None,
+                        started_actors: StartedActors | None = None) -> RolloutSource:
     """The transport between rollout workers and learner: a thread or a process (local), or actors (ray).
-    `start`: a checkpoint's pipeline; the model holds the learner's restored theta_{start.version}."""
+    `start`: a checkpoint's pipeline; the model holds the learner's restored theta_{start.version}.
+    `started_actors`: on Ray, the rollout actors if the learner actor started them already."""
     if config.runtime.runtime == "ray":
         from stalerl.ray_rollouts import rollouts_for_config  # Ray loads only when asked for
 
-        return rollouts_for_config(config, model.state_dict(), start)
+        return rollouts_for_config(config, model.state_dict(), start, started_actors)
     if config.runtime.local_worker == "process":
         from stalerl.process_rollouts import ProcessRollouts
 
@@ -140,10 +145,11 @@ def validates_in_background(config: TrainConfig, model: PreTrainedModel) -> bool
     return next(model.parameters()).device.type == "cpu"
 
 
-def train(config: TrainConfig, resume: bool = False) -> dict[str, Any]:
+def train(config: TrainConfig, resume: bool = False, started_actors: StartedActors | None = None) -> dict[str, Any]:
     """Runs one async GRPO run to completion and returns its summary (also in summary.json).
 
     `resume`: go on with the unfinished run in config.out from its newest valid checkpoint.
+    `started_actors`: on Ray, rollout actors already started for this run (ray_runtime.LearnerActor).
     """
     config = validate(config)
     check_inputs(config)
@@ -154,7 +160,7 @@ def train(config: TrainConfig, resume: bool = False) -> dict[str, Any]:
     wandb_run = None
     try:
         wandb_run = WandbRun.start(config, run_dir, resume)  # None unless asked for; before any work: login, network
-        summary = run_steps(config, run_dir, resume, wandb_run)
+        summary = run_steps(config, run_dir, resume, wandb_run, started_actors)
     except BaseException as error:
         if wandb_run is not None:
             wandb_run.finish(error=error)
@@ -166,7 +172,8 @@ def train(config: TrainConfig, resume: bool = False) -> dict[str, Any]:
     return summary
 
 
-def run_steps(config: TrainConfig, run_dir: Path, resume: bool, wandb_run: WandbRun | None) -> dict[str, Any]:
+def run_steps(config: TrainConfig, run_dir: Path, resume: bool, wandb_run: WandbRun | None,
+              started_actors: StartedActors | None = None) -> dict[str, Any]:
     """train()'s run, once its config is checked and its directory made: components, loop, summary."""
     started, cpu_started = time.perf_counter(), cpu_seconds()
     if config.threads:
@@ -211,7 +218,8 @@ def run_steps(config: TrainConfig, run_dir: Path, resume: bool, wandb_run: Wandb
     # when in the background: then a user reward sees their calls interleaved in an order timing decides.
     initial_val = restored.data["initial_val_reward"] if restored else validation.score_now(version=0)
     mode, staleness = config.staleness.mode, config.staleness.staleness
-    source = make_rollout_source(config, model, tokenizer, task, restored.pipeline if restored else None)
+    source = make_rollout_source(config, model, tokenizer, task, restored.pipeline if restored else None,
+                                 started_actors)
     progress = tqdm(total=config.steps, initial=start_step, desc=f"train S={staleness} {mode}",
                     disable=not config.progress, dynamic_ncols=True)
     guard = BadStepGuard(config.guard.max_bad_steps)
