@@ -89,8 +89,9 @@ def _build_worker_from_config(config) -> Any:
     return build_rollout_worker_from_config(config)
 
 
-def _launch(actor_class: Any, tag: str, worker_id: int, generation: int, build_worker: Callable[[], Any],
-            threads: int, cpus: float, gpus: float) -> Any:
+def launch_rollout_actor(actor_class: Any, tag: str, worker_id: int, generation: int,
+                         build_worker: Callable[[], Any], threads: int, cpus: float, gpus: float) -> Any:
+    """A RolloutActor named stalerl-rollout-TAG-wWORKER-GENERATION (unique per run: tests find them)."""
     # max_restarts=0: a dead actor is replaced by RayRollouts, where its lost batch is accounted for.
     return actor_class.options(name=f"stalerl-rollout-{tag}-w{worker_id}-{generation}", num_cpus=cpus, num_gpus=gpus,
                                max_restarts=0).remote(build_worker, worker_id, threads)
@@ -113,8 +114,8 @@ def start_rollout_actors(config) -> StartedActors:
     """`config`'s rollout actors (runtime.num_workers), building their workers as rollouts_for_config's do."""
     runtime, tag = config.runtime, uuid.uuid4().hex[:8]
     actor_class, build_worker = ray.remote(RolloutActor), functools.partial(_build_worker_from_config, config)
-    return StartedActors(tag, [_launch(actor_class, tag, worker_id, 0, build_worker, config.threads,
-                                       runtime.worker_cpus, runtime.worker_gpus)
+    return StartedActors(tag, [launch_rollout_actor(actor_class, tag, worker_id, 0, build_worker, config.threads,
+                                                    runtime.worker_cpus, runtime.worker_gpus)
                                for worker_id in range(runtime.num_workers)])
 
 
@@ -200,8 +201,8 @@ class RayRollouts:
     # ---------------------------------------------------------------- dispatch (lock held)
 
     def _start_actor(self, slot: _Slot) -> None:
-        slot.actor = _launch(self._actor_class, self._tag, slot.worker_id, next(self._generation), self._build_worker,
-                             self._threads, self._worker_cpus, self._worker_gpus)
+        slot.actor = launch_rollout_actor(self._actor_class, self._tag, slot.worker_id, next(self._generation),
+                                          self._build_worker, self._threads, self._worker_cpus, self._worker_gpus)
         # The slot takes work once the constructor is done, so start-up never counts as a hang.
         self._starting[slot.actor.ready.remote()] = slot
 

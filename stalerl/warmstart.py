@@ -8,15 +8,18 @@ that determines it, so runs and tests build it once.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
+from filelock import FileLock
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
@@ -77,13 +80,37 @@ def warm_started_policy(config: TrainConfig) -> tuple[PreTrainedModel, PreTraine
     try:
         loaded = _load(path)
         if loaded is None:
-            _build(config, path)
-            loaded = _load(path)
+            # One process builds it; others that need it now (a sweep's cells, Ray's actors) wait for it.
+            with _build_lock(path):
+                loaded = _load(path)  # built while this one waited
+                if loaded is None:
+                    _build(config, path)
+                    loaded = _load(path)
             if loaded is None:
                 raise RuntimeError(f"the warm start just built in {path} does not load; see the warning above")
     finally:
         hf_logging.enable_progress_bar()
     return loaded
+
+
+@contextlib.contextmanager
+def _build_lock(path: Path) -> Iterator[None]:
+    """Held while the entry at `path` is built; an unwritable cache is one line, before any training."""
+    lock = FileLock(path.parent / f".{path.name}.lock")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock.acquire()
+    except OSError as error:
+        raise _unwritable(path.parent, error) from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _unwritable(cache: Path, error: OSError) -> ConfigError:
+    return ConfigError(f"cannot write the warm-start cache {cache} ({error.strerror or error}); "
+                       f"set STALERL_CACHE to a writable directory")
 
 
 def _load(path: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, dict] | None:
@@ -119,11 +146,9 @@ def _build(config: TrainConfig, path: Path) -> None:
     # Written to a temporary directory and renamed, so a killed build never leaves a half entry. The
     # directory is made first: an unwritable cache is one line before the training, not after it.
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=".warmstart-", dir=path.parent))
+        staging = Path(tempfile.mkdtemp(prefix=".warmstart-", dir=path.parent))  # the lock made path.parent
     except OSError as error:
-        raise ConfigError(f"cannot write the warm-start cache {path.parent} ({error.strerror or error}); "
-                          f"set STALERL_CACHE to a writable directory") from None
+        raise _unwritable(path.parent, error) from None
     try:
         warm = config.warm_start
         task = AdditionTask(config.task.max_operand, warm_start_held_out(config))  # validates on the held-out

@@ -9,7 +9,10 @@ from stalerl.config import TrainConfig
 @pytest.fixture(scope="session", autouse=True)
 def warm_start_cache(tmp_path_factory):
     """One warm-start cache for the whole session, so the supervised phase runs once."""
-    path = os.environ.get("STALERL_TEST_CACHE") or str(tmp_path_factory.mktemp("stalerl-cache"))
+    # Under pytest-xdist every worker is a session: they share one cache (beside their own temporary
+    # directories), and the first to need the warm start builds it while the others wait (warmstart.py).
+    shared = tmp_path_factory.getbasetemp().parent / "stalerl-cache" if os.environ.get("PYTEST_XDIST_WORKER") else None
+    path = os.environ.get("STALERL_TEST_CACHE") or str(shared or tmp_path_factory.mktemp("stalerl-cache"))
     previous = os.environ.get("STALERL_CACHE")
     os.environ["STALERL_CACHE"] = path
     yield path

@@ -218,7 +218,8 @@ def test_a_template_with_a_literal_brace_says_how_to_write_one(template, error):
 def test_check_task_inputs_passes_good_inputs_and_the_addition_task(tmp_path):
     (tmp_path / "rewards.py").write_text(REWARDS)
     check_task_inputs(math_config(reward=f"{tmp_path}/rewards.py:good"))
-    write_lines(tmp_path / "no_reference.jsonl", [json.dumps({"question": f"q{i}", "answer": "####"}) for i in range(20)])
+    no_reference = [json.dumps({"question": f"q{i}", "answer": "####"}) for i in range(20)]
+    write_lines(tmp_path / "no_reference.jsonl", no_reference)
     check_task_inputs(math_config(data=str(tmp_path / "no_reference.jsonl"), val_size=1,  # a user reward reads
                                   reward=f"{tmp_path}/rewards.py:good"))  # the answers its own way
     check_task_inputs(TrainConfig())

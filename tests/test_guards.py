@@ -359,11 +359,37 @@ def test_a_mistyped_local_path_fails_fast_without_a_hub(tmp_path, monkeypatch):
         load_pretrained(ModelConfig(name_or_path="runs/a/final"))  # two separators: never a hub name
 
 
+TINY_WARM_START = {"model.hidden_size": 16, "model.intermediate_size": 32, "model.num_layers": 1, "model.num_heads": 2,
+                   "task.max_operand": 9, "task.val_size": 8, "warm_start.steps": 2, "warm_start.batch_size": 4}
+
+
+def test_a_missing_warm_start_is_built_once_while_the_others_that_need_it_wait(tmp_path, monkeypatch):
+    """A sweep's cells or Ray's actors starting at once on an empty cache: one builds, the rest load it."""
+    import concurrent.futures
+
+    import stalerl.warmstart as warmstart
+
+    monkeypatch.setenv("STALERL_CACHE", str(tmp_path / "cache"))
+    config = override(TrainConfig(), TINY_WARM_START)
+    builds, build = [], warmstart._build
+
+    def slow_build(*args):
+        builds.append(1)
+        time.sleep(0.5)  # long enough for the others to find the entry missing and wait
+        build(*args)
+
+    monkeypatch.setattr(warmstart, "_build", slow_build)
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        policies = list(pool.map(lambda _: warm_started_policy(config), range(3)))
+    assert len(builds) == 1
+    first = policies[0][0].state_dict()
+    assert all(torch.equal(first[name], tensor)
+               for model, _, _ in policies[1:] for name, tensor in model.state_dict().items())
+
+
 def test_a_damaged_warm_start_cache_entry_is_rebuilt(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("STALERL_CACHE", str(tmp_path / "cache"))  # not the session's cache other tests use
-    config = override(TrainConfig(), {"model.hidden_size": 16, "model.intermediate_size": 32, "model.num_layers": 1,
-                                      "model.num_heads": 2, "task.max_operand": 9, "task.val_size": 8,
-                                      "warm_start.steps": 2, "warm_start.batch_size": 4})
+    config = override(TrainConfig(), TINY_WARM_START)
     model, _, record = warm_started_policy(config)
     built = {name: tensor.clone() for name, tensor in model.state_dict().items()}
     del model  # its weights may be memory-mapped from the file cut below

@@ -240,8 +240,11 @@ def test_bad_input_in_the_learner_actor_stays_a_config_error(local_ray, tmp_path
     config = ray_config(tmp_path, "taken", "exact", 1, steps=2, num_workers=1)
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "metrics.jsonl").write_text("")
+    earlier_actors = set(ray.util.list_named_actors())
     with pytest.raises(ConfigError, match="already holds a run"):  # raised in the learner actor
         train_on_ray(config)
+    # the rollout actors it started ahead of its own start-up (the warm start is cached) are gone too
+    assert not [n for n in ray.util.list_named_actors() if n.startswith("stalerl-rollout-") and n not in earlier_actors]
 
 
 def test_the_learner_and_rollout_actors_hold_the_gpus_they_ask_for(local_ray, tmp_path):
@@ -578,6 +581,23 @@ def stub_source(tmp_path, fault, mode, staleness, steps, timeout_s=60.0, **worke
     build = functools.partial(StubWorker, str(tmp_path), fault, **worker)
     return RayRollouts(build, {"w": torch.tensor(0)}, mode, staleness, steps, num_workers=2, worker_cpus=0.25,
                        worker_timeout_s=timeout_s)
+
+
+def test_rollout_actors_started_ahead_are_taken_over_not_started_again(local_ray, tmp_path):
+    """What the learner actor does: start the actors first (start_rollout_actors), hand them to RayRollouts."""
+    from stalerl.ray_rollouts import RolloutActor, StartedActors, launch_rollout_actor
+
+    build = functools.partial(StubWorker, str(tmp_path), "none")
+    actor_class = ray.remote(RolloutActor)
+    started = StartedActors("ahead", [launch_rollout_actor(actor_class, "ahead", worker_id, 0, build, 1, 0.25, 0)
+                                      for worker_id in range(2)])
+    source = RayRollouts(build, {"w": torch.tensor(0)}, "exact", 2, 10, num_workers=2, worker_cpus=0.25,
+                         started=started)
+    names = {n for n in ray.util.list_named_actors() if n.startswith("stalerl-rollout-ahead-")}
+    assert names == {"stalerl-rollout-ahead-w0-0", "stalerl-rollout-ahead-w1-0"}  # taken over, none started
+    lags, ids = run_stub_learner(source, "exact", 2, 10)
+    assert lags == [min(step, 2) for step in range(10)] and ids == list(range(10 * SAMPLES_PER_BATCH))
+    assert source.report()["lost_batches"] == 0
 
 
 @pytest.mark.parametrize("mode", ["exact", "bounded"])
