@@ -17,6 +17,7 @@ import torch
 from stalerl.config import ConfigError, ModelConfig, TrainConfig
 from stalerl.data import check_task_inputs
 
+
 def check_inputs(config: TrainConfig) -> None:
     """What a run checks before its directory exists or a model loads."""
     check_hardware(config)  # e.g. vLLM without a GPU

@@ -28,7 +28,6 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 from stalerl.config import ConfigError, TrainConfig, first_line, validate
 from stalerl.guards import Interrupted, RunStopped, StopRequests, resume_hint
-from stalerl.warmstart_cache import is_cached
 
 if TYPE_CHECKING:  # the sweep imports this module only for --runtime ray
     from stalerl.lab.sweep import SweepStop
@@ -135,10 +134,10 @@ class LearnerActor:
 
     def train(self, config: TrainConfig, resume: bool = False) -> dict[str, Any]:
         # The rollout actors start first, so that their start-up (importing torch and transformers,
-        # building the policy: 7 s and more) runs beside the learner's instead of after it. Not while
-        # the embedded model's warm start is still to be made: each actor would make it too.
+        # building the policy: 7 s and more) runs beside the learner's instead of after it. A warm
+        # start still to be made is made once: the others wait for it (warmstart.py).
         started = None
-        if config.runtime.runtime == "ray" and (config.model.name_or_path or is_cached(config)):
+        if config.runtime.runtime == "ray":
             from stalerl.ray_rollouts import start_rollout_actors
 
             started = start_rollout_actors(validate(config))  # the config train() runs

@@ -9,12 +9,14 @@ that determines it, so runs and tests build it once.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
 import sys
 import tempfile
 from collections.abc import Iterator
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +29,38 @@ from stalerl.config import ConfigError, TrainConfig
 from stalerl.model import build_char_tokenizer, build_tiny_llama, count_parameters, load_checkpoint
 from stalerl.rollout import TransformersEngine
 from stalerl.tasks import AdditionTask, Prompt, Task
-from stalerl.warmstart_cache import cache_root, warm_start_held_out, warm_start_key
+
+CACHE_FORMAT = 1  # bump when the warm start's recipe changes, so old cache entries are not reused
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("STALERL_CACHE", Path.home() / ".cache" / "stalerl"))
+
+
+# The config fields that determine the warm start; others (a checkpoint path, reward options) do not.
+MODEL_KEY_FIELDS = ("hidden_size", "intermediate_size", "num_layers", "num_heads", "max_positions")
+TASK_KEY_FIELDS = ("name", "max_operand")
+# The warm start never trains on the first this-many prompts of the validation order. A run's
+# validation split (the first task.val_size of that order, 256 by default) lies within them, so runs
+# that differ only in a val_size up to this share one warm start, and none validates on a prompt it
+# was trained on. (Each val_size had a warm start of its own: 20-30 s each on a 2-core CPU.)
+HELD_OUT_PROMPTS = 256
+
+
+def warm_start_held_out(config: TrainConfig) -> int:
+    """How many prompts, first in the validation order, the warm start holds out (of a small task's
+    pairs, a quarter at most, so that it keeps most of them to train on)."""
+    pairs = (config.task.max_operand + 1) ** 2
+    return max(config.task.val_size, min(HELD_OUT_PROMPTS, pairs // 4))
+
+
+def warm_start_key(config: TrainConfig) -> str:
+    model, task = asdict(config.model), asdict(config.task)
+    task_inputs = {k: task[k] for k in TASK_KEY_FIELDS} | {"val_size": warm_start_held_out(config)}
+    inputs = {"format": CACHE_FORMAT, "model": {k: model[k] for k in MODEL_KEY_FIELDS},
+              "task": task_inputs, "warm_start": asdict(config.warm_start)}
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
+
 
 def supervised_batch(
     tokenizer: PreTrainedTokenizerBase, prompts: list[Prompt]

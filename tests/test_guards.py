@@ -25,8 +25,7 @@ from stalerl.metrics import MetricsWriter, read_metrics
 from stalerl.policy import build_policy, load_pretrained
 from stalerl.preflight import check_hardware
 from stalerl.train import train
-from stalerl.warmstart import warm_started_policy
-from stalerl.warmstart_cache import warm_start_key
+from stalerl.warmstart import warm_start_key, warm_started_policy
 
 
 def poison_losses(monkeypatch, bad_steps):

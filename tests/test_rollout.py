@@ -9,8 +9,7 @@ from stalerl.config import ConfigError, TrainConfig, override
 from stalerl.model import EOS_ID
 from stalerl.rollout import GumbelNoise, RolloutWorker, TransformersEngine, policy_logprobs, response_stop_ids
 from stalerl.tasks import AdditionTask, Prompt
-from stalerl.warmstart import warm_started_policy
-from stalerl.warmstart_cache import warm_start_held_out, warm_start_key
+from stalerl.warmstart import warm_start_held_out, warm_start_key, warm_started_policy
 
 
 @pytest.fixture(scope="module")
