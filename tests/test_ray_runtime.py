@@ -58,6 +58,16 @@ def ray_config(tmp_path: Path, name: str, mode: str, staleness: int, steps: int,
     )
 
 
+def rollout_actors_left(earlier: set[str] = frozenset(), within_s: float = 30.0) -> list[str]:
+    """Rollout actors not in `earlier` still alive after waiting up to `within_s` (a kill lands asynchronously)."""
+    deadline = time.time() + within_s
+    while True:
+        left = [n for n in ray.util.list_named_actors() if n.startswith("stalerl-rollout-") and n not in earlier]
+        if not left or time.time() > deadline:
+            return left
+        time.sleep(0.2)
+
+
 def read_lines(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
@@ -243,8 +253,7 @@ def test_bad_input_in_the_learner_actor_stays_a_config_error(local_ray, tmp_path
     earlier_actors = set(ray.util.list_named_actors())
     with pytest.raises(ConfigError, match="already holds a run"):  # raised in the learner actor
         train_on_ray(config)
-    # the rollout actors it started ahead of its own start-up (the warm start is cached) are gone too
-    assert not [n for n in ray.util.list_named_actors() if n.startswith("stalerl-rollout-") and n not in earlier_actors]
+    assert rollout_actors_left(earlier_actors) == []  # those it started ahead of its own start-up are gone too
 
 
 def test_the_learner_and_rollout_actors_hold_the_gpus_they_ask_for(local_ray, tmp_path):
@@ -300,10 +309,7 @@ def test_a_dead_learner_ends_the_run_with_a_clear_error(local_ray, tmp_path):
     with pytest.raises(RuntimeError, match="learner died"):
         train_on_ray(config)
     killer.join()
-    deadline = time.time() + 30  # its rollout actors die with it (Ray's ownership)
-    while any(n.startswith("stalerl-rollout-") for n in ray.util.list_named_actors()) and time.time() < deadline:
-        time.sleep(0.2)
-    assert not any(n.startswith("stalerl-rollout-") for n in ray.util.list_named_actors())
+    assert rollout_actors_left() == []  # its rollout actors die with it (Ray's ownership)
 
 
 # ---------------------------------------------------------------- checkpoints and resume on Ray
