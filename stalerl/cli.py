@@ -327,8 +327,10 @@ def run_bias(args: argparse.Namespace) -> int:
 def _print_bias_fits(report: dict) -> None:
     def text(fit: dict | None) -> str:
         if fit is None:
-            return "not enough points above the noise floor"
-        return f"{fit['slope']:.2f} [{fit['slope_low']:.2f}, {fit['slope_high']:.2f}] ({fit['points']} points)"
+            return "not determined by its points"
+        chi2 = fit.get("chi2_per_dof")  # older reports: a log-log fit, without it
+        misfit = f", chi2/dof {chi2:.1f}" if chi2 is not None and math.isfinite(chi2) else ""
+        return f"{fit['slope']:.2f} [{fit['slope_low']:.2f}, {fit['slope_high']:.2f}] ({fit['points']} points{misfit})"
 
     for lr, fit in report["fits"]["by_lr"].items():
         print(f"lr={lr}: S exponent {text(fit['s_exponent'])}; linear regime up to S={fit['linear_regime_end']}")

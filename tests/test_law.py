@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from stalerl.lab.bias import linear_regime_end, pairwise_bias, BiasPoint
+from stalerl.lab.bias import BiasPoint, fit_bias_power, fit_exponents, linear_regime_end, pairwise_bias
 from stalerl.lab.law import (HORIZON, STALE, advise, clip_onset_drift, collapse_table, estimate_g_upd,
                              fit_censored_loglog, fit_drift, fit_log_linear, fit_loglog, first_crossing_drift,
                              law_constants)
@@ -363,3 +363,52 @@ def test_linear_regime_end():
         return BiasPoint(1e-3, 32, lag, norm**2, 1e-8, norm, norm, norm, 1e-4, False, norm, 0.0, 8)
     points = [point(1, 0.04), point(2, 0.08), point(4, 0.16), point(8, 0.30), point(16, 0.31)]
     assert linear_regime_end(points) == 8
+
+
+def test_fit_bias_power_recovers_an_exact_power_and_refuses_what_it_cannot_determine():
+    lags = [1.0, 2.0, 4.0, 8.0]
+    fit = fit_bias_power(lags, [0.01 * lag**1.5 for lag in lags], [1e-4] * 4)  # ||b|| = 0.1 S^0.75
+    assert fit.slope == pytest.approx(0.75, abs=1e-6) and np.exp(fit.intercept) == pytest.approx(0.1, rel=1e-5)
+    assert fit.slope_low < 0.75 < fit.slope_high and fit.chi2_per_dof == pytest.approx(0, abs=1e-8)
+    two = fit_bias_power([1.0, 2.0], [0.01, 0.04], [1e-3, 1e-3])  # exactly determined: an interval from the SEs
+    assert two.slope == pytest.approx(1.0, abs=1e-6) and np.isnan(two.chi2_per_dof) and two.slope_high > 1.0
+    assert fit_bias_power([1.0, 2.0], [-0.01, -0.02], [1e-3, 1e-3]) is None  # nothing above 0: no exponent
+    assert fit_bias_power([2.0, 2.0], [0.01, 0.02], [1e-3, 1e-3]) is None  # one x: no slope
+
+
+def _probe_points(rng, truth, lags, scale, dimension=200, batches=32):
+    """BiasPoints at lr 1e-4 whose paired differences are truth(S) along one direction plus noise."""
+    import math
+
+    direction = rng.standard_normal(dimension)
+    direction /= np.linalg.norm(direction)
+    points = []
+    for lag in lags:
+        diffs = truth(lag) * direction + scale * lag**0.5 * rng.standard_normal((batches, dimension)) / dimension**0.5
+        estimate, se, naive = pairwise_bias(torch.from_numpy(diffs).float())
+        norm, floor = math.sqrt(max(estimate, 0.0)), math.sqrt(2 * se)
+        points.append(BiasPoint(1e-4, 32, lag, estimate, se, norm, norm, norm, floor, estimate < 2 * se,
+                                math.sqrt(naive), 1e-4 * lag, batches))
+    return points
+
+
+def test_bias_exponent_is_unbiased_near_the_noise_floor_where_a_log_log_fit_of_the_norms_is_not():
+    """||b|| = 0.05 S (exponent 1), with the noise floor about 1.4x the bias at S = 4: the log-log fit of the
+    norms above the floor is pulled toward 0; the weighted fit of ||b||^2, every point kept, is not,
+    and its interval covers 1 about as often as it says."""
+    rng = np.random.default_rng(0)
+    weighted, log_log, covered = [], [], 0
+    for _ in range(40):
+        points = _probe_points(rng, lambda lag: 0.05 * lag, [1, 2, 4, 8, 16], scale=1.5)
+        fit = fit_exponents(points)["by_lr"]["0.0001"]["s_exponent"]
+        if fit is not None:
+            weighted.append(fit["slope"])
+            covered += fit["slope_low"] <= 1.0 <= fit["slope_high"]
+        above = [p for p in points if not p.below_floor]
+        old = fit_loglog([p.lag for p in above], [p.bias_norm for p in above])
+        if old is not None:
+            log_log.append(old.slope)
+    assert len(weighted) >= 32  # a few probes have no point above the floor: no regime, no fit
+    assert abs(np.median(weighted) - 1.0) < 0.15
+    assert np.median(log_log) < 0.85  # what the fit of the norms above the floor would have said
+    assert covered >= 0.85 * len(weighted)
