@@ -7,12 +7,15 @@ import contextlib
 import logging
 import math
 import re
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
 from stalerl.bench.cli import add_bench_parser, run_bench_command
 from stalerl.config import ConfigError, TrainConfig, load_config, override, parse_assignment, validate
+from stalerl.guards import Terminated
 from stalerl.provenance import version_line
 
 
@@ -383,7 +386,21 @@ class PrintVersion(argparse.Action):
         parser.exit(0)
 
 
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
+    if threading.current_thread() is not threading.main_thread():  # only the main thread takes signals
+        return _main(argv)
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        return _main(argv)
+    finally:
+        signal.signal(signal.SIGTERM, previous)  # main() called in process (the tests) leaves it as it was
+
+
+def _main(argv: list[str] | None) -> int:
     parser = OneLineErrors(prog="stalerl", description="Asynchronous GRPO with exact or bounded staleness, and "
                            "the lab that turns staleness into learning-rate advice.")
     parser.add_argument("--version", action=PrintVersion, help="stalerl's version and its libraries'")
@@ -402,8 +419,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"stalerl: error: {error}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # before a run took over the signals, or a second Ctrl-C: what is written stays
-        print("stalerl: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as error:  # before a run took over the signals, or a second Ctrl-C: what is written stays
+        what = "terminated (SIGTERM)" if isinstance(error, Terminated) else "interrupted"
+        print(f"stalerl: {what}; what is written stays", file=sys.stderr)
         return 130
     except RuntimeError as error:  # a reward that failed under task.on_reward_error=stop, a dead learner: one line
         from stalerl.guards import RunStopped

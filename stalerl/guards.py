@@ -66,6 +66,12 @@ class Interrupted(RunStopped):
     exit_code = 130  # the shell's code for a run ended by Ctrl-C
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM while no run holds the stop signals (StopRequests): while the command imports torch and
+    transformers, builds the policy or writes its figures (cli.main). It unwinds as Ctrl-C does, so the
+    same clean-up runs; before, the process died silently with 143."""
+
+
 def resume_hint(run_dir: Path, checkpoint: Path | None) -> str:
     if checkpoint is None:
         return "no checkpoint was written"

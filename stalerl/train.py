@@ -32,8 +32,8 @@ from stalerl.config import ConfigError, TrainConfig, is_run_config, save_config,
 from stalerl.learner import learner_step, make_optimizer
 from stalerl.metrics import MetricsWriter, UpdateTracker, finite_or_none
 from stalerl.data import build_task
-from stalerl.guards import (BadStepGuard, Interrupted, RunStopped, StopRequests, check_prompt_lengths, disk_full,
-                            is_disk_full, output_directory, resume_hint)
+from stalerl.guards import (BadStepGuard, Interrupted, RunStopped, StopRequests, Terminated, check_prompt_lengths,
+                            disk_full, is_disk_full, output_directory, resume_hint)
 from stalerl.policy import build_policy, build_rollout_engine, hub_access, load_tokenizer, save_final
 from stalerl.preflight import check_inputs
 from stalerl.provenance import environment
@@ -164,8 +164,15 @@ def train(config: TrainConfig, resume: bool = False, started_actors: StartedActo
     except BaseException as error:
         if wandb_run is not None:
             wandb_run.finish(error=error)
-        if isinstance(error, ConfigError) and not resume:
-            withdraw_refused_run(run_dir, found)
+        if isinstance(error, (ConfigError, KeyboardInterrupt)) and not resume:
+            withdraw_refused_run(run_dir, found)  # nothing once a step is logged
+        if isinstance(error, KeyboardInterrupt):  # a stop signal before the loop took them (StopRequests)
+            signal_name = "SIGTERM" if isinstance(error, Terminated) else "SIGINT"
+            if resume:
+                raise Interrupted(f"stopped by {signal_name} before a step was made; the run is as it was; "
+                                  f"continue with: stalerl train --resume {run_dir}") from error
+            raise Interrupted(f"stopped by {signal_name} before the first step; nothing was kept: "
+                              f"the same command starts the run again") from error
         raise
     if wandb_run is not None:
         wandb_run.finish(summary)

@@ -245,6 +245,32 @@ def test_a_refused_run_leaves_its_directory_as_it_found_it(tmp_path, capsys, mon
     assert (out / "summary.json").is_file() and (out / "tensorboard" / "notes.txt").is_file()
 
 
+def test_sigterm_before_a_run_takes_the_signals_is_one_line_and_keeps_nothing_half_made(tmp_path, capsys, monkeypatch):
+    """SIGTERM while the command imports or builds the policy used to kill it silently (exit 143),
+    leaving a run directory that looked like a run; now it unwinds as Ctrl-C does."""
+    import signal
+
+    import stalerl.cli as cli_module
+    import stalerl.validation as validation_module
+
+    before = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(cli_module, "run_train", lambda args: os.kill(os.getpid(), signal.SIGTERM))  # "importing"
+    assert main(["train", "--steps", "2", "--no-progress"]) == 130
+    assert capsys.readouterr().err == "stalerl: terminated (SIGTERM); what is written stays\n"
+    assert signal.getsignal(signal.SIGTERM) is before  # main() in process leaves the handler as it found it
+    monkeypatch.undo()
+
+    def signalled(self, version):  # theta_0's validation: after the run directory, before the loop
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(validation_module.Validation, "score_now", signalled)
+    out = tmp_path / "run"
+    assert main(["train", "--steps", "2", "--out", str(out), "--no-progress"]) == 130
+    assert capsys.readouterr().err == ("stalerl: stopped by SIGTERM before the first step; nothing was kept: "
+                                       "the same command starts the run again\n")
+    assert not out.exists()  # as a refused run: the same command is not refused for "already holds a run"
+
+
 def test_bad_config_files_and_resume_targets_are_one_line(tmp_path, capsys):
     def error(argv):
         assert main(argv) == 2
