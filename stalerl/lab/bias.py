@@ -255,7 +255,7 @@ def fit_exponents(points: list[BiasPoint]) -> dict[str, Any]:
 
 
 FIT_METHOD = ("||b||^2 = A x^(2k) by weighted least squares (1/SE^2), every point of the linear regime kept, "
-              "those below the noise floor too; 95% interval from the SEs")
+              "those below the noise floor too; 95% interval from the SEs, widened by sqrt(chi2/dof) where that is > 1")
 
 
 def _fit(points: list[BiasPoint], x: Any) -> dict[str, Any] | None:
