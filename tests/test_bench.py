@@ -40,6 +40,7 @@ def test_bench_writes_a_complete_report(tmp_path):
     report = run_bench(tmp_path, quick=True, plan=TINY, log=lambda text: None)
     assert json.loads((tmp_path / "bench.json").read_text()) == json.loads(json.dumps(report))
     assert all(math.isfinite(x) for x in _numbers(report))
+    assert report["machine"]["cpu"] and report["machine"]["cpu_capability"] and "stalerl_git" in report["machine"]
 
     step = report["step"]
     assert step["stalerl"]["s_per_step"] > 0 and step["stalerl"]["samples_per_s"] > 0

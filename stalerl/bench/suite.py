@@ -83,6 +83,7 @@ def run_bench(out: Path, quick: bool, plan: Plan | None = None, parts: tuple[str
     import transformers
 
     from stalerl.bench.trl_step import trl_version
+    from stalerl.provenance import cpu_model, git_revision
     from stalerl.random_checkpoint import shape_of
 
     model = checked_model_settings(checkpoint, data, settings or {}, parts)
@@ -93,7 +94,8 @@ def run_bench(out: Path, quick: bool, plan: Plan | None = None, parts: tuple[str
         "format": REPORT_FORMAT, "quick": quick, "plan": dataclasses.asdict(plan),
         "machine": {"cpus": os.cpu_count(), "load_avg_before": os.getloadavg(), "python": platform.python_version(),
                     "torch": torch.__version__, "transformers": transformers.__version__, "trl": trl_version(),
-                    "gpu": gpu},
+                    "gpu": gpu, "cpu": cpu_model(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                    "stalerl_git": git_revision()},  # which code and which kernels made the figures
         "model": {"checkpoint": checkpoint or "embedded default", "settings": model},
     }
     report |= kept_parts(out / "bench.json", parts)
