@@ -21,10 +21,9 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
-from transformers.utils import logging as hf_logging
 
 from stalerl.config import ConfigError, ModelConfig, TrainConfig, one_line
-from stalerl.model import count_parameters
+from stalerl.model import count_parameters, quiet_progress_bars
 from stalerl.preflight import hub_unreachable, is_missing_directory, resolve_device
 from stalerl.rollout import RolloutEngine, TransformersEngine
 from stalerl.warmstart import warm_started_policy
@@ -81,10 +80,10 @@ def hub_access(path: str) -> str | None:
 
 def _from_pretrained(auto_class: type, config: ModelConfig, offline: str | None, **kwargs):
     path = config.name_or_path
-    hf_logging.disable_progress_bar()
     try:
-        return auto_class.from_pretrained(path, trust_remote_code=config.trust_remote_code,
-                                          local_files_only=offline is not None, **kwargs)
+        with quiet_progress_bars():
+            return auto_class.from_pretrained(path, trust_remote_code=config.trust_remote_code,
+                                              local_files_only=offline is not None, **kwargs)
     except (OSError, ValueError, SafetensorError) as error:  # no such hub name, no weights, an unknown
         # architecture, a truncated model.safetensors
         reason = one_line(error)
@@ -94,8 +93,6 @@ def _from_pretrained(auto_class: type, config: ModelConfig, offline: str | None,
             reason = f"{offline}, and it is not in the local hub cache"
         raise ConfigError(f"model.name_or_path: {path} is neither a local directory nor loadable from the "
                           f"Hugging Face hub ({reason})") from None
-    finally:
-        hf_logging.enable_progress_bar()
 
 
 def enable_activation_checkpointing(model: PreTrainedModel) -> None:
@@ -133,10 +130,10 @@ def save_final(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path:
     """The final policy as a plain Hugging Face checkpoint (LoRA merged in), safetensors + tokenizer."""
     if lora:  # a peft model: save the merged weights, loadable without peft
         model = copy.deepcopy(model).merge_and_unload()
-    hf_logging.disable_progress_bar()  # a shard bar per run is noise in a sweep's log
     try:
-        model.save_pretrained(path, safe_serialization=True)
-        tokenizer.save_pretrained(path)
+        with quiet_progress_bars():  # a shard bar per run is noise in a sweep's log
+            model.save_pretrained(path, safe_serialization=True)
+            tokenizer.save_pretrained(path)
     except (OSError, SafetensorError) as error:
         shutil.rmtree(path, ignore_errors=True)  # a half-written checkpoint is no checkpoint: the space back
         if isinstance(error, OSError):
@@ -145,8 +142,6 @@ def save_final(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path:
         code = re.search(r"os error (\d+)", str(error))
         number = int(code.group(1)) if code else errno.EIO
         raise OSError(number, os.strerror(number) if code else one_line(error), str(path)) from error
-    finally:
-        hf_logging.enable_progress_bar()
 
 
 def build_rollout_engine(config: TrainConfig, model: PreTrainedModel | None,

@@ -23,10 +23,10 @@ import numpy as np
 import torch
 from filelock import FileLock
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
-from transformers.utils import logging as hf_logging
 
 from stalerl.config import ConfigError, TrainConfig
-from stalerl.model import build_char_tokenizer, build_tiny_llama, count_parameters, load_checkpoint
+from stalerl.model import (build_char_tokenizer, build_tiny_llama, count_parameters, load_checkpoint,
+                           quiet_progress_bars)
 from stalerl.rollout import TransformersEngine
 from stalerl.tasks import AdditionTask, Prompt, Task
 
@@ -109,8 +109,7 @@ def warm_started_policy(config: TrainConfig) -> tuple[PreTrainedModel, PreTraine
     removed and built again, with a one-line warning: the cache holds nothing that cannot be remade.
     """
     path = cache_root() / f"warmstart-{warm_start_key(config)}"
-    hf_logging.disable_progress_bar()  # per-shard bars are noise for a 1M-parameter model
-    try:
+    with quiet_progress_bars():  # per-shard bars are noise for a 1M-parameter model
         loaded = _load(path)
         if loaded is None:
             # One process builds it; others that need it now (a sweep's cells, Ray's actors) wait for it.
@@ -121,8 +120,6 @@ def warm_started_policy(config: TrainConfig) -> tuple[PreTrainedModel, PreTraine
                     loaded = _load(path)
             if loaded is None:
                 raise RuntimeError(f"the warm start just built in {path} does not load; see the warning above")
-    finally:
-        hf_logging.enable_progress_bar()
     return loaded
 
 

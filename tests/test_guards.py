@@ -428,3 +428,18 @@ def test_a_damaged_warm_start_cache_entry_is_rebuilt(tmp_path, monkeypatch, caps
     assert f"stalerl: warning: warm-start cache entry {weights.parent} is unusable (SafetensorError" in err
     assert again == record and all(torch.equal(built[name], tensor) for name, tensor in rebuilt.state_dict().items())
     assert warm_started_policy(config)[2] == record and "warning" not in capsys.readouterr().err  # cached again
+
+
+def test_loading_the_policy_leaves_transformers_progress_bars_as_the_caller_had_them():
+    """The bench's TRL run turns them off; the warm start used to turn them back on behind it, so
+    every TRL run printed its shard bars into the bench's log."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    try:
+        warm_started_policy(TrainConfig())
+        assert not hf_logging.is_progress_bar_enabled()
+    finally:
+        hf_logging.enable_progress_bar()
+    warm_started_policy(TrainConfig())
+    assert hf_logging.is_progress_bar_enabled()  # on as the caller had them
