@@ -66,14 +66,16 @@ def entries(directory: Path) -> set[str] | None:
     return set(os.listdir(directory)) if directory.is_dir() else None
 
 
+def steps_logged(run_dir: Path) -> bool:
+    metrics = run_dir / "metrics.jsonl"
+    return metrics.is_file() and metrics.stat().st_size > 0
+
+
 def withdraw_refused_run(run_dir: Path, found: set[str] | None) -> None:
     """Leaves `run_dir` as it was before a run that was refused before its first step (W&B's login, a
     prompt too long for the model's context, weights that do not load): otherwise the same command,
     once fixed, is refused for "already holds a run", and a directory holding only config.yaml looks
-    like a run. Only what this run made goes; nothing goes once a step is logged."""
-    metrics = run_dir / "metrics.jsonl"
-    if metrics.is_file() and metrics.stat().st_size:
-        return
+    like a run. Only what this run made goes, and only before a step is logged."""
     for name in sorted(set(os.listdir(run_dir)) - (found or set())):
         path = run_dir / name
         if path.is_dir() and not path.is_symlink():
@@ -164,13 +166,11 @@ def train(config: TrainConfig, resume: bool = False, started_actors: StartedActo
     except BaseException as error:
         if wandb_run is not None:
             wandb_run.finish(error=error)
-        if isinstance(error, (ConfigError, KeyboardInterrupt)) and not resume:
-            withdraw_refused_run(run_dir, found)  # nothing once a step is logged
+        if resume or not isinstance(error, (ConfigError, KeyboardInterrupt)) or steps_logged(run_dir):
+            raise
+        withdraw_refused_run(run_dir, found)
         if isinstance(error, KeyboardInterrupt):  # a stop signal before the loop took them (StopRequests)
             signal_name = "SIGTERM" if isinstance(error, Terminated) else "SIGINT"
-            if resume:
-                raise Interrupted(f"stopped by {signal_name} before a step was made; the run is as it was; "
-                                  f"continue with: stalerl train --resume {run_dir}") from error
             raise Interrupted(f"stopped by {signal_name} before the first step; nothing was kept: "
                               f"the same command starts the run again") from error
         raise
