@@ -331,16 +331,23 @@ def _print_bias_fits(report: dict) -> None:
     def text(fit: dict | None) -> str:
         if fit is None:
             return "not determined by its points"
-        chi2 = fit.get("chi2_per_dof")  # older reports: a log-log fit, without it
+        chi2 = fit.get("chi2_per_dof")  # the weighted fit's; the log-log fit has none
         misfit = f", chi2/dof {chi2:.1f}" if chi2 is not None and math.isfinite(chi2) else ""
         return f"{fit['slope']:.2f} [{fit['slope_low']:.2f}, {fit['slope_high']:.2f}] ({fit['points']} points{misfit})"
 
-    for lr, fit in report["fits"]["by_lr"].items():
-        print(f"lr={lr}: S exponent {text(fit['s_exponent'])}; linear regime up to S={fit['linear_regime_end']}")
-    for lag, fit in report["fits"]["eta_exponent_by_lag"].items():
-        print(f"S={lag}: eta exponent {text(fit)}")
-    print(f"pooled, inside the linear regimes: S*eta exponent {text(report['fits']['s_eta_exponent_pooled'])}; "
-          f"within-cycle drift exponent {text(report['fits']['drift_exponent_pooled'])}")
+    weighted, log_log = report["fits"], report["fits_log_log"]
+
+    def both(fit: dict | None, other: dict | None) -> str:
+        return f"{text(fit)}; log-log above the floor {text(other)}"
+
+    for lr, fit in weighted["by_lr"].items():
+        ends = ", ".join(f"S={end} at t={anchor}" for anchor, end in fit["linear_regime_end"].items())
+        print(f"lr={lr}: S exponent {both(fit['s_exponent'], log_log['by_lr'][lr]['s_exponent'])}; "
+              f"linear regime up to {ends}")
+    for lag, fit in weighted["eta_exponent_by_lag"].items():
+        print(f"S={lag}: eta exponent {both(fit, log_log['eta_exponent_by_lag'][lag])}")
+    for key, what in (("s_eta_exponent_pooled", "S*eta"), ("drift_exponent_pooled", "within-cycle drift")):
+        print(f"pooled, inside the linear regimes: {what} exponent {both(weighted[key], log_log[key])}")
 
 
 # A negative number in scientific notation or a list that starts with one, which argparse takes for

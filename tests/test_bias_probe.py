@@ -18,6 +18,10 @@ def test_bias_probe_end_to_end(tmp_path, capsys):
     points = {(p["lr"], p["lag"]): p for p in report["points"]}
     assert set(points) == {(1e-3, 0), (1e-3, 1), (1e-3, 2)}
     assert points[(1e-3, 0)]["bias_sq"] == 0.0 and points[(1e-3, 0)]["drift"] == 0.0
+    assert points[(1e-3, 0)]["flipped_frac"] == 0.0 and points[(1e-3, 0)]["d_norm_max"] == 0.0
+    for lag in (1, 2):  # the stale batches differ from the fresh ones in the samples that flipped
+        point = points[(1e-3, lag)]
+        assert 0 <= point["flipped_frac"] <= 1 and 0 <= point["d_norm_median"] <= point["d_norm_max"]
     for lag in (1, 2):
         point = points[(1e-3, lag)]
         assert point["drift"] > 0 and point["naive_norm"] >= 0 and point["bias_sq_se"] >= 0
@@ -28,6 +32,7 @@ def test_bias_probe_end_to_end(tmp_path, capsys):
     grown = json.loads((out / "bias.json").read_text())
     assert {(p["lr"], p["lag"]) for p in grown["points"]} == set(points) | {(3e-4, 1)}
     assert "S exponent" in capsys.readouterr().out
+    assert grown["fits"]["method"] != grown["fits_log_log"]["method"]  # both fits, each saying how it was made
     json.loads((out / "bias.json").read_text(), parse_constant=lambda name: pytest.fail(f"{name} written"))
     assert main(["bias", "--refit", "--out", str(out)]) == 0
     assert json.loads((out / "bias.json").read_text()) == grown

@@ -412,3 +412,15 @@ def test_bias_exponent_is_unbiased_near_the_noise_floor_where_a_log_log_fit_of_t
     assert abs(np.median(weighted) - 1.0) < 0.15
     assert np.median(log_log) < 0.85  # what the fit of the norms above the floor would have said
     assert covered >= 0.85 * len(weighted)
+
+
+def test_each_anchor_has_its_own_linear_regime():
+    """Two anchors whose biases differ by 2.5x at every lag, each linear up to S = 8: pooled by lag, the
+    second anchor's points would read as the bend (bias / S under half the first's) and end the regime at once."""
+    def point(anchor, lag, norm):
+        return BiasPoint(1e-4, anchor, lag, norm**2, 1e-6, norm, norm, norm, 1e-3, False, norm, 1e-4 * lag, 8)
+    points = [point(anchor, lag, scale * (lag if lag <= 8 else 6)) for anchor, scale in ((32, 0.1), (48, 0.04))
+              for lag in (1, 2, 4, 8, 16)]
+    fits = fit_exponents(points)
+    assert fits["by_lr"]["0.0001"]["linear_regime_end"] == {"32": 8, "48": 8}
+    assert fit_exponents(points, log_log=True)["by_lr"]["0.0001"]["linear_regime_end"] == {"32": 8, "48": 8}

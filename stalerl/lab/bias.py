@@ -40,6 +40,7 @@ from stalerl.config import ConfigError, TrainConfig
 from stalerl.data import build_task
 from stalerl.guards import check_output_directory, check_prompt_lengths, output_directory
 from stalerl.lab.advice import write_report
+from stalerl.lab.law import fit_loglog
 from stalerl.learner import learner_step, make_optimizer, surrogate_gradient
 from stalerl.metrics import flat_parameters
 from stalerl.model import count_parameters
@@ -65,6 +66,12 @@ class BiasPoint:
     naive_norm: float  # ||mean d||: what the noise-dominated estimator would have said
     drift: float  # within-cycle drift ||theta_t - theta_{t-S}||
     batches: int
+    # How far the stale batches differ from the fresh ones (nan in reports from before these were kept):
+    # with the same noise, only in the samples whose tokens flip; few flips make ||d_m|| heavy-tailed,
+    # a largest ||d_m|| far above the median, and then the estimate and its SE are typically too small.
+    flipped_frac: float = math.nan  # the share of samples whose response differs from the fresh one's
+    d_norm_median: float = math.nan  # ||d_m|| over the M batches
+    d_norm_max: float = math.nan
 
 
 def pairwise_bias(diffs_M_P: torch.Tensor) -> tuple[float, float, float]:
@@ -145,17 +152,27 @@ def probe_anchor(config: TrainConfig, policy: Policy, lr: float, anchor: int, la
     # Batch m's prompts and noise depend only on (probe_seed, m): common random numbers across lags.
     worker = build_rollout_worker(dataclasses.replace(config, seed=probe_seed), model, policy.tokenizer, policy.task)
     sampler = worker.engine  # a copy of the anchor's weights; stale ones are loaded into it below
-    fresh = [flat_surrogate_gradient(model, worker.produce(m), config, policy.reference) for m in range(batches)]
+    fresh, fresh_completions = [], []
+    for m in range(batches):
+        batch = worker.produce(m)
+        fresh.append(flat_surrogate_gradient(model, batch, config, policy.reference))
+        fresh_completions.append(batch.generation.completions)
     anchor_flat = flat_parameters(model)
     points = []
     for lag in lags:
+        flipped = 0
         if lag == 0:  # stale == fresh, sample for sample: the bias is exactly zero
             diffs_M_P = torch.zeros(batches, anchor_flat.numel(), device=anchor_flat.device)
         else:
             sampler.load_weights(snapshots[anchor - lag], version=anchor - lag)
-            diffs_M_P = torch.stack([flat_surrogate_gradient(model, worker.produce(m), config, policy.reference)
-                                     - fresh[m] for m in range(batches)])
+            diffs = []
+            for m in range(batches):
+                batch = worker.produce(m)
+                diffs.append(flat_surrogate_gradient(model, batch, config, policy.reference) - fresh[m])
+                flipped += sum(stale != now for stale, now in zip(batch.generation.completions, fresh_completions[m]))
+            diffs_M_P = torch.stack(diffs)
         estimate, se, naive = pairwise_bias(diffs_M_P)
+        d_norms_M = diffs_M_P.norm(dim=1)
         floor = math.sqrt(2 * se)
         points.append(BiasPoint(
             lr=lr, anchor=anchor, lag=lag, bias_sq=estimate, bias_sq_se=se,
@@ -163,6 +180,8 @@ def probe_anchor(config: TrainConfig, policy: Policy, lr: float, anchor: int, la
             bias_low=math.sqrt(max(estimate - 1.96 * se, 0.0)), bias_high=math.sqrt(max(estimate + 1.96 * se, 0.0)),
             noise_floor=floor, below_floor=estimate < 2 * se, naive_norm=math.sqrt(naive),
             drift=float((anchor_flat - flat_parameters(sampler.model)).norm()) if lag else 0.0, batches=batches,
+            flipped_frac=flipped / (batches * len(fresh_completions[0])), d_norm_median=float(d_norms_M.median()),
+            d_norm_max=float(d_norms_M.max()),
         ))
     return points
 
@@ -234,33 +253,57 @@ def fit_bias_power(x: list[float], bias_sq: list[float], se: list[float]) -> Bia
     return BiasFit(power, (log_a - 2 * power * centre) / 2, power - half, power + half, len(rows), chi2_per_dof)
 
 
-def fit_exponents(points: list[BiasPoint]) -> dict[str, Any]:
-    """||b|| against S per eta (within the linear regime), against eta per S, and pooled (fit_bias_power)."""
+def fit_exponents(points: list[BiasPoint], log_log: bool = False) -> dict[str, Any]:
+    """||b|| against S per eta (within each anchor's linear regime), against eta per S, and pooled:
+    by fit_bias_power, or with `log_log` as least squares of log ||b|| over the points above the floor.
+
+    Neither is unbiased on a real probe, and they err in opposite directions, so the report has both.
+    Near the floor the log-log fit is pulled toward 0 (simulated with Gaussian noise: 0.74 for a true 1).
+    At small drift a stale batch differs from the fresh one in a few flipped samples (at lr 3e-5, 1 of
+    128 a batch at S = 1, 22 at S = 16), so the paired differences are heavy-tailed: a probe's estimate
+    there and its SE are typically too small, and the weighted fit, which trusts those SEs, is pulled
+    away from 0 (docs/lab.md, section 3).
+    """
+    fit = _fit_log_log if log_log else _fit_weighted
     lrs, lags = sorted({p.lr for p in points}), sorted({p.lag for p in points if p.lag > 0})
     by_lr, linear = {}, []
     for lr in lrs:
         at_lr = [p for p in points if p.lr == lr]
-        end = linear_regime_end(at_lr)
-        # the points below the floor inside the regime count too: dropping them would bias the fit
-        inside = [p for p in at_lr if p.lag > 0 and end is not None and p.lag <= end]
+        # each anchor's own: at one lag, another anchor's bias may be half as large without a bend
+        ends = {anchor: linear_regime_end([p for p in at_lr if p.anchor == anchor])
+                for anchor in sorted({p.anchor for p in at_lr})}
+        inside = [p for p in at_lr if p.lag > 0 and ends[p.anchor] is not None and p.lag <= ends[p.anchor]]
         linear += inside
-        fit = _fit(inside, lambda p: p.lag)
-        by_lr[f"{lr:g}"] = {"linear_regime_end": end, "s_exponent": fit}
-    # The eta exponent and the pooled S * eta fit use only points inside their lr's linear regime:
+        by_lr[f"{lr:g}"] = {"linear_regime_end": {str(anchor): end for anchor, end in ends.items()},
+                            "s_exponent": fit(inside, lambda p: p.lag)}
+    # The eta exponent and the pooled S * eta fit use only points inside their linear regime:
     # past it the clip caps the bias, which would bend any exponent toward 0.
-    by_lag = {str(lag): _fit([p for p in linear if p.lag == lag], lambda p: p.lr) for lag in lags}
-    return {"method": FIT_METHOD, "by_lr": by_lr, "eta_exponent_by_lag": by_lag,
-            "s_eta_exponent_pooled": _fit(linear, lambda p: p.lag * p.lr),
-            "drift_exponent_pooled": _fit(linear, lambda p: p.drift)}
+    by_lag = {str(lag): fit([p for p in linear if p.lag == lag], lambda p: p.lr) for lag in lags}
+    return {"method": LOG_LOG_METHOD if log_log else WEIGHTED_METHOD, "by_lr": by_lr, "eta_exponent_by_lag": by_lag,
+            "s_eta_exponent_pooled": fit(linear, lambda p: p.lag * p.lr),
+            "drift_exponent_pooled": fit(linear, lambda p: p.drift)}
 
 
-FIT_METHOD = ("||b||^2 = A x^(2k) by weighted least squares (1/SE^2), every point of the linear regime kept, "
-              "those below the noise floor too; 95% interval from the SEs, widened by sqrt(chi2/dof) where that is > 1")
+WEIGHTED_METHOD = ("||b||^2 = A x^(2k) by weighted least squares (1/SE^2), every point of the linear regime kept, "
+                   "those below the noise floor too; 95% interval from the SEs, widened by sqrt(chi2/dof) where "
+                   "that is > 1")
+LOG_LOG_METHOD = "least squares of log ||b|| on log x over the points of the linear regime above the noise floor"
 
 
-def _fit(points: list[BiasPoint], x: Any) -> dict[str, Any] | None:
+def _fit_weighted(points: list[BiasPoint], x: Any) -> dict[str, Any] | None:
     fit = fit_bias_power([x(p) for p in points], [p.bias_sq for p in points], [p.bias_sq_se for p in points])
     return asdict(fit) if fit else None
+
+
+def _fit_log_log(points: list[BiasPoint], x: Any) -> dict[str, Any] | None:
+    above = [p for p in points if not p.below_floor]
+    fit = fit_loglog([x(p) for p in above], [p.bias_norm for p in above])
+    return fit.to_dict() if fit else None
+
+
+def exponent_fits(points: list[BiasPoint]) -> dict[str, Any]:
+    """A bias.json's two fits: `fits` (weighted) and `fits_log_log` (fit_exponents says why both)."""
+    return {"fits": fit_exponents(points), "fits_log_log": fit_exponents(points, log_log=True)}
 
 
 def read_points(path: Path) -> list[BiasPoint]:
@@ -273,7 +316,7 @@ def refit(out: Path) -> dict[str, Any]:
     """Recomputes the fits and the figure of DIR/bias.json without sampling anything."""
     report = json.loads((out / "bias.json").read_text())
     points = read_points(out / "bias.json")
-    report["fits"] = fit_exponents(points)
+    report |= exponent_fits(points)
     write_report(report, out / "bias.json")  # strict JSON: NaN as null
     bias_figure(points, out / "bias.png")
     return report
@@ -363,13 +406,14 @@ def run_probe(config: TrainConfig, lrs: list[float], anchors: list[int], lags: l
                     flag = " (below noise floor)" if p.below_floor else ""
                     print(f"lr={lr:g} t={anchor} S={p.lag:>2}: ||b|| = {p.bias_norm:.4f} "
                           f"[{p.bias_low:.4f}, {p.bias_high:.4f}] floor {p.noise_floor:.4f} "
-                          f"naive {p.naive_norm:.4f} drift {p.drift:.3f}{flag}", flush=True)
+                          f"naive {p.naive_norm:.4f} drift {p.drift:.3f} flipped {p.flipped_frac:.1%} "
+                          f"||d_m|| median {p.d_norm_median:.3f} max {p.d_norm_max:.3f}{flag}", flush=True)
     # A probe can be grown: points of other (lr, anchor, lag) already in DIR/bias.json are kept.
     measured = {(p.lr, p.anchor, p.lag) for p in points}
     if (out / "bias.json").is_file():
         earlier = read_points(out / "bias.json")
         points = [p for p in earlier if (p.lr, p.anchor, p.lag) not in measured] + points
-    report = {"points": [asdict(p) for p in points], "fits": fit_exponents(points),
+    report = {"points": [asdict(p) for p in points], **exponent_fits(points),
               "settings": {"lrs": sorted({p.lr for p in points}), "anchors": sorted({p.anchor for p in points}),
                            "lags": sorted({p.lag for p in points}), "batches": sorted({p.batches for p in points}),
                            **what, "config": config.to_dict(),
