@@ -259,8 +259,8 @@ def fit_exponents(points: list[BiasPoint], log_log: bool = False) -> dict[str, A
 
     Neither is unbiased on a real probe, and they err in opposite directions, so the report has both.
     Near the floor the log-log fit is pulled toward 0 (simulated with Gaussian noise: 0.74 for a true 1).
-    At small drift a stale batch differs from the fresh one in a few flipped samples (at lr 3e-5, 1 of
-    128 a batch at S = 1, 22 at S = 16), so the paired differences are heavy-tailed: a probe's estimate
+    At small drift a stale batch differs from the fresh one in a few flipped samples (at lr 3e-5, 0.9%
+    of them at S = 1, 17% at S = 16), so the paired differences are heavy-tailed: a probe's estimate
     there and its SE are typically too small, and the weighted fit, which trusts those SEs, is pulled
     away from 0 (docs/lab.md, section 3).
     """
