@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-from transformers.utils import logging as hf_logging
+
+from stalerl.model import quiet_progress_bars
 
 PREFIX = "random:"
 SPECIAL_TOKENS = ["<pad>", "<bos>", "<eos>", "<|user|>", "<|assistant|>", "<|system|>"]
@@ -78,10 +79,7 @@ def save_random_checkpoint(shape: str, path: Path, text_file: Path, seed: int = 
     with torch.random.fork_rng(devices=[0] if device == "cuda" else []), torch.device(device):
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config).to(dtype)
-    hf_logging.disable_progress_bar()
-    try:
+    with quiet_progress_bars():
         model.save_pretrained(path)
-    finally:
-        hf_logging.enable_progress_bar()
     tokenizer.save_pretrained(path)
     return path
