@@ -14,7 +14,9 @@
 # On an H100 (2026-11-27) the checkpoint took 16 s, the async pipeline 271 s for five runs of 8
 # steps (about 54 s a run, most of it loading and compiling; a run of 20 steps should take about
 # 15 s more), the generation bench 92-111 s; the machine's start comes on top.
-# Needs stalerl importable (PYTHONPATH=$PWD where it is not installed).
+# Needs stalerl importable (PYTHONPATH=$PWD where it is not installed). SHAPE=tiny DEVICE=cpu runs every
+# stage on a CPU in a few minutes, to check the script before it spends device time. The reports are
+# flat files in OUT (what a device call brings back); the runs' own folders stay in $work.
 # Each stage has its own time limit and writes its own report, so a stage cut short loses only itself
 # (and the async stage keeps the runs it finished: bench.json's async part is then `unfinished`).
 set -u -o pipefail
@@ -23,6 +25,10 @@ budget=${2:-570}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 log="$out/check.log"
+shape=${SHAPE:-llama-3.2-1b}
+device=${DEVICE:-cuda}
+work=${WORK:-/tmp/stalerl-gpu-check}
+mkdir -p "$work"
 left() { local rest=$((budget - SECONDS)); (( rest < $1 )) && echo "$rest" || echo "$1"; }
 stage() {  # stage NAME MAX_SECONDS COMMAND...
   local name=$1 limit; limit=$(left "$2"); shift 2
@@ -30,20 +36,29 @@ stage() {  # stage NAME MAX_SECONDS COMMAND...
   echo "== $name (limit ${limit} s, at ${SECONDS} s)" | tee -a "$log"
   timeout "$limit" "$@" 2>&1 | tee -a "$log"
   echo "== $name: exit ${PIPESTATUS[0]} at ${SECONDS} s" | tee -a "$log"
+  keep
+}
+keep() {  # the bench reports as they stand, after every stage: a call cut short still brings them back
+  local part
+  for part in async gen; do
+    [[ -f $work/$part/bench.json ]] && cp "$work/$part/bench.json" "$out/bench-$part.json"
+  done
+  return 0
 }
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 } 2>&1 | tee -a "$log"
-checkpoint=/tmp/stalerl-random-llama-3.2-1b
+checkpoint=$work/random-$shape
 data=data/gsm8k_sample.jsonl
 stage checkpoint 120 python3 -c "from pathlib import Path; from stalerl.random_checkpoint import save_random_checkpoint as s; \
-s('llama-3.2-1b', Path('$checkpoint'), Path('$data'))"
+s('$shape', Path('$checkpoint'), Path('$data'))"
 model=(--model "$checkpoint" --data "$data")
 stage gpu-test 120 python3 -m pytest -q -p no:cacheprovider \
   tests/test_train.py::test_a_rollout_thread_on_its_own_cuda_stream_makes_the_same_run
-stage async 360 python3 -m stalerl.cli bench --out "$out/async" --parts async "${model[@]}" \
+stage async 360 python3 -m stalerl.cli bench --out "$work/async" --parts async "${model[@]}" \
   --async-staleness 1 --async-steps 20 --set rollout.static_cache=true
-stage skip-padding 90 python3 benchmarks/skip_padding.py --device cuda --shape llama-3.2-1b --responses 512 \
-  --micro-batches 16 --gradient-checkpointing --repeats 3 --json "$out/skip-padding-1b.json"
-stage gen 160 python3 -m stalerl.cli bench --out "$out/gen" --parts gen "${model[@]}"
+stage skip-padding 90 python3 benchmarks/skip_padding.py --device "$device" --shape "$shape" --responses 512 \
+  --micro-batches 16 --gradient-checkpointing --repeats 3 --json "$out/skip-padding-$shape.json"
+stage gen 160 python3 -m stalerl.cli bench --out "$work/gen" --parts gen "${model[@]}"
 stage profile 120 python3 benchmarks/generate_profile.py --model "$checkpoint" --data "$data"
+ls -l "$out" | tee -a "$log"
