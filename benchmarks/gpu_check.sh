@@ -7,16 +7,17 @@
 #    the rollout worker in a thread, in a process, and in a thread on a CUDA stream of its own
 #    (the S = 0 row's train_s is the learner step, fp32 masters included);
 # 3. optim.skip_padding on the 1B recipe's learner passes (gradient checkpointing, micro-batches
-#    of 16, responses up to 512 tokens; benchmarks/skip_padding.py, timed on CPU only so far);
+#    of 16, responses up to 512 tokens; benchmarks/skip_padding.py);
 # 4. generation, stalerl's engine against plain generate (dynamic and static cache), and 5. a
-#    profile of one call of each (benchmarks/generate_profile.py, about 95 s), while time is left:
-#    generation was measured twice and profiled once on 2026-11-27, so they come last.
-# On an H100 (2026-11-27) the checkpoint took 16 s, the async pipeline 271 s for five runs of 8
-# steps (about 54 s a run, most of it loading and compiling; a run of 20 steps should take about
-# 15 s more), the generation bench 92-111 s; the machine's start comes on top.
+#    profile of one call of each (benchmarks/generate_profile.py), while time is left.
+# On an H200 (2026-11-27, a fresh machine) the stages took: checkpoint 18 s, GPU test 41 s, async
+# 264 s (four runs of 20 steps: the first 66 s with a cold compile cache, the others 36-46 s plus
+# about 16 s of process start-up each), skip-padding 22 s, gen 111 s; the profile was cut at 108 s
+# after two of its three calls. The machine's start and the copy took about 36 s more.
 # Needs stalerl importable (PYTHONPATH=$PWD where it is not installed). SHAPE=tiny DEVICE=cpu runs every
 # stage on a CPU in a few minutes, to check the script before it spends device time. The reports are
-# flat files in OUT (what a device call brings back); the runs' own folders stay in $work.
+# flat files in OUT (what a device call brings back); the runs' own folders stay in WORK
+# (default /tmp/stalerl-gpu-check).
 # Each stage has its own time limit and writes its own report, so a stage cut short loses only itself
 # (and the async stage keeps the runs it finished: bench.json's async part is then `unfinished`).
 set -u -o pipefail

@@ -38,3 +38,24 @@ def test_skip_padding_times_every_way_on_the_same_batch(tmp_path: Path):
     assert all(seconds > 0 for seconds in result["median_s"].values())
     assert 0.25 < result["real_fraction"] < 1 and result["device"] == "cpu"
     assert done.stdout.count("x the time") == 2
+
+
+@pytest.mark.slow  # two short runs of a tiny checkpoint, each in a fresh process: about 30 s on 2 cores
+def test_async_workers_alternates_the_workers_and_reports_each(tmp_path: Path):
+    checkpoint = save_tiny_checkpoint(tmp_path / "tiny")
+    script = [sys.executable, str(ROOT / "benchmarks" / "async_workers.py"), "--model", str(checkpoint),
+              "--data", str(ROOT / "data" / "gsm8k_sample.jsonl")]
+    refused = subprocess.run([*script, "--workers", "thread,fiber"], capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "--workers: unknown 'fiber'" in refused.stderr
+    report = tmp_path / "workers.json"
+    done = subprocess.run([*script, "--workers", "thread,process", "--steps", "5", "--repeats", "1",
+                           "--set", "rollout.max_new_tokens=8", "--json", str(report)],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(report.read_text())
+    assert list(result["workers"]) == ["thread", "process"] and result["staleness"] == 1
+    for worker in result["workers"].values():
+        [run] = worker["runs"]
+        assert run["steps_timed"] == 2 and run["steps_per_s"] > 0 and run["rollout_s"] > 0
+    assert result["workers"]["thread"]["over_first"] == 1.0
+    assert [line.split()[2] for line in done.stdout.splitlines() if line.startswith("repeat")] == ["thread", "process"]
