@@ -104,8 +104,10 @@ def save(run_dir: Path, step: int, learner: Learner, pipeline: PipelineState, ou
         optimizer_tensors, optimizer_data = _optimizer_state(learner.optimizer)
         _write(temporary / "optimizer.safetensors", safetensors_bytes(optimizer_tensors))
         tracker_tensors, tracker_data = learner.tracker.state()
-        # Cloned: the tracker holds one tensor twice (previous = the newest history entry).
-        tensors = {f"tracker.{k}": v.clone() for k, v in tracker_tensors.items()} | _rng_tensors()
+        # Copied, straight to host memory: the tracker may hold one tensor twice (previous = theta_0
+        # before the first step, or the newest history entry), and on a GPU a clone there would
+        # cost as much GPU memory as the tracker's vectors (15 GB for a 1B model).
+        tensors = {f"tracker.{k}": v.to("cpu", copy=True) for k, v in tracker_tensors.items()} | _rng_tensors()
         batches = []
         for k, batch in enumerate(pipeline.batches):
             batch_tensors, batch_data = _batch_state(batch)
@@ -277,8 +279,8 @@ def restore(run_dir: Path, learner: Learner) -> Restored | None:
     tensors = load_file(str(path / "tensors.safetensors"))
     # Copies: load_file's tensors are views into one buffer, aligned only to their element size, and CPU
     # reductions (the tracker's dot products) sum in an alignment-dependent order; bit for bit needs a copy.
-    learner.tracker.restore({k.removeprefix("tracker."): v.to(device, copy=True) for k, v in tensors.items()
-                             if k.startswith("tracker.")}, state["tracker"])
+    learner.tracker.restore({k.removeprefix("tracker."): v.to(learner.tracker.device, copy=True)
+                             for k, v in tensors.items() if k.startswith("tracker.")}, state["tracker"])
     learner.lr_control.restore(state["lr_control"])
     torch.set_rng_state(tensors["rng.torch"])
     cuda_states = [tensors[f"rng.cuda.{i}"] for i in range(torch.cuda.device_count()) if f"rng.cuda.{i}" in tensors]

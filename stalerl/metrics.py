@@ -67,11 +67,31 @@ class Delta:
 
 
 def difference(new: Snapshot, old: Snapshot, scales: list[float]) -> Delta:
+    return Delta(new.dense - old.dense, low_rank_difference(new.factors, old.factors, scales))
+
+
+def low_rank_difference(new: list[tuple[torch.Tensor, torch.Tensor]], old: list[tuple[torch.Tensor, torch.Tensor]],
+                        scales: list[float]) -> list[tuple[torch.Tensor, torch.Tensor]]:
     # B1 A1 - B0 A0 = (B1 - B0) A1 + B0 (A1 - A0): factors that are small where the change is, so
     # the Gram products hold no cancellation between large terms.
-    low_rank = [(torch.cat([b_1 - b_0, b_0], dim=1).double() * scale, torch.cat([a_1, a_1 - a_0], dim=0).double())
-                for (b_1, a_1), (b_0, a_0), scale in zip(new.factors, old.factors, scales)]
-    return Delta(new.dense - old.dense, low_rank)
+    return [(torch.cat([b_1 - b_0, b_0], dim=1).double() * scale, torch.cat([a_1, a_1 - a_0], dim=0).double())
+            for (b_1, a_1), (b_0, a_0), scale in zip(new, old, scales)]
+
+
+def flat_into(values: list[torch.Tensor], out: torch.Tensor, minus: torch.Tensor | None = None) -> torch.Tensor:
+    """Writes cat(values) - minus (or cat(values)) into `out`, tensor by tensor, and returns it: the
+    same floats as the flat expression, with no flat copy of the values made (`out` may be `minus`)."""
+    offset = 0
+    for value in values:
+        count = value.numel()
+        flat = value.detach().reshape(-1).float()
+        part = out[offset : offset + count]
+        if minus is None:
+            part.copy_(flat)
+        else:
+            torch.sub(flat, minus[offset : offset + count], out=part)
+        offset += count
+    return out
 
 
 class UpdateTracker:
@@ -81,7 +101,8 @@ class UpdateTracker:
     base cancels), not the adapters' own coordinates. Under MasterWeightAdamW, the fp32 masters.
     """
 
-    def __init__(self, model: torch.nn.Module, staleness: int, optimizer: torch.optim.Optimizer | None = None):
+    def __init__(self, model: torch.nn.Module, staleness: int, optimizer: torch.optim.Optimizer | None = None,
+                 on_host: bool = False):
         self.optimizer = optimizer
         lora = lora_modules(model)
         self.scales = [float(module.scaling[adapter]) for module, adapter in lora]
@@ -89,6 +110,12 @@ class UpdateTracker:
                            for w in (module.lora_A[adapter].weight, module.lora_B[adapter].weight)}
         self.dense_parameters = [p for p in model.parameters() if p.requires_grad and id(p) not in adapter_weights]
         self.adapters = [(module.lora_B[adapter].weight, module.lora_A[adapter].weight) for module, adapter in lora]
+        # runtime.update_geometry=host: the vectors in host memory, where a GPU has no room for them
+        # beside the learner; the masters come over once a step, into `staging`.
+        self.dense_size = sum(p.numel() for p in self.dense_parameters)
+        model_device = self.dense_parameters[0].device if self.dense_parameters else torch.device("cpu")
+        self.device = torch.device("cpu") if on_host else model_device
+        self.staging = torch.empty(self.dense_size, device=self.device) if on_host else None
         self.theta_0 = self.snapshot()
         self.previous = self.theta_0
         self.previous_update: Delta | None = None
@@ -103,11 +130,16 @@ class UpdateTracker:
         return self.theta_0.numel()
 
     def snapshot(self) -> Snapshot:
+        return Snapshot(flat_into(self._values(), torch.empty(self.dense_size, device=self.device)), self._factors())
+
+    def _values(self) -> list[torch.Tensor]:
+        """The dense parameters' full-precision values, or with `staging` all of them in one host vector."""
         values = master_values(self.dense_parameters, self.optimizer)
-        dense = torch.cat([v.detach().reshape(-1).float() for v in values]) if values else torch.zeros(0)
-        factors = [tuple(v.detach().float().clone() for v in master_values(pair, self.optimizer))
-                   for pair in self.adapters]
-        return Snapshot(dense, factors)
+        return values if self.staging is None else [flat_into(values, self.staging)]
+
+    def _factors(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [tuple(v.detach().float().clone() for v in master_values(pair, self.optimizer))
+                for pair in self.adapters]
 
     def write_dense(self, dense: torch.Tensor) -> None:
         """Sets the dense parameters (and their masters) to `dense`; the stabilizer GAC uses it."""
@@ -122,16 +154,35 @@ class UpdateTracker:
                 offset += parameter.numel()
 
     def after_step(self, model: torch.nn.Module) -> dict[str, float | None]:
-        current = self.snapshot()
-        update = difference(current, self.previous, self.scales)
+        """The geometry of the update just made. Where no cycle history is kept (S = 0, or a model too
+        large for one), it holds three fp32 vectors of the parameters' size (theta_0, theta_t and
+        d_{t-1}) and makes no fourth: d_t is written over theta_t, and theta_{t+1} over d_{t-1} once
+        Grad CosSim has used it; 12 bytes a parameter, where flat copies took twice that at their peak
+        (30 GB for a 1B model). Either way, the same floats."""
+        values = self._values()
+        factors = self._factors()
+        # theta_t's vector is free to take d_t unless it is also theta_0's or a history entry's
+        overwrite = self.history is None and self.previous.dense is not self.theta_0.dense
+        update_dense = self.previous.dense if overwrite else torch.empty_like(self.previous.dense)
+        update = Delta(flat_into(values, update_dense, minus=self.previous.dense),
+                       low_rank_difference(factors, self.previous.factors, self.scales))
         update_norm = update.norm()
         cos_sim = None
         if self.previous_update is not None:
             denominator = update_norm * self.previous_update.norm()
             if denominator > 0:  # no direction where an update was skipped (zero): undefined, null
                 cos_sim = min(1.0, max(-1.0, update.dot(self.previous_update) / denominator))  # rounding
+        # d_{t-1} has been used: its vector holds theta_{t+1} - theta_0, then theta_{t+1}
+        spare = self.previous_update.dense if overwrite and self.previous_update is not None else None
+        self.previous_update = None
+        scratch = spare if spare is not None else torch.empty_like(update_dense)
+        drift = Delta(flat_into(values, scratch, minus=self.theta_0.dense),
+                      low_rank_difference(factors, self.theta_0.factors, self.scales)).norm()
         cycle_drift = None
-        if self.history is not None:  # history[0] is theta_{t+1-S}
+        if self.history is None:
+            current = Snapshot(flat_into(values, scratch), factors)
+        else:  # history[0] is theta_{t+1-S}; the history keeps its own vectors
+            current = Snapshot(flat_into(values, torch.empty_like(update_dense)), factors)
             cycle_drift = difference(current, self.history[0], self.scales).norm()
             self.history.append(current)
         self.previous, self.previous_update = current, update
@@ -139,7 +190,7 @@ class UpdateTracker:
         return {
             "grad_cos_sim": cos_sim,
             "update_norm": update_norm,
-            "drift": difference(current, self.theta_0, self.scales).norm(),
+            "drift": drift,
             "path_length": self.path_length,
             "cycle_drift": cycle_drift,
         }

@@ -196,7 +196,8 @@ def run_steps(config: TrainConfig, run_dir: Path, resume: bool, wandb_run: Wandb
     response_stop_ids(tokenizer, model.generation_config, rollout.stop_tokens)  # refuses a bad stop token now
     reference = copy.deepcopy(model).requires_grad_(False) if config.loss.kl_beta > 0 else None
     optimizer = make_optimizer(model, config.optim)
-    tracker = UpdateTracker(model, config.staleness.staleness, optimizer)
+    tracker = UpdateTracker(model, config.staleness.staleness, optimizer,
+                            on_host=config.runtime.update_geometry == "host")
     # The cap's prior for step 0: Adam's first step moves every trainable coordinate by eta. With LoRA
     # the update is measured on the merged weights, where that step has no such size: no prior.
     prior_g_upd = None if tracker.adapters else tracker.trainable_count ** 0.5

@@ -59,3 +59,11 @@ def test_async_workers_alternates_the_workers_and_reports_each(tmp_path: Path):
         assert run["steps_timed"] == 2 and run["steps_per_s"] > 0 and run["rollout_s"] > 0
     assert result["workers"]["thread"]["over_first"] == 1.0
     assert [line.split()[2] for line in done.stdout.splitlines() if line.startswith("repeat")] == ["thread", "process"]
+
+
+@pytest.mark.parametrize("mode, held", [("device", 12), ("host", 16)])
+def test_update_geometry_reports_its_time_and_the_bytes_it_holds(mode, held):
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "update_geometry.py"), "--mode", mode,
+                           "--floats", str(2**20), "--steps", "3"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert f"hold {held} bytes a parameter" in done.stdout and "ms a step" in done.stdout

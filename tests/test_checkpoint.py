@@ -208,6 +208,20 @@ def test_a_process_worker_stops_and_resumes_into_the_thread_workers_run(small_co
     assert (run / "samples.jsonl").read_text() == (tmp_path / "reference" / "samples.jsonl").read_text()
 
 
+def test_update_geometry_in_host_memory_stops_and_resumes_into_the_devices_run(small_config, tmp_path, monkeypatch):
+    """runtime.update_geometry=host: the tracker's vectors in host memory, checkpointed and restored there;
+    on a CPU model the same metrics, bit for bit, as on the model's device."""
+    train(small(small_config, tmp_path / "reference"))
+    run = tmp_path / "run"
+    config = small(small_config, run, runtime=dataclasses.replace(small_config.runtime, update_geometry="host"))
+    stop_at(monkeypatch, 4)
+    with pytest.raises(Interrupted, match="stopped by SIGTERM after step 4"):
+        train(config)
+    monkeypatch.undo()
+    train(config, resume=True)
+    assert without_timings(read_metrics(run)) == without_timings(read_metrics(tmp_path / "reference"))
+
+
 def test_resume_refuses_another_config_a_finished_run_and_no_usable_checkpoint(small_config, tmp_path, monkeypatch):
     run = tmp_path / "run"
     stop_at(monkeypatch, 2)

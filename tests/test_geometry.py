@@ -131,6 +131,63 @@ def test_lora_geometry_is_that_of_the_merged_weights():
     assert again.after_step(model) == tracker.after_step(model)
 
 
+def flat_geometry(thetas: list[torch.Tensor], staleness: int) -> dict:
+    """What the tracker measured when every difference was a flat copy: the floats it must still give."""
+    update = thetas[-1] - thetas[-2]
+    geometry = {"update_norm": float(update.norm()), "drift": float((thetas[-1] - thetas[0]).norm()),
+                "grad_cos_sim": None, "cycle_drift": None}
+    if len(thetas) > 2:
+        previous = thetas[-2] - thetas[-3]
+        denominator = geometry["update_norm"] * float(previous.norm())
+        geometry["grad_cos_sim"] = min(1.0, max(-1.0, float(update @ previous) / denominator))
+    if staleness:
+        geometry["cycle_drift"] = float((thetas[-1] - thetas[max(0, len(thetas) - 1 - staleness)]).norm())
+    return geometry
+
+
+@pytest.mark.parametrize("on_host", [False, True])
+@pytest.mark.parametrize("staleness", [0, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_update_geometry_keeps_three_vectors_and_the_same_floats(staleness, dtype, on_host):
+    """Without a cycle history (S = 0 here; any S for a large model), d_t is written over theta_t and
+    theta_{t+1} over d_{t-1}: three vectors of the parameters' size, none made after the first step,
+    and every metric the float that flat copies gave (under fp32 masters too). With the vectors in
+    host memory (runtime.update_geometry=host), the masters come over into one staging vector."""
+    model = tiny_llama().to(dtype)
+    optimizer = make_optimizer(model, OptimConfig(lr=1e-3))
+    tracker = UpdateTracker(model, staleness, optimizer, on_host=on_host)
+    assert (tracker.staging is not None) == on_host and tracker.device == torch.device("cpu")
+    staging = tracker.staging.data_ptr() if on_host else None
+    assert (tracker.history is None) == (staleness == 0)
+    flat = tracker.snapshot().dense
+    thetas = [flat.clone()]
+    buffers: list[set[int]] = []
+    for step in range(5):
+        fake_gradients(model, step)
+        optimizer.step()
+        geometry = tracker.after_step(model)
+        thetas.append(tracker.snapshot().dense)
+        expected = flat_geometry(thetas, staleness)
+        assert {k: geometry[k] for k in expected} == expected  # ==: the same floats, not close ones
+        assert torch.equal(tracker.previous.dense, thetas[-1])
+        buffers.append({tracker.theta_0.dense.data_ptr(), tracker.previous.dense.data_ptr(),
+                        tracker.previous_update.dense.data_ptr()})
+    assert all(len(held) == 3 for held in buffers)  # theta_0, theta_t and d_{t-1}: three vectors
+    if on_host:
+        assert tracker.staging.data_ptr() == staging and staging not in set.union(*buffers)
+    if staleness == 0:
+        assert all(held == buffers[1] for held in buffers[1:])  # from the second step on, no new ones
+        # and they stay what a checkpoint needs: a resumed tracker measures the next step alike
+        state, data = tracker.state()
+        again = UpdateTracker(model, staleness, optimizer)
+        again.restore({k: v.clone() for k, v in state.items()}, data)
+        fake_gradients(model, 9)
+        optimizer.step()
+        assert again.after_step(model) == tracker.after_step(model)
+    else:
+        assert len(set.union(*buffers)) > 3  # the history keeps each step's own vector
+
+
 def test_json_outputs_hold_null_for_non_finite_numbers():
     """summary.json and sweep.json: JSON has no infinity (a diverged run's drift); strict parsers refuse it."""
     from stalerl.metrics import finite_or_none
