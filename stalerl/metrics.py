@@ -157,8 +157,8 @@ class UpdateTracker:
         """The geometry of the update just made. Where no cycle history is kept (S = 0, or a model too
         large for one), it holds three fp32 vectors of the parameters' size (theta_0, theta_t and
         d_{t-1}) and makes no fourth: d_t is written over theta_t, and theta_{t+1} over d_{t-1} once
-        Grad CosSim has used it; 12 bytes a parameter, where flat copies took twice that at their peak
-        (30 GB for a 1B model). Either way, the same floats."""
+        Grad CosSim has used it; 12 bytes a parameter, where flat copies peaked at 20 (25 GB for a 1B
+        model). Either way, the same floats."""
         values = self._values()
         factors = self._factors()
         # theta_t's vector is free to take d_t unless it is also theta_0's or a history entry's
@@ -174,7 +174,6 @@ class UpdateTracker:
                 cos_sim = min(1.0, max(-1.0, update.dot(self.previous_update) / denominator))  # rounding
         # d_{t-1} has been used: its vector holds theta_{t+1} - theta_0, then theta_{t+1}
         spare = self.previous_update.dense if overwrite and self.previous_update is not None else None
-        self.previous_update = None
         scratch = spare if spare is not None else torch.empty_like(update_dense)
         drift = Delta(flat_into(values, scratch, minus=self.theta_0.dense),
                       low_rank_difference(factors, self.theta_0.factors, self.scales)).norm()

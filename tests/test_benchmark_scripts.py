@@ -40,30 +40,29 @@ def test_skip_padding_times_every_way_on_the_same_batch(tmp_path: Path):
     assert done.stdout.count("x the time") == 2
 
 
-@pytest.mark.slow  # two short runs of a tiny checkpoint, each in a fresh process: about 30 s on 2 cores
-def test_async_workers_alternates_the_workers_and_reports_each(tmp_path: Path):
+@pytest.mark.slow  # a short run of a tiny checkpoint in a fresh process: about 10 s on 2 cores
+def test_async_workers_reports_each_run_and_worker(tmp_path: Path):
     checkpoint = save_tiny_checkpoint(tmp_path / "tiny")
     script = [sys.executable, str(ROOT / "benchmarks" / "async_workers.py"), "--model", str(checkpoint),
               "--data", str(ROOT / "data" / "gsm8k_sample.jsonl")]
     refused = subprocess.run([*script, "--workers", "thread,fiber"], capture_output=True, text=True, timeout=300)
     assert refused.returncode == 2 and "--workers: unknown 'fiber'" in refused.stderr
     report = tmp_path / "workers.json"
-    done = subprocess.run([*script, "--workers", "thread,process", "--steps", "5", "--repeats", "1",
+    done = subprocess.run([*script, "--workers", "thread", "--steps", "5", "--repeats", "1",
                            "--set", "rollout.max_new_tokens=8", "--json", str(report)],
                           capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     result = json.loads(report.read_text())
-    assert list(result["workers"]) == ["thread", "process"] and result["staleness"] == 1
-    for worker in result["workers"].values():
-        [run] = worker["runs"]
-        assert run["steps_timed"] == 2 and run["steps_per_s"] > 0 and run["rollout_s"] > 0
+    assert list(result["workers"]) == ["thread"] and result["staleness"] == 1
+    [run] = result["workers"]["thread"]["runs"]
+    assert run["steps_timed"] == 2 and run["steps_per_s"] > 0 and run["rollout_s"] > 0
     assert result["workers"]["thread"]["over_first"] == 1.0
-    assert [line.split()[2] for line in done.stdout.splitlines() if line.startswith("repeat")] == ["thread", "process"]
+    assert [line.split()[2] for line in done.stdout.splitlines() if line.startswith("repeat")] == ["thread"]
 
 
-@pytest.mark.parametrize("mode, held", [("device", 12), ("host", 16)])
-def test_update_geometry_reports_its_time_and_the_bytes_it_holds(mode, held):
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "update_geometry.py"), "--mode", mode,
+def test_update_geometry_reports_its_time_and_the_bytes_it_holds():
+    # host mode: the device mode's three vectors and the staging one (tests/test_geometry.py checks both)
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "update_geometry.py"), "--mode", "host",
                            "--floats", str(2**20), "--steps", "3"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    assert f"hold {held} bytes a parameter" in done.stdout and "ms a step" in done.stdout
+    assert "hold 16 bytes a parameter" in done.stdout and "ms a step" in done.stdout
