@@ -194,10 +194,13 @@ def test_sigterm_checkpoints_at_once_and_a_corrupt_newest_checkpoint_falls_back(
 
 
 def test_a_process_worker_stops_and_resumes_into_the_thread_workers_run(small_config, tmp_path, monkeypatch):
-    """runtime.local_worker=process: the pipeline's snapshot and restart across a SIGTERM, bit for bit."""
+    """runtime.local_worker=process: the pipeline's snapshot and restart across a SIGTERM, bit for bit.
+    The run also keeps its update geometry in host memory (runtime.update_geometry=host), checkpointed
+    and restored there: on a CPU model, the same metrics as on the model's device."""
     train(small(small_config, tmp_path / "reference"))
     run = tmp_path / "run"
-    config = small(small_config, run, runtime=dataclasses.replace(small_config.runtime, local_worker="process"))
+    config = small(small_config, run, runtime=dataclasses.replace(small_config.runtime, local_worker="process",
+                                                                  update_geometry="host"))
     stop_at(monkeypatch, 4)  # the signal reaches the learner's process only; it closes the worker
     with pytest.raises(Interrupted, match="stopped by SIGTERM after step 4"):
         train(config)
@@ -206,20 +209,6 @@ def test_a_process_worker_stops_and_resumes_into_the_thread_workers_run(small_co
     assert summary["rollouts"]["worker"] == "process"
     assert without_timings(read_metrics(run)) == without_timings(read_metrics(tmp_path / "reference"))
     assert (run / "samples.jsonl").read_text() == (tmp_path / "reference" / "samples.jsonl").read_text()
-
-
-def test_update_geometry_in_host_memory_stops_and_resumes_into_the_devices_run(small_config, tmp_path, monkeypatch):
-    """runtime.update_geometry=host: the tracker's vectors in host memory, checkpointed and restored there;
-    on a CPU model the same metrics, bit for bit, as on the model's device."""
-    train(small(small_config, tmp_path / "reference"))
-    run = tmp_path / "run"
-    config = small(small_config, run, runtime=dataclasses.replace(small_config.runtime, update_geometry="host"))
-    stop_at(monkeypatch, 4)
-    with pytest.raises(Interrupted, match="stopped by SIGTERM after step 4"):
-        train(config)
-    monkeypatch.undo()
-    train(config, resume=True)
-    assert without_timings(read_metrics(run)) == without_timings(read_metrics(tmp_path / "reference"))
 
 
 def test_resume_refuses_another_config_a_finished_run_and_no_usable_checkpoint(small_config, tmp_path, monkeypatch):
