@@ -19,8 +19,8 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from stalerl.bench.overlap import WORKER_SETTINGS, sides_rate
-from stalerl.bench.plan import WARMUP_STEPS, base_config
+from stalerl.bench.overlap import WORKER_SETTINGS, async_config, sides_rate
+from stalerl.bench.plan import WARMUP_STEPS
 from stalerl.bench.runs import isolated, train_run
 from stalerl.bench.suite import checked_model_settings
 from stalerl.config import parse_assignment
@@ -42,7 +42,7 @@ def main() -> None:
     if unknown:
         parser.error(f"--workers: unknown {unknown[0]!r} (known: {', '.join(WORKER_SETTINGS)})")
     if args.staleness < 1 or args.steps < WARMUP_STEPS + 2:
-        parser.error(f"--staleness must be >= 1 and --steps > {WARMUP_STEPS} (the untimed steps)")
+        parser.error(f"--staleness must be >= 1, and --steps >= {WARMUP_STEPS + 2} (the first {WARMUP_STEPS} are not timed)")
     model = checked_model_settings(args.model, args.data, dict(parse_assignment(text) for text in args.set), ("async",))
 
     runs: dict[str, list[dict]] = {worker: [] for worker in workers}
@@ -50,9 +50,7 @@ def main() -> None:
         for repeat in range(args.repeats):
             # alternating, and in the other order on odd repeats: a drift of the machine hits all alike
             for worker in workers if repeat % 2 == 0 else workers[::-1]:
-                config = base_config(steps=args.steps, **model,
-                                     **{"staleness.staleness": args.staleness, **WORKER_SETTINGS[worker],
-                                        "out": str(Path(tmp) / f"{worker}-r{repeat}")})
+                config = async_config(args.steps, model, args.staleness, worker, Path(tmp) / f"{worker}-r{repeat}")
                 run = isolated(train_run, config.to_dict(), WARMUP_STEPS)
                 runs[worker].append(run)
                 print(f"repeat {repeat} {worker:10s} {run['steps_per_s']:.3f} steps/s (sides allow "

@@ -7,6 +7,7 @@ from typing import Callable
 
 from stalerl.bench.plan import WARMUP_STEPS, Plan, base_config
 from stalerl.bench.runs import isolated, median_of, train_run
+from stalerl.config import TrainConfig
 
 
 # The rollout worker of an async row: a thread (the default), a process of its own, or (on a GPU)
@@ -33,9 +34,7 @@ def bench_async(plan: Plan, tmp: Path, model: dict, gpu: bool = False,
     for done, (repeat, s, worker) in enumerate(planned, start=1):
         if worker in errors:
             continue
-        config = base_config(steps=plan.async_steps, **model,
-                             **{"staleness.staleness": s, **WORKER_SETTINGS[worker],
-                                "out": str(tmp / f"async-S{s}-{worker}-r{repeat}")})
+        config = async_config(plan.async_steps, model, s, worker, tmp / f"async-S{s}-{worker}-r{repeat}")
         try:
             runs.setdefault((s, worker), []).append(isolated(train_run, config.to_dict(), WARMUP_STEPS))
         except Exception as failure:  # noqa: BLE001 - only the thread rows are needed
@@ -45,6 +44,12 @@ def bench_async(plan: Plan, tmp: Path, model: dict, gpu: bool = False,
         if done < len(planned):
             progress(async_summary(runs, errors, plan.async_steps) | {"unfinished": [done, len(planned)]})
     return async_summary(runs, errors, plan.async_steps)
+
+
+def async_config(steps: int, model: dict, staleness: int, worker: str, out: Path) -> TrainConfig:
+    """One async run as the bench times it: the model's settings, S and the rollout worker."""
+    return base_config(steps=steps, **model, **{"staleness.staleness": staleness, **WORKER_SETTINGS[worker],
+                                                "out": str(out)})
 
 
 def async_summary(runs: dict[tuple[int, str], list[dict]], errors: dict[str, str], steps: int) -> dict:
